@@ -1,0 +1,308 @@
+"""What the fused and the reference paths share: argument checks, channel groups, the random
+mask, and the last few (B, K)-sized steps that turn per-group sums into the loss.
+
+Every check raises before any kernel runs and names the argument, what was expected and what
+was given.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import os
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+CnumLike = Union[None, int, Sequence[int]]
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class MCLossOutput(NamedTuple):
+    """The result of an MC-Loss evaluation.
+
+    loss:   alpha * dis + beta * div (scalar).
+    dis:    the discriminality term, cross-entropy of ``logits`` (scalar).
+    div:    the diversity term, 1 - mean_{b,i} h[b,i] / n_i (scalar).
+    logits: (B, K) masked CCMP + global average pooling, the input of ``dis``.
+    """
+
+    loss: torch.Tensor
+    dis: torch.Tensor
+    div: torch.Tensor
+    logits: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def check_features(x, name="features"):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one channel, got shape {tuple(x.shape)}")
+    if x.shape[2] * x.shape[3] == 0:
+        raise ValueError(
+            f"{name}: the spatial map is empty (H*W == 0), got shape {tuple(x.shape)}")
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_num_classes(num_classes):
+    if not _is_int(num_classes):
+        raise TypeError(f"num_classes: expected an int, got {type(num_classes).__name__}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes: expected >= 1, got {num_classes}")
+    return int(num_classes)
+
+
+def resolve_counts(num_classes: int, cnum: CnumLike, channels: int) -> Tuple[int, ...]:
+    """The channel count of every class group, checked against the feature map's C."""
+    K = check_num_classes(num_classes)
+    if cnum is None:
+        if channels < K:
+            raise ValueError(
+                f"cnum: features have C={channels} channels, fewer than num_classes={K}; "
+                "every class needs at least one channel")
+        base, extra = divmod(channels, K)
+        return tuple(base + (1 if i < extra else 0) for i in range(K))
+    if _is_int(cnum):
+        if cnum < 1:
+            raise ValueError(f"cnum: expected >= 1, got {cnum}")
+        if K * cnum != channels:
+            raise ValueError(
+                f"cnum: features have C={channels} channels but num_classes * cnum = "
+                f"{K} * {cnum} = {K * cnum}")
+        return (int(cnum),) * K
+    if isinstance(cnum, torch.Tensor):
+        if cnum.dim() != 1 or cnum.dtype.is_floating_point or cnum.dtype == torch.bool:
+            raise TypeError(f"cnum: a tensor of counts must be 1-D integer, got {cnum.dtype} "
+                            f"of shape {tuple(cnum.shape)}")
+        cnum = cnum.tolist()
+    try:
+        counts = tuple(cnum)
+    except TypeError:
+        raise TypeError(
+            f"cnum: expected None, an int or a sequence of per-class counts, got "
+            f"{type(cnum).__name__}") from None
+    if not all(_is_int(n) for n in counts):
+        raise TypeError(f"cnum: per-class counts must be ints, got {counts!r}")
+    if len(counts) != K:
+        raise ValueError(
+            f"cnum: expected {K} per-class counts (one per class), got {len(counts)}")
+    if any(n < 1 for n in counts):
+        raise ValueError(f"cnum: every per-class count must be >= 1, got {counts!r}")
+    if sum(counts) != channels:
+        raise ValueError(
+            f"cnum: per-class counts sum to {sum(counts)} but features have C={channels} channels")
+    return tuple(int(n) for n in counts)
+
+
+def check_targets(targets, batch: int, num_classes: int, device: torch.device):
+    """Shape, dtype and device always; the [0, K) range where it costs no host sync.
+
+    On the CPU the range is checked here. On CUDA, reading the values back would stall the
+    stream every step, so the range check runs on the device (``torch._assert_async``): a bad
+    target ends in a device-side assert at the next synchronisation, as torch's own
+    ``cross_entropy`` does. ``MCLOSS_SYNC_CHECKS=1`` pays the sync for a clear ValueError.
+    """
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets: expected dtype torch.int64 (class indices), got {targets.dtype}")
+    if targets.shape != (batch,):
+        raise ValueError(
+            f"targets: expected shape ({batch},) to match the batch of features, "
+            f"got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(
+            f"targets: expected to be on the features' device {device}, got {targets.device}")
+    if batch == 0:
+        return
+    if targets.device.type == "cpu" or _sync_checks_enabled():
+        if torch.compiler.is_compiling():
+            torch._check(bool(((targets >= 0) & (targets < num_classes)).all()))
+            return
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"targets: class indices must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+    else:
+        torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
+                            f"targets: class indices must lie in [0, {num_classes})")
+
+
+def _sync_checks_enabled():
+    return os.environ.get("MCLOSS_SYNC_CHECKS", "0") not in ("", "0")
+
+
+def check_mask(mask, batch: int, channels: int, device: torch.device):
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+        raise TypeError(f"mask: expected a bool or floating-point tensor of 0/1, got {mask.dtype}")
+    if mask.shape not in ((channels,), (batch, channels)):
+        raise ValueError(
+            f"mask: expected shape ({channels},) or ({batch}, {channels}), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask: expected to be on the features' device {device}, got {mask.device}")
+
+
+def resolve_drop(drop, counts: Sequence[int]) -> Tuple[int, ...]:
+    if drop is None:
+        return tuple(n // 2 for n in counts)
+    if not _is_int(drop):
+        raise TypeError(f"drop: expected None or an int, got {type(drop).__name__}")
+    bad = [n for n in counts if not 0 <= drop < n]
+    if bad:
+        raise ValueError(
+            f"drop: expected 0 <= drop < group size for every class, got drop={drop} with "
+            f"group size {min(bad) if drop >= 0 else bad[0]}")
+    return (int(drop),) * len(counts)
+
+
+def counts_for_ccmp(channels: int, cnum) -> Tuple[int, ...]:
+    """ccmp(x, cnum): an int splits the C channels into groups of cnum; a sequence gives counts."""
+    if cnum is None:
+        raise TypeError("cnum: expected an int or a sequence of per-class counts, got None")
+    if _is_int(cnum):
+        if cnum < 1:
+            raise ValueError(f"cnum: expected >= 1, got {cnum}")
+        if channels % cnum:
+            raise ValueError(f"cnum: C={channels} channels do not split into groups of {cnum}")
+        return resolve_counts(channels // cnum, cnum, channels)
+    try:
+        K = len(cnum)
+    except TypeError:
+        raise TypeError(f"cnum: expected an int or a sequence of per-class counts, got "
+                        f"{type(cnum).__name__}") from None
+    if K == 0:
+        raise ValueError("cnum: expected at least one per-class count, got an empty sequence")
+    return resolve_counts(K, cnum, channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# channel groups as tensors
+
+
+@functools.lru_cache(maxsize=256)
+def _group_tensors(counts: Tuple[int, ...], device: torch.device):
+    C, nmax = sum(counts), max(counts)
+    sizes = torch.tensor(counts, dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    slot = torch.arange(nmax)
+    valid = slot < sizes[:, None]
+    index = torch.where(valid, offsets[:-1, None] + slot, torch.full((), C))
+    return {"offsets": offsets.to(device), "sizes": sizes.to(device), "index": index.to(device),
+            "valid": valid.to(device), "valid_flat": valid.flatten().nonzero().flatten().to(device)}
+
+
+def group_tensor(counts, device, what):
+    """Constant tensors describing the groups, cached per (counts, device).
+
+    offsets: int64 (K+1,), where every group starts, and C at the end (what the kernels take);
+    sizes: int64 (K,); index: (K, n_max) channel of every group slot, C for a pad slot;
+    valid: bool (K, n_max), the slots that hold a channel; valid_flat: their flat positions.
+    Cached so that a training step makes no host-to-device copy (and can be captured in a CUDA
+    graph). The cached tensors must not be written to.
+    """
+    return _group_tensors(tuple(counts), torch.device(device))[what]
+
+
+@functools.lru_cache(maxsize=256)
+def _drop_thresholds(drops: Tuple[int, ...], device: torch.device):
+    return torch.tensor(drops, dtype=torch.int64, device=device)[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# the random mask
+
+
+def counts_for_mask(num_classes, cnum):
+    K = check_num_classes(num_classes)
+    if cnum is None:
+        raise TypeError("cnum: random_channel_mask needs an int or per-class counts, got None")
+    if _is_int(cnum):
+        return resolve_counts(K, cnum, K * max(int(cnum), 1))
+    try:
+        total = sum(cnum)
+    except TypeError:
+        total = 0
+    return resolve_counts(K, cnum, total)
+
+
+def random_channel_mask(num_classes, cnum, *, batch=None, drop=None, generator=None, device=None):
+    """Per class group, exactly ``drop`` channels 0 and the others 1, drawn uniformly.
+
+    Returns a bool tensor of shape (C,) (one draw for the whole batch, as published) or
+    (batch, C) (one draw per sample). ``cnum`` is an int or per-class counts. ``drop`` defaults
+    to floor(n_i / 2). Draws come from torch's RNG (``generator`` or the default one for
+    ``device``), on ``device``, with no host/device synchronisation and no loop over classes.
+    """
+    counts = counts_for_mask(num_classes, cnum)
+    drops = resolve_drop(drop, counts)
+    if batch is not None and (not _is_int(batch) or batch < 0):
+        raise ValueError(f"batch: expected None or an int >= 0, got {batch!r}")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator: expected a generator for device {device}, got one for {generator.device}")
+    K, nmax = len(counts), max(counts)
+    rows = 1 if batch is None else int(batch)
+    scores = torch.rand((rows, K, nmax), generator=generator, device=device)
+    uniform = len(set(counts)) == 1
+    if not uniform:
+        # a pad slot draws a score above every real one: it sorts last and is never dropped
+        scores = scores.masked_fill(~group_tensor(counts, device, "valid"), 2.0)
+    # rank of each channel within its group; the `drop` lowest ranks are dropped
+    rank = scores.argsort(dim=-1).argsort(dim=-1)
+    if len(set(drops)) == 1:
+        keep = rank >= drops[0]
+    else:
+        keep = rank >= _drop_thresholds(drops, device)
+    keep = keep.reshape(rows, K * nmax)
+    if not uniform:
+        keep = keep[:, group_tensor(counts, device, "valid_flat")]
+    return keep[0] if batch is None else keep
+
+
+def draw_mask(x, counts, drop, per_sample_mask, generator):
+    return random_channel_mask(len(counts), counts, batch=x.shape[0] if per_sample_mask else None,
+                               drop=drop, generator=generator, device=x.device)
+
+
+def loss_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def diversity_from_sums(h, counts):
+    """L_div = 1 - (1 / (B K)) sum_{b,i} h[b,i] / n_i from the per-group sums h (B, K)."""
+    if len(set(counts)) == 1:
+        sizes = float(counts[0])
+    else:
+        sizes = group_tensor(counts, h.device, "sizes").to(h.dtype)
+    return 1.0 - (h / sizes).mean()
+
+
+def assemble(h, logits, targets, counts, alpha, beta):
+    """Turn the per-group diversity sums h (B, K) and the logits (B, K) into MCLossOutput."""
+    div = diversity_from_sums(h, counts)
+    dis = F.cross_entropy(logits, targets)
+    return MCLossOutput(alpha * dis + beta * div, dis, div, logits)
+
+
+def check_coefficients(alpha, beta):
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")

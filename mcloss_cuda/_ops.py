@@ -1,0 +1,147 @@
+"""The compiled ops (``torch.ops.mcloss_cuda.*``): loading, fake implementations for
+torch.compile, and autograd wiring to the hand-written backward ops.
+
+The schemas live once, in csrc/ops.cpp; the CPU and CUDA kernels register against them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers the ops with the dispatcher)
+
+    LOAD_ERROR = None
+except ImportError as e:  # a pure-Python install, or a build for another torch
+    _C = None
+    LOAD_ERROR = e
+
+AVAILABLE = _C is not None
+NAMESPACE = "mcloss_cuda"
+OP_NAMES = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
+            "ccmp_backward", "mc_loss_forward", "mc_loss_backward")
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    return AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{NAMESPACE}::{op_name}", dispatch_key)
+
+
+def built_with_cuda() -> bool:
+    """Whether the extension was compiled with its CUDA sources."""
+    return AVAILABLE and bool(_C.built_with_cuda())
+
+
+def backend(device) -> str:
+    """Which implementation runs for tensors on ``device``: "cuda", "cpu" or "reference"."""
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    device = torch.device(device)
+    if os.environ.get("MCLOSS_BACKEND", "").strip().lower() == "reference" or not AVAILABLE:
+        return "reference"
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and has_kernel("mc_loss_forward", "CUDA"):
+        return "cuda"
+    return "reference"
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if AVAILABLE:
+    ops = torch.ops.mcloss_cuda
+
+    # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile and opcheck
+
+    @torch.library.register_fake("mcloss_cuda::spatial_softmax")
+    def _(x):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("mcloss_cuda::spatial_softmax_backward")
+    def _(grad, out):
+        return torch.empty_like(out)
+
+    @torch.library.register_fake("mcloss_cuda::channel_mask")
+    def _(x, mask):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("mcloss_cuda::ccmp")
+    def _(x, offsets):
+        K = offsets.shape[0] - 1
+        return x.new_empty((x.shape[0], K, x.shape[2], x.shape[3]),
+                           memory_format=_format_of(x))
+
+    @torch.library.register_fake("mcloss_cuda::ccmp_backward")
+    def _(grad, x, offsets):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("mcloss_cuda::mc_loss_forward")
+    def _(x, offsets, mask):
+        K = offsets.shape[0] - 1
+        acc = acc_dtype(x.dtype)
+        return x.new_empty((x.shape[0], K), dtype=acc), x.new_empty((x.shape[0], K), dtype=acc)
+
+    @torch.library.register_fake("mcloss_cuda::mc_loss_backward")
+    def _(grad_h, grad_logits, x, offsets, mask):
+        return torch.empty_like(x)
+
+    # ---- autograd: each forward op's backward is one of our backward ops
+
+    def _save_inputs(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _spatial_softmax_setup(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    def _spatial_softmax_bwd(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return ops.spatial_softmax_backward(grad, out)
+
+    def _channel_mask_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def _channel_mask_bwd(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return ops.channel_mask(grad, mask), None
+
+    def _ccmp_bwd(ctx, grad):
+        x, offsets = ctx.saved_tensors
+        return ops.ccmp_backward(grad, x, offsets), None
+
+    def _mc_loss_bwd(ctx, grad_h, grad_logits):
+        # Only x is kept for backward (plus the tiny offsets and mask): the kernel recomputes
+        # the softmax statistics and the per-position winners instead of storing them.
+        x, offsets, mask = ctx.saved_tensors
+        acc = acc_dtype(x.dtype)
+        if grad_h is None:
+            grad_h = x.new_zeros((x.shape[0], offsets.shape[0] - 1), dtype=acc)
+        if grad_logits is None:
+            grad_logits = x.new_zeros((x.shape[0], offsets.shape[0] - 1), dtype=acc)
+        return ops.mc_loss_backward(grad_h, grad_logits, x, offsets, mask), None, None
+
+    torch.library.register_autograd("mcloss_cuda::spatial_softmax", _spatial_softmax_bwd,
+                                    setup_context=_spatial_softmax_setup)
+    torch.library.register_autograd("mcloss_cuda::channel_mask", _channel_mask_bwd,
+                                    setup_context=_channel_mask_setup)
+    torch.library.register_autograd("mcloss_cuda::ccmp", _ccmp_bwd, setup_context=_save_inputs)
+    torch.library.register_autograd("mcloss_cuda::mc_loss_forward", _mc_loss_bwd,
+                                    setup_context=_save_inputs)
+else:
+    ops = None
+
+
+def _format_of(x):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def kernel_layout(x):
+    """The kernels read (B, C, H, W) contiguous or channels_last; anything else is copied once."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()

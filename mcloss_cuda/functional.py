@@ -1,0 +1,110 @@
+"""The public functions: validate, then run the fused kernels where they exist for the
+features' device (see ``backend``), else the pure-PyTorch reference."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._common import (
+    assemble,
+    check_coefficients,
+    check_features,
+    check_mask,
+    check_targets,
+    counts_for_ccmp,
+    diversity_from_sums,
+    draw_mask,
+    group_tensor,
+    resolve_counts,
+)
+from ._ops import backend, kernel_layout, ops
+
+
+def _fused(x):
+    return backend(x.device) != "reference"
+
+
+def _mask_for_kernel(mask, x):
+    """The kernels take the mask in the features' dtype, (C,) or (B, C), contiguous."""
+    return mask.to(dtype=x.dtype).contiguous()
+
+
+def _sums_and_logits(x, counts, mask):
+    """(h, logits), each (B, K), from one fused pass over x."""
+    return ops.mc_loss_forward(kernel_layout(x), group_tensor(counts, x.device, "offsets"),
+                               _mask_for_kernel(mask, x))
+
+
+def spatial_softmax(x):
+    """Softmax over the H*W positions of every channel: (B, C, H, W) -> same shape and dtype."""
+    check_features(x, "x")
+    if not _fused(x):
+        return reference.spatial_softmax(x)
+    return ops.spatial_softmax(kernel_layout(x))
+
+
+def channel_mask(x, mask):
+    """Channel-wise attention mask (CWA): x * mask, mask (C,) shared or (B, C) per sample."""
+    check_features(x, "x")
+    check_mask(mask, x.shape[0], x.shape[1], x.device)
+    if not _fused(x):
+        return reference.channel_mask(x, mask)
+    return ops.channel_mask(kernel_layout(x), _mask_for_kernel(mask, x))
+
+
+def ccmp(x, cnum):
+    """Cross-channel max pooling: (B, C, H, W) -> (B, K, H, W), the max over each channel group
+    (groups of ``cnum`` channels, or per-class counts); the gradient goes to the first max."""
+    check_features(x, "x")
+    counts = counts_for_ccmp(x.shape[1], cnum)
+    if not _fused(x):
+        return reference.ccmp(x, counts)
+    return ops.ccmp(kernel_layout(x), group_tensor(counts, x.device, "offsets"))
+
+
+def diversity_loss(x, num_classes, cnum=None):
+    """The diversity term L_div (a scalar; fp32 for fp16/bf16 inputs)."""
+    check_features(x, "x")
+    counts = resolve_counts(num_classes, cnum, x.shape[1])
+    if not _fused(x):
+        return reference.diversity_loss(x, num_classes, counts)
+    ones = torch.ones((), dtype=x.dtype, device=x.device).expand(x.shape[1])
+    h, _ = _sums_and_logits(x, counts, ones)
+    return diversity_from_sums(h, counts)
+
+
+def discriminality_logits(x, num_classes, mask, cnum=None):
+    """Masked CCMP + global average pooling: the (B, K) logits of the discriminality term."""
+    check_features(x, "x")
+    counts = resolve_counts(num_classes, cnum, x.shape[1])
+    check_mask(mask, x.shape[0], x.shape[1], x.device)
+    if not _fused(x):
+        return reference.discriminality_logits(x, num_classes, mask, counts)
+    return _sums_and_logits(x, counts, mask)[1]
+
+
+def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, beta=20.0,
+            drop=None, per_sample_mask=False, generator=None):
+    """Mutual-Channel Loss of a (B, C, H, W) feature map.
+
+    Returns ``MCLossOutput(loss, dis, div, logits)`` with ``loss = alpha * dis + beta * div``.
+    ``cnum``: channels per class (int), per-class counts, or None for C split evenly over the
+    classes. ``mask=None`` draws a fresh random channel mask (``drop`` channels per group,
+    default half of it rounded down; one draw for the batch, or per sample with
+    ``per_sample_mask``) from torch's RNG or ``generator``.
+    """
+    check_features(features)
+    counts = resolve_counts(num_classes, cnum, features.shape[1])
+    if not _fused(features):
+        return reference.mc_loss(features, targets, num_classes, counts, mask=mask, alpha=alpha,
+                                 beta=beta, drop=drop, per_sample_mask=per_sample_mask,
+                                 generator=generator)
+    check_targets(targets, features.shape[0], len(counts), features.device)
+    check_coefficients(alpha, beta)
+    if mask is None:
+        mask = draw_mask(features, counts, drop, per_sample_mask, generator)
+    else:
+        check_mask(mask, features.shape[0], features.shape[1], features.device)
+    h, logits = _sums_and_logits(features, counts, mask)
+    return assemble(h, logits, targets, counts, alpha, beta)

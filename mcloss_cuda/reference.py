@@ -1,0 +1,131 @@
+"""MC-Loss in plain PyTorch: the fallback where the extension is absent, and the oracle every
+kernel is tested against. Written to be read: each function is the formula of SPEC.md.
+
+Shapes: x is (B, C, H, W); the C channels form K consecutive groups of n_i channels.
+fp16/bf16 inputs are computed in fp32; gradients flow back in the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import (
+    MCLossOutput,
+    assemble,
+    check_coefficients,
+    check_features,
+    check_mask,
+    check_targets,
+    counts_for_ccmp,
+    diversity_from_sums,
+    draw_mask,
+    group_tensor,
+    random_channel_mask,
+    resolve_counts,
+)
+
+__all__ = [
+    "spatial_softmax", "channel_mask", "ccmp", "diversity_loss", "discriminality_logits",
+    "random_channel_mask", "mc_loss", "MCLossOutput",
+]
+
+
+def _accumulate_in(x):
+    """fp16/bf16 are computed in fp32 (SPEC: fp32 accumulation); fp32 and fp64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _mask_as(mask, x):
+    """A (C,) or (B, C) 0/1 mask, as a factor broadcastable over x."""
+    m = mask.to(x.dtype)
+    return m.view(1, -1, 1, 1) if m.dim() == 1 else m[:, :, None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# the three primitives, without argument checks
+
+
+def _spatial_softmax(x):
+    # softmax over the H*W positions of every (b, c) channel
+    return torch.softmax(x.flatten(2), dim=-1).view(x.shape)
+
+
+def _group_max(x, counts):
+    """Cross-channel max pooling: (B, C, H, W) -> (B, K, H, W), the max over each group.
+
+    ``Tensor.max(dim)`` returns the first index among equal maxima (and the first NaN), so its
+    gradient goes whole to the lowest-index channel attaining the max, as SPEC.md asks.
+    """
+    B, C, H, W = x.shape
+    K = len(counts)
+    if len(set(counts)) == 1:
+        return x.reshape(B, K, counts[0], H, W).max(dim=2).values
+    # uneven groups: gather every group into (K, n_max) slots; empty slots read a -inf channel,
+    # which sits last in its group so it never beats a real channel, not even a -inf one
+    padded = torch.cat([x, x.new_full((B, 1, H, W), float("-inf"))], dim=1)
+    return padded[:, group_tensor(counts, x.device, "index")].max(dim=2).values
+
+
+def _diversity_sums(x, counts):
+    """h[b, i] = sum_k max_{j in G_i} softmax(x[b, j, :])[k]."""
+    return _group_max(_spatial_softmax(x), counts).sum(dim=(2, 3))
+
+
+def _masked_logits(x, mask, counts):
+    """logits[b, i] = mean_k max_{j in G_i} m[b, j] * x[b, j, k] (masked channels count as 0)."""
+    return _group_max(x * _mask_as(mask, x), counts).mean(dim=(2, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions: the same names and signatures as the package's
+
+
+def spatial_softmax(x):
+    """Softmax over the H*W positions of every channel. (B, C, H, W) -> same shape and dtype."""
+    check_features(x, "x")
+    return _spatial_softmax(_accumulate_in(x)).to(x.dtype)
+
+
+def channel_mask(x, mask):
+    """x * mask, mask of shape (C,) (shared by the batch) or (B, C) (per sample)."""
+    check_features(x, "x")
+    check_mask(mask, x.shape[0], x.shape[1], x.device)
+    return x * _mask_as(mask, x)
+
+
+def ccmp(x, cnum):
+    """Cross-channel max pooling over groups of ``cnum`` channels (int or per-class counts)."""
+    check_features(x, "x")
+    return _group_max(x, counts_for_ccmp(x.shape[1], cnum))
+
+
+def diversity_loss(x, num_classes, cnum=None):
+    """L_div = 1 - (1 / (B K)) sum_{b,i} h[b,i] / n_i, a scalar (fp32 for fp16/bf16 inputs)."""
+    check_features(x, "x")
+    counts = resolve_counts(num_classes, cnum, x.shape[1])
+    return diversity_from_sums(_diversity_sums(_accumulate_in(x), counts), counts)
+
+
+def discriminality_logits(x, num_classes, mask, cnum=None):
+    """Masked CCMP + global average pooling: (B, K) logits (fp32 for fp16/bf16 inputs)."""
+    check_features(x, "x")
+    counts = resolve_counts(num_classes, cnum, x.shape[1])
+    check_mask(mask, x.shape[0], x.shape[1], x.device)
+    return _masked_logits(_accumulate_in(x), mask, counts)
+
+
+def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, beta=20.0,
+            drop=None, per_sample_mask=False, generator=None):
+    """MC-Loss: alpha * cross_entropy(logits, targets) + beta * L_div, as an MCLossOutput."""
+    check_features(features)
+    counts = resolve_counts(num_classes, cnum, features.shape[1])
+    check_targets(targets, features.shape[0], len(counts), features.device)
+    check_coefficients(alpha, beta)
+    if mask is None:
+        mask = draw_mask(features, counts, drop, per_sample_mask, generator)
+    else:
+        check_mask(mask, features.shape[0], features.shape[1], features.device)
+    x = _accumulate_in(features)
+    h = _diversity_sums(x, counts)
+    logits = _masked_logits(x, mask, counts)
+    return assemble(h, logits, targets, counts, alpha, beta)

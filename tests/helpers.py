@@ -1,0 +1,73 @@
+"""Shared test helpers: devices, dtypes, tolerances and input generators."""
+
+import pytest
+import torch
+
+import mcloss_cuda as mc
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+fused_only = pytest.mark.skipif(mc.backend("cpu") == "reference",
+                                reason="extension not built or MCLOSS_BACKEND=reference")
+
+# (rtol, atol) for values computed in fp32 (fp16/bf16 inputs accumulate in fp32 too);
+# gradients of fp16/bf16 inputs come back rounded to the input dtype.
+VALUE_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6),
+             torch.float16: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6)}
+GRAD_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-7),
+            torch.float16: (1e-2, 1e-5), torch.bfloat16: (2e-2, 1e-4)}
+
+
+def counts_of(num_classes, cnum, channels=None):
+    if cnum is None:
+        base, extra = divmod(channels, num_classes)
+        return [base + (i < extra) for i in range(num_classes)]
+    if isinstance(cnum, int):
+        return [cnum] * num_classes
+    return list(cnum)
+
+
+def separated_features(batch, counts, H, W, dtype=torch.float32, device="cpu",
+                       generator=None, scale=1.0, channels_last=False):
+    """Random features whose per-position channel maxima are never near-ties.
+
+    Every channel of a group holds the same set of distinct values (odd multiples of 1/16,
+    exact in every float dtype for maps of up to 512 positions, never 0) in a cyclically
+    shifted random order, so that at each position the channels of a group hold different
+    values and every channel has the same softmax normaliser. Near-ties would otherwise let
+    rounding pick a different winner in the kernel and in the reference, and the gradient,
+    which is discontinuous there, would differ legitimately. The values are random each run.
+    """
+    HW = H * W
+    if max(counts) > HW:
+        raise ValueError("separated_features needs groups no larger than H*W")
+    span = max(HW, 64)
+    xs = []
+    for n in counts:
+        # per sample: HW distinct odd multiples of 1/16 in [-span/16, span/16], shuffled
+        grid = (torch.arange(-span, span, dtype=torch.float64) * 2 + 1) / 16
+        pick = torch.rand(batch, grid.numel(), generator=generator).argsort(-1)[:, :HW]
+        vals = grid[pick] * scale                                  # (B, HW)
+        order = torch.rand(batch, HW, generator=generator).argsort(-1)
+        vals = torch.gather(vals, 1, order)
+        chans = torch.stack([torch.roll(vals, shifts=j + 1, dims=1) for j in range(n)], 1)
+        xs.append(chans)
+    x = torch.cat(xs, 1).reshape(batch, sum(counts), H, W).to(dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def random_features(batch, channels, H, W, dtype=torch.float32, device="cpu", scale=1.0,
+                    channels_last=False):
+    x = (torch.randn(batch, channels, H, W, dtype=torch.float64) * scale).to(dtype=dtype,
+                                                                             device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def random_targets(batch, num_classes, device="cpu"):
+    return torch.randint(0, num_classes, (batch,), device=device)
