@@ -34,7 +34,7 @@ def separated_features(batch, counts, H, W, dtype=torch.float32, device="cpu",
     """Random features whose per-position channel maxima are never near-ties.
 
     Every channel of a group holds the same set of distinct values (odd multiples of 1/16,
-    exact in every float dtype for maps of up to 512 positions, never 0) in a cyclically
+    never 0, exact in fp16 for maps of up to 512 positions and in bf16 up to 128) in a cyclically
     shifted random order, so that at each position the channels of a group hold different
     values and every channel has the same softmax normaliser. Near-ties would otherwise let
     rounding pick a different winner in the kernel and in the reference, and the gradient,
@@ -43,6 +43,9 @@ def separated_features(batch, counts, H, W, dtype=torch.float32, device="cpu",
     HW = H * W
     if max(counts) > HW:
         raise ValueError("separated_features needs groups no larger than H*W")
+    if HW > (128 if dtype == torch.bfloat16 else 512) and dtype != torch.float32 and \
+            dtype != torch.float64:
+        raise ValueError("separated_features: map too large for distinct values in this dtype")
     span = max(HW, 64)
     xs = []
     for n in counts:
