@@ -1,0 +1,251 @@
+// CPU implementations of the ops: check the arguments, lay out the outputs, and run the
+// kernels of cpu_kernels.h over channel rows or class groups with at::parallel_for, using the
+// AVX2+FMA build of the kernels where the CPU has it (MCLOSS_CPU_ISA=default forces baseline).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu/cpu_kernels.h"
+#include "op_common.h"
+
+namespace mcloss {
+namespace cpu {
+
+void fill_tables_default(KernelTables& t) { mcloss::cpu_impl::fill_all(t); }
+
+namespace {
+
+bool use_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* isa = std::getenv("MCLOSS_CPU_ISA");
+  if (isa && std::strcmp(isa, "default") == 0) return false;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+const KernelTables& tables() {
+  static const KernelTables t = [] {
+    KernelTables k;
+    if (use_avx2()) {
+      fill_tables_avx2(k);
+    } else {
+      fill_tables_default(k);
+    }
+    return k;
+  }();
+  return t;
+}
+
+template <typename scalar_t>
+const auto& table_for();
+template <>
+const auto& table_for<float>() { return tables().f32; }
+template <>
+const auto& table_for<double>() { return tables().f64; }
+template <>
+const auto& table_for<c10::Half>() { return tables().f16; }
+template <>
+const auto& table_for<c10::BFloat16>() { return tables().bf16; }
+
+constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
+
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+}
+
+void set_strides(int64_t* dst, const at::Tensor& t) {
+  const MapLayout lay = layout_of(t);
+  dst[0] = lay.sB;
+  dst[1] = lay.sC;
+  dst[2] = lay.sK;
+}
+
+template <typename Args>
+using scalar_of = typename std::decay_t<Args>::scalar_type;
+
+at::ScalarType acc_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Runs `pick(table)` over [0, items) in parallel with the arguments `fill` sets up.
+template <typename Pick, typename Fill>
+void launch(const at::Tensor& x, int64_t items, int64_t elements_per_item, Pick pick, Fill fill) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mcloss_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    KernelArgs<scalar_t, acc> a;
+    a.B = x.size(0);
+    a.C = x.size(1);
+    a.HW = x.size(2) * x.size(3);
+    set_strides(a.x_str, x);
+    a.x = x.const_data_ptr<scalar_t>();
+    fill(a);
+    const auto kernel = pick(table_for<scalar_t>());
+    at::parallel_for(0, items, grain_for(elements_per_item),
+                     [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+  });
+}
+
+int64_t max_group_size(const at::Tensor& offsets) {
+  const int64_t* o = offsets.const_data_ptr<int64_t>();
+  int64_t m = 0;
+  for (int64_t i = 0; i + 1 < offsets.size(0); ++i) m = std::max(m, o[i + 1] - o[i]);
+  return m;
+}
+
+// ---- spatial softmax
+
+at::Tensor spatial_softmax_cpu(const at::Tensor& x) {
+  check_map(x, "x");
+  auto out = at::empty_like(x);
+  launch(x, x.size(0) * x.size(1), x.size(2) * x.size(3),
+         [](const auto& t) { return t.spatial_softmax; },
+         [&](auto& a) { a.out = out.mutable_data_ptr<scalar_of<decltype(a)>>(); });
+  return out;
+}
+
+at::Tensor spatial_softmax_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out) {
+  check_map(out, "out");
+  check_like(grad_in, out, "grad", "out");
+  TORCH_CHECK_VALUE(grad_in.sizes() == out.sizes(), "grad: expected shape ", out.sizes(),
+                    ", got ", grad_in.sizes());
+  const auto grad = grad_in.contiguous(format_of(out));
+  auto dx = at::empty_like(out);
+  launch(out, out.size(0) * out.size(1), out.size(2) * out.size(3),
+         [](const auto& t) { return t.spatial_softmax_backward; }, [&](auto& a) {
+           using scalar_t = scalar_of<decltype(a)>;
+           a.grad = grad.const_data_ptr<scalar_t>();
+           a.out = dx.mutable_data_ptr<scalar_t>();
+         });
+  return dx;
+}
+
+// ---- channel mask
+
+at::Tensor channel_mask_cpu(const at::Tensor& x, const at::Tensor& mask) {
+  check_map(x, "x");
+  const int64_t mask_bstride = check_mask(mask, x);
+  auto out = at::empty_like(x);
+  launch(x, x.size(0) * x.size(1), x.size(2) * x.size(3),
+         [](const auto& t) { return t.channel_mask; }, [&](auto& a) {
+           using scalar_t = scalar_of<decltype(a)>;
+           a.mask = mask.const_data_ptr<scalar_t>();
+           a.mask_bstride = mask_bstride;
+           a.out = out.mutable_data_ptr<scalar_t>();
+         });
+  return out;
+}
+
+// ---- cross-channel max pooling
+
+at::Tensor ccmp_cpu(const at::Tensor& x, const at::Tensor& offsets) {
+  check_map(x, "x");
+  const int64_t K = check_offsets(offsets, x);
+  auto out = at::empty({x.size(0), K, x.size(2), x.size(3)},
+                       x.options().memory_format(format_of(x)));
+  launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
+         [](const auto& t) { return t.ccmp; }, [&](auto& a) {
+           using scalar_t = scalar_of<decltype(a)>;
+           a.K = K;
+           a.offsets = offsets.const_data_ptr<int64_t>();
+           a.out = out.mutable_data_ptr<scalar_t>();
+           set_strides(a.g_str, out);
+         });
+  return out;
+}
+
+at::Tensor ccmp_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x,
+                             const at::Tensor& offsets) {
+  check_map(x, "x");
+  const int64_t K = check_offsets(offsets, x);
+  check_like(grad_in, x, "grad", "x");
+  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == x.size(0) && grad_in.size(1) == K &&
+                        grad_in.size(2) == x.size(2) && grad_in.size(3) == x.size(3),
+                    "grad: expected shape (", x.size(0), ", ", K, ", ", x.size(2), ", ",
+                    x.size(3), "), got ", grad_in.sizes());
+  const auto grad = grad_in.contiguous(format_of(x));
+  auto dx = at::empty_like(x);
+  launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
+         [](const auto& t) { return t.ccmp_backward; }, [&](auto& a) {
+           using scalar_t = scalar_of<decltype(a)>;
+           a.K = K;
+           a.offsets = offsets.const_data_ptr<int64_t>();
+           a.grad = grad.const_data_ptr<scalar_t>();
+           set_strides(a.g_str, grad);
+           a.out = dx.mutable_data_ptr<scalar_t>();
+         });
+  return dx;
+}
+
+// ---- the fused loss
+
+std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cpu(const at::Tensor& x,
+                                                       const at::Tensor& offsets,
+                                                       const at::Tensor& mask) {
+  check_map(x, "x");
+  const int64_t K = check_offsets(offsets, x);
+  const int64_t mask_bstride = check_mask(mask, x);
+  auto h = at::empty({x.size(0), K}, x.options().dtype(acc_type_of(x)));
+  auto logits = at::empty({x.size(0), K}, x.options().dtype(acc_type_of(x)));
+  launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
+         [](const auto& t) { return t.mc_loss_forward; }, [&](auto& a) {
+           using scalar_t = scalar_of<decltype(a)>;
+           using acc = typename std::decay_t<decltype(a)>::acc_type;
+           a.K = K;
+           a.offsets = offsets.const_data_ptr<int64_t>();
+           a.mask = mask.const_data_ptr<scalar_t>();
+           a.mask_bstride = mask_bstride;
+           a.h = h.mutable_data_ptr<acc>();
+           a.logits = logits.mutable_data_ptr<acc>();
+         });
+  return {h, logits};
+}
+
+at::Tensor mc_loss_backward_cpu(const at::Tensor& grad_h_in, const at::Tensor& grad_logits_in,
+                                const at::Tensor& x, const at::Tensor& offsets,
+                                const at::Tensor& mask) {
+  check_map(x, "x");
+  const int64_t K = check_offsets(offsets, x);
+  const int64_t mask_bstride = check_mask(mask, x);
+  check_group_grad(grad_h_in, x, K, "grad_h");
+  check_group_grad(grad_logits_in, x, K, "grad_logits");
+  const auto grad_h = grad_h_in.to(acc_type_of(x)).contiguous();
+  const auto grad_logits = grad_logits_in.to(acc_type_of(x)).contiguous();
+  auto dx = at::empty_like(x);
+  launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
+         [](const auto& t) { return t.mc_loss_backward; }, [&](auto& a) {
+           using scalar_t = scalar_of<decltype(a)>;
+           using acc = typename std::decay_t<decltype(a)>::acc_type;
+           a.K = K;
+           a.offsets = offsets.const_data_ptr<int64_t>();
+           a.max_group = max_group_size(offsets);
+           a.mask = mask.const_data_ptr<scalar_t>();
+           a.mask_bstride = mask_bstride;
+           a.grad_h = grad_h.const_data_ptr<acc>();
+           a.grad_logits = grad_logits.const_data_ptr<acc>();
+           a.out = dx.mutable_data_ptr<scalar_t>();
+         });
+  return dx;
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(mcloss_cuda, CPU, m) {
+  m.impl("spatial_softmax", &cpu::spatial_softmax_cpu);
+  m.impl("spatial_softmax_backward", &cpu::spatial_softmax_backward_cpu);
+  m.impl("channel_mask", &cpu::channel_mask_cpu);
+  m.impl("ccmp", &cpu::ccmp_cpu);
+  m.impl("ccmp_backward", &cpu::ccmp_backward_cpu);
+  m.impl("mc_loss_forward", &cpu::mc_loss_forward_cpu);
+  m.impl("mc_loss_backward", &cpu::mc_loss_backward_cpu);
+}
+
+}  // namespace mcloss

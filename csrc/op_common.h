@@ -1,0 +1,93 @@
+// Host-side pieces shared by the CPU and CUDA op implementations: argument checks (the last
+// line of defence for direct torch.ops calls; the Python API checks first and says more) and
+// the memory layout the kernels index with.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "mcloss_math.h"
+
+namespace mcloss {
+
+// Outputs shaped like the features follow their memory format: channels_last stays
+// channels_last (a tensor that is both, e.g. H = W = 1, counts as contiguous).
+inline bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline at::MemoryFormat format_of(const at::Tensor& x) {
+  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+inline MapLayout layout_of(const at::Tensor& t) {
+  const int64_t C = t.size(1), HW = t.size(2) * t.size(3);
+  if (is_channels_last(t)) return MapLayout{HW * C, 1, C};
+  return MapLayout{C * HW, HW, 1};
+}
+
+inline void check_map(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() == 4, name, ": expected a 4-D tensor (B, C, H, W), got ", x.dim(),
+                    "-D of shape ", x.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), name,
+                   ": expected a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.size(2) * x.size(3) > 0, name, ": the spatial map is empty, shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), name,
+                    ": expected a contiguous or channels_last tensor, got strides ", x.strides());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                       const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected device ", ref.device(),
+                    " (that of ", ref_name, "), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ",
+                   ref.scalar_type(), " (that of ", ref_name, "), got ", t.scalar_type());
+}
+
+// offsets: int64 (K + 1,), group i is channels [offsets[i], offsets[i+1]). Values are checked
+// where reading them is free (CPU); CUDA kernels clamp every group into [0, C] instead.
+inline int64_t check_offsets(const at::Tensor& offsets, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) >= 2,
+                    "offsets: expected a 1-D tensor of K + 1 >= 2 group boundaries, got shape ",
+                    offsets.sizes());
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, "offsets: expected int64, got ",
+                   offsets.scalar_type());
+  TORCH_CHECK_VALUE(offsets.device() == x.device(), "offsets: expected device ", x.device(),
+                    ", got ", offsets.device());
+  TORCH_CHECK_VALUE(offsets.is_contiguous(), "offsets: expected a contiguous tensor");
+  const int64_t K = offsets.size(0) - 1;
+  if (offsets.device().is_cpu()) {
+    const int64_t* o = offsets.data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(o[0] == 0 && o[K] == x.size(1), "offsets: expected to start at 0 and end at C=",
+                      x.size(1), ", got ", o[0], " and ", o[K]);
+    for (int64_t i = 0; i < K; ++i) {
+      TORCH_CHECK_VALUE(o[i + 1] > o[i], "offsets: group ", i, " is empty (offsets[", i, "]=",
+                        o[i], ", offsets[", i + 1, "]=", o[i + 1], ")");
+    }
+  }
+  return K;
+}
+
+// mask: (C,) shared by the batch or (B, C) per sample, the features' dtype, contiguous.
+// Returns the mask's batch stride (0 when shared).
+inline int64_t check_mask(const at::Tensor& mask, const at::Tensor& x) {
+  check_like(mask, x, "mask", "x");
+  const int64_t B = x.size(0), C = x.size(1);
+  const bool shared = mask.dim() == 1 && mask.size(0) == C;
+  const bool per_sample = mask.dim() == 2 && mask.size(0) == B && mask.size(1) == C;
+  TORCH_CHECK_VALUE(shared || per_sample, "mask: expected shape (", C, ",) or (", B, ", ", C,
+                    "), got ", mask.sizes());
+  TORCH_CHECK_VALUE(mask.is_contiguous(), "mask: expected a contiguous tensor");
+  return shared ? 0 : C;
+}
+
+inline void check_group_grad(const at::Tensor& g, const at::Tensor& x, int64_t K,
+                             const char* name) {
+  TORCH_CHECK_VALUE(g.device() == x.device(), name, ": expected device ", x.device(), ", got ",
+                    g.device());
+  TORCH_CHECK_VALUE(g.dim() == 2 && g.size(0) == x.size(0) && g.size(1) == K, name,
+                    ": expected shape (", x.size(0), ", ", K, "), got ", g.sizes());
+}
+
+}  // namespace mcloss
