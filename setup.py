@@ -129,9 +129,9 @@ def _extensions(with_cuda):
 
 
 def main():
+    with_cuda = _configure()  # first: it sets CUDA_HOME, which cpp_extension reads on import
     from torch.utils.cpp_extension import BuildExtension
 
-    with_cuda = _configure()
     print(f"mcloss_cuda: building {'C++ and CUDA' if with_cuda else 'C++ (CPU only)'} kernels"
           + (f", CUDA_HOME={os.environ['CUDA_HOME']}, arch={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}"
              if with_cuda else ""))

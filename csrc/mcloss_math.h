@@ -159,6 +159,12 @@ struct ChannelSoftmax {
 
   MC_HD ChannelSoftmax() : max(0), inv_sum(0) {}
   MC_HD explicit ChannelSoftmax(const SoftmaxStats<T>& s) : max(s.max), inv_sum(T(1) / s.sum) {}
+  MC_HD static ChannelSoftmax from(T max, T inv_sum) {
+    ChannelSoftmax c;
+    c.max = max;
+    c.inv_sum = inv_sum;
+    return c;
+  }
   MC_HD T operator()(T v) const { return exp_acc(v - max) * inv_sum; }
 };
 

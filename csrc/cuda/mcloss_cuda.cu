@@ -1,0 +1,477 @@
+// CUDA kernels. One warp per channel row (spatial softmax) or per class group (the fused
+// loss), one thread per output position (CCMP) or element (channel mask). Reductions are warp
+// butterflies in a fixed pattern and there are no atomics, so results repeat bit for bit.
+// Everything runs on the current stream with no host synchronisation, and every launch is
+// checked. The per-element math is mcloss_math.h, the same as the CPU kernels'.
+//
+// Only the ATen headers needed are included: this file is compiled for several GPU
+// architectures and torch/extension.h would multiply the build time.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "op_common.h"
+
+namespace mcloss {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 4;
+constexpr int kThreads = kWarp * kWarpsPerBlock;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
+
+unsigned blocks_for(int64_t items, int64_t per_block) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(kMaxBlocks, (items + per_block - 1) / per_block)));
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Every lane ends with the statistics of the whole row; merge(a, b) and merge(b, a) agree.
+template <typename T>
+__device__ __forceinline__ SoftmaxStats<T> warp_merge(SoftmaxStats<T> s) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const SoftmaxStats<T> other(__shfl_xor_sync(0xffffffffu, s.max, o),
+                                __shfl_xor_sync(0xffffffffu, s.sum, o));
+    s.merge(other);
+  }
+  return s;
+}
+
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ SoftmaxStats<acc> row_stats(const scalar_t* x, int64_t base, int64_t sK,
+                                                       int64_t HW, int lane) {
+  SoftmaxStats<acc> s;
+  for (int64_t k = lane; k < HW; k += kWarp) s.add(static_cast<acc>(x[base + k * sK]));
+  return warp_merge(s);
+}
+
+// ---- spatial softmax: one warp per (b, c) row
+
+template <typename scalar_t>
+__global__ void spatial_softmax_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                                       MapLayout lay, int64_t rows, int64_t C, int64_t HW) {
+  using acc = acc_t<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; r < rows;
+       r += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const int64_t base = lay.at(r / C, r % C, 0);
+    const ChannelSoftmax<acc> softmax(row_stats<scalar_t, acc>(x, base, lay.sK, HW, lane));
+    for (int64_t k = lane; k < HW; k += kWarp) {
+      out[base + k * lay.sK] = static_cast<scalar_t>(softmax(static_cast<acc>(x[base + k * lay.sK])));
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void spatial_softmax_backward_kernel(const scalar_t* __restrict__ grad,
+                                                const scalar_t* __restrict__ p,
+                                                scalar_t* __restrict__ dx, MapLayout lay,
+                                                int64_t rows, int64_t C, int64_t HW) {
+  using acc = acc_t<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; r < rows;
+       r += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const int64_t base = lay.at(r / C, r % C, 0);
+    acc dot = 0;
+    for (int64_t k = lane; k < HW; k += kWarp) {
+      const int64_t at = base + k * lay.sK;
+      dot += static_cast<acc>(grad[at]) * static_cast<acc>(p[at]);
+    }
+    dot = warp_sum(dot);
+    for (int64_t k = lane; k < HW; k += kWarp) {
+      const int64_t at = base + k * lay.sK;
+      const acc pk = static_cast<acc>(p[at]);
+      dx[at] = static_cast<scalar_t>(pk * (static_cast<acc>(grad[at]) - dot));
+    }
+  }
+}
+
+// ---- channel mask: one thread per element, in memory order
+
+template <typename scalar_t>
+__global__ void channel_mask_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ mask,
+                                    int64_t mask_bstride, scalar_t* __restrict__ out, MapLayout lay,
+                                    int64_t numel, int64_t C, int64_t HW) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = e / lay.sB, rest = e % lay.sB;
+    const int64_t c = lay.sC == 1 ? rest % C : rest / HW;
+    const acc m = static_cast<acc>(mask[b * mask_bstride + c]);
+    out[e] = static_cast<scalar_t>(apply_mask(static_cast<acc>(x[e]), m));
+  }
+}
+
+// ---- CCMP: one thread per output position (b, i, k)
+
+__device__ __forceinline__ void group_of(const int64_t* offsets, int64_t i, int64_t C, int64_t& c0,
+                                         int64_t& c1) {
+  c0 = offsets[i];
+  c1 = offsets[i + 1];
+  clamp_group(c0, c1, C);
+}
+
+template <typename scalar_t>
+__global__ void ccmp_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ offsets,
+                            scalar_t* __restrict__ out, MapLayout lay, MapLayout out_lay,
+                            int64_t total, int64_t C, int64_t K, int64_t HW) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = t % HW, g = t / HW, b = g / K, i = g % K;
+    int64_t c0, c1;
+    group_of(offsets, i, C, c0, c1);
+    if (c1 <= c0) continue;  // only a malformed offsets tensor gets here
+    acc best = static_cast<acc>(x[lay.at(b, c0, k)]);
+    for (int64_t c = c0 + 1; c < c1; ++c) {
+      const acc v = static_cast<acc>(x[lay.at(b, c, k)]);
+      best = beats(v, best) ? v : best;
+    }
+    out[out_lay.at(b, i, k)] = static_cast<scalar_t>(best);
+  }
+}
+
+template <typename scalar_t>
+__global__ void ccmp_backward_kernel(const scalar_t* __restrict__ grad,
+                                     const scalar_t* __restrict__ x,
+                                     const int64_t* __restrict__ offsets,
+                                     scalar_t* __restrict__ dx, MapLayout lay, MapLayout g_lay,
+                                     int64_t total, int64_t C, int64_t K, int64_t HW) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = t % HW, g = t / HW, b = g / K, i = g % K;
+    int64_t c0, c1;
+    group_of(offsets, i, C, c0, c1);
+    if (c1 <= c0) continue;
+    acc best = static_cast<acc>(x[lay.at(b, c0, k)]);
+    int64_t at_best = c0;
+    for (int64_t c = c0 + 1; c < c1; ++c) {
+      const acc v = static_cast<acc>(x[lay.at(b, c, k)]);
+      if (beats(v, best)) {
+        best = v;
+        at_best = c;
+      }
+    }
+    const scalar_t gk = grad[g_lay.at(b, i, k)];
+    for (int64_t c = c0; c < c1; ++c) dx[lay.at(b, c, k)] = c == at_best ? gk : scalar_t(0);
+  }
+}
+
+// ---- the fused loss: one warp per class group (b, i)
+//
+// The per-channel softmax statistics (max, 1/sum), and in the backward each channel's winning
+// mass A_j and win count, go through a small (B, C) scratch in global memory (L1-resident while
+// the warp works; __syncwarp orders the writes before the reads). Nothing of size B*C*HW is
+// stored: per-position winners are recomputed where they are needed.
+
+struct GroupScratch {
+  void* max;   // acc (B*C)
+  void* inv;   // acc (B*C)
+  void* mass;  // acc (B*C), backward only
+  void* wins;  // acc (B*C), backward only
+};
+
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ void group_softmax_stats(const scalar_t* x, const MapLayout& lay,
+                                                    int64_t b, int64_t c0, int64_t c1, int64_t C,
+                                                    int64_t HW, acc* smax, acc* sinv, int lane) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const SoftmaxStats<acc> s = row_stats<scalar_t, acc>(x, lay.at(b, c, 0), lay.sK, HW, lane);
+    if (lane == 0) {
+      const ChannelSoftmax<acc> softmax(s);
+      smax[b * C + c] = softmax.max;
+      sinv[b * C + c] = softmax.inv_sum;
+    }
+  }
+  __syncwarp();
+}
+
+// Scan a group's channels at position k: both per-position winners (relative indices).
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ GroupWinners<acc> winners_at(const scalar_t* x, const scalar_t* mask_row,
+                                                        const MapLayout& lay, int64_t b,
+                                                        int64_t c0, int64_t c1, int64_t k,
+                                                        int64_t C, const acc* smax,
+                                                        const acc* sinv) {
+  GroupWinners<acc> w;
+  for (int64_t c = c0; c < c1; ++c) {
+    const acc v = static_cast<acc>(x[lay.at(b, c, k)]);
+    const acc p = ChannelSoftmax<acc>::from(smax[b * C + c], sinv[b * C + c])(v);
+    w.offer(c - c0, p, apply_mask(v, static_cast<acc>(mask_row[c])));
+  }
+  return w;
+}
+
+template <typename scalar_t>
+__global__ void mc_loss_forward_kernel(const scalar_t* __restrict__ x,
+                                       const int64_t* __restrict__ offsets,
+                                       const scalar_t* __restrict__ mask, int64_t mask_bstride,
+                                       acc_t<scalar_t>* __restrict__ h,
+                                       acc_t<scalar_t>* __restrict__ logits, GroupScratch scratch,
+                                       MapLayout lay, int64_t groups, int64_t C, int64_t K,
+                                       int64_t HW) {
+  using acc = acc_t<scalar_t>;
+  acc* smax = static_cast<acc*>(scratch.max);
+  acc* sinv = static_cast<acc*>(scratch.inv);
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t g = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; g < groups;
+       g += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const int64_t b = g / K, i = g % K;
+    int64_t c0, c1;
+    group_of(offsets, i, C, c0, c1);
+    group_softmax_stats<scalar_t, acc>(x, lay, b, c0, c1, C, HW, smax, sinv, lane);
+    const scalar_t* mask_row = mask + b * mask_bstride;
+    acc hs = 0, ls = 0;
+    for (int64_t k = lane; k < HW; k += kWarp) {
+      const GroupWinners<acc> w = winners_at<scalar_t, acc>(x, mask_row, lay, b, c0, c1, k, C, smax, sinv);
+      hs += w.prob;
+      ls += w.masked;
+    }
+    hs = warp_sum(hs);
+    ls = warp_sum(ls);
+    if (lane == 0) {
+      h[g] = hs;
+      logits[g] = ls / static_cast<acc>(HW);
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void mc_loss_backward_kernel(const acc_t<scalar_t>* __restrict__ grad_h,
+                                        const acc_t<scalar_t>* __restrict__ grad_logits,
+                                        const scalar_t* __restrict__ x,
+                                        const int64_t* __restrict__ offsets,
+                                        const scalar_t* __restrict__ mask, int64_t mask_bstride,
+                                        scalar_t* __restrict__ dx, GroupScratch scratch,
+                                        MapLayout lay, int64_t groups, int64_t C, int64_t K,
+                                        int64_t HW) {
+  using acc = acc_t<scalar_t>;
+  acc* smax = static_cast<acc*>(scratch.max);
+  acc* sinv = static_cast<acc*>(scratch.inv);
+  acc* smass = static_cast<acc*>(scratch.mass);
+  acc* swins = static_cast<acc*>(scratch.wins);
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t g = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; g < groups;
+       g += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const int64_t b = g / K, i = g % K;
+    int64_t c0, c1;
+    group_of(offsets, i, C, c0, c1);
+    group_softmax_stats<scalar_t, acc>(x, lay, b, c0, c1, C, HW, smax, sinv, lane);
+    const scalar_t* mask_row = mask + b * mask_bstride;
+    // A_j and the number of positions channel j wins. The winners are recomputed per channel
+    // (n^2 work per position, from L1) rather than stored per position.
+    for (int64_t c = c0; c < c1; ++c) {
+      acc mass = 0, wins = 0;
+      for (int64_t k = lane; k < HW; k += kWarp) {
+        const GroupWinners<acc> w = winners_at<scalar_t, acc>(x, mask_row, lay, b, c0, c1, k, C, smax, sinv);
+        if (w.prob_at == c - c0) {
+          mass += w.prob;
+          wins += acc(1);
+        }
+      }
+      mass = warp_sum(mass);
+      wins = warp_sum(wins);
+      if (lane == 0) {
+        smass[b * C + c] = mass;
+        swins[b * C + c] = wins;
+      }
+    }
+    __syncwarp();
+    const acc gh = grad_h[g], gl_per_pos = grad_logits[g] / static_cast<acc>(HW);
+    for (int64_t k = lane; k < HW; k += kWarp) {
+      const GroupWinners<acc> w = winners_at<scalar_t, acc>(x, mask_row, lay, b, c0, c1, k, C, smax, sinv);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t at = lay.at(b, c, k);
+        const acc p = ChannelSoftmax<acc>::from(smax[b * C + c], sinv[b * C + c])(static_cast<acc>(x[at]));
+        const int64_t j = c - c0;
+        dx[at] = static_cast<scalar_t>(mc_grad(gh, gl_per_pos, p, w.prob_at == j, smass[b * C + c],
+                                               swins[b * C + c] > acc(0),
+                                               static_cast<acc>(mask_row[c]), w.masked_at == j));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// host wrappers
+
+at::ScalarType acc_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor spatial_softmax_cuda(const at::Tensor& x) {
+  check_map(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty_like(x);
+  const int64_t rows = x.size(0) * x.size(1), HW = x.size(2) * x.size(3);
+  if (rows == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_softmax_cuda", [&] {
+    spatial_softmax_kernel<scalar_t><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), layout_of(x), rows, x.size(1), HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor spatial_softmax_backward_cuda(const at::Tensor& grad_in, const at::Tensor& out) {
+  check_map(out, "out");
+  check_like(grad_in, out, "grad", "out");
+  TORCH_CHECK_VALUE(grad_in.sizes() == out.sizes(), "grad: expected shape ", out.sizes(), ", got ",
+                    grad_in.sizes());
+  const c10::cuda::CUDAGuard guard(out.device());
+  const auto grad = grad_in.contiguous(format_of(out));
+  auto dx = at::empty_like(out);
+  const int64_t rows = out.size(0) * out.size(1), HW = out.size(2) * out.size(3);
+  if (rows == 0) return dx;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "spatial_softmax_backward_cuda", [&] {
+    spatial_softmax_backward_kernel<scalar_t><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+        layout_of(out), rows, out.size(1), HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dx;
+}
+
+at::Tensor channel_mask_cuda(const at::Tensor& x, const at::Tensor& mask) {
+  check_map(x, "x");
+  const int64_t mask_bstride = check_mask(mask, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty_like(x);
+  const int64_t numel = x.numel();
+  if (numel == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_mask_cuda", [&] {
+    channel_mask_kernel<scalar_t><<<blocks_for(numel, 256), 256, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(), mask_bstride,
+        out.mutable_data_ptr<scalar_t>(), layout_of(x), numel, x.size(1), x.size(2) * x.size(3));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor ccmp_cuda(const at::Tensor& x, const at::Tensor& offsets) {
+  check_map(x, "x");
+  const int64_t K = check_offsets(offsets, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty({x.size(0), K, x.size(2), x.size(3)}, x.options().memory_format(format_of(x)));
+  const int64_t HW = x.size(2) * x.size(3), total = x.size(0) * K * HW;
+  if (total == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ccmp_cuda", [&] {
+    ccmp_kernel<scalar_t><<<blocks_for(total, 256), 256, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(),
+        layout_of(x), layout_of(out), total, x.size(1), K, HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor ccmp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& offsets) {
+  check_map(x, "x");
+  const int64_t K = check_offsets(offsets, x);
+  check_like(grad_in, x, "grad", "x");
+  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == x.size(0) && grad_in.size(1) == K &&
+                        grad_in.size(2) == x.size(2) && grad_in.size(3) == x.size(3),
+                    "grad: expected shape (", x.size(0), ", ", K, ", ", x.size(2), ", ", x.size(3),
+                    "), got ", grad_in.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto grad = grad_in.contiguous(format_of(x));
+  // dx starts empty: the groups partition the channels, so every element is written (offsets
+  // values are validated in Python before they reach a CUDA kernel).
+  auto dx = at::empty_like(x);
+  const int64_t HW = x.size(2) * x.size(3), total = x.size(0) * K * HW;
+  if (total == 0) return dx;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ccmp_backward_cuda", [&] {
+    ccmp_backward_kernel<scalar_t><<<blocks_for(total, 256), 256, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(),
+        dx.mutable_data_ptr<scalar_t>(), layout_of(x), layout_of(grad), total, x.size(1), K, HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dx;
+}
+
+GroupScratch make_scratch(const at::Tensor& storage, int64_t BC) {
+  char* base = static_cast<char*>(storage.mutable_data_ptr());
+  const int64_t bytes = BC * static_cast<int64_t>(storage.element_size());
+  return GroupScratch{base, base + bytes, base + 2 * bytes, base + 3 * bytes};
+}
+
+std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cuda(const at::Tensor& x, const at::Tensor& offsets,
+                                                        const at::Tensor& mask) {
+  check_map(x, "x");
+  const int64_t K = check_offsets(offsets, x);
+  const int64_t mask_bstride = check_mask(mask, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto h = at::empty({B, K}, x.options().dtype(acc_type_of(x)));
+  auto logits = at::empty({B, K}, x.options().dtype(acc_type_of(x)));
+  if (B == 0) return {h, logits};
+  auto scratch = at::empty({2 * B * C}, x.options().dtype(acc_type_of(x)));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_forward_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    mc_loss_forward_kernel<scalar_t><<<blocks_for(B * K, kWarpsPerBlock), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(), mask.const_data_ptr<scalar_t>(),
+        mask_bstride, h.mutable_data_ptr<acc>(), logits.mutable_data_ptr<acc>(),
+        make_scratch(scratch, B * C), layout_of(x), B * K, C, K, HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {h, logits};
+}
+
+at::Tensor mc_loss_backward_cuda(const at::Tensor& grad_h_in, const at::Tensor& grad_logits_in,
+                                 const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& mask) {
+  check_map(x, "x");
+  const int64_t K = check_offsets(offsets, x);
+  const int64_t mask_bstride = check_mask(mask, x);
+  check_group_grad(grad_h_in, x, K, "grad_h");
+  check_group_grad(grad_logits_in, x, K, "grad_logits");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const auto grad_h = grad_h_in.to(acc_type_of(x)).contiguous();
+  const auto grad_logits = grad_logits_in.to(acc_type_of(x)).contiguous();
+  auto dx = at::empty_like(x);
+  if (B == 0) return dx;
+  auto scratch = at::empty({4 * B * C}, x.options().dtype(acc_type_of(x)));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_backward_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    mc_loss_backward_kernel<scalar_t><<<blocks_for(B * K, kWarpsPerBlock), kThreads, 0, stream>>>(
+        grad_h.const_data_ptr<acc>(), grad_logits.const_data_ptr<acc>(), x.const_data_ptr<scalar_t>(),
+        offsets.const_data_ptr<int64_t>(), mask.const_data_ptr<scalar_t>(), mask_bstride,
+        dx.mutable_data_ptr<scalar_t>(), make_scratch(scratch, B * C), layout_of(x), B * K, C, K, HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(mcloss_cuda, CUDA, m) {
+  m.impl("spatial_softmax", &cuda::spatial_softmax_cuda);
+  m.impl("spatial_softmax_backward", &cuda::spatial_softmax_backward_cuda);
+  m.impl("channel_mask", &cuda::channel_mask_cuda);
+  m.impl("ccmp", &cuda::ccmp_cuda);
+  m.impl("ccmp_backward", &cuda::ccmp_backward_cuda);
+  m.impl("mc_loss_forward", &cuda::mc_loss_forward_cuda);
+  m.impl("mc_loss_backward", &cuda::mc_loss_backward_cuda);
+}
+
+}  // namespace mcloss
