@@ -144,6 +144,8 @@ def main():
         cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
         python_requires=">=3.9",
         install_requires=["torch>=2.4"],
+        extras_require={"test": ["pytest", "hypothesis", "numpy", "matplotlib"],
+                        "bench": ["matplotlib", "numpy"]},
         zip_safe=False,
     )
 
