@@ -170,6 +170,31 @@ def resolve_drop(drop, counts: Sequence[int]) -> Tuple[int, ...]:
     return (int(drop),) * len(counts)
 
 
+def normalize_cnum(cnum):
+    """``cnum`` as stored by ``MCLoss``: None, an int, or a tuple of int counts (checked for
+    type here; the values are checked against the features at each call)."""
+    if cnum is None or _is_int(cnum):
+        return cnum
+    if isinstance(cnum, torch.Tensor):
+        if cnum.dim() != 1 or cnum.dtype.is_floating_point or cnum.dtype == torch.bool:
+            raise TypeError(f"cnum: a tensor of counts must be 1-D integer, got {cnum.dtype} "
+                            f"of shape {tuple(cnum.shape)}")
+        cnum = cnum.tolist()
+    if isinstance(cnum, (str, bytes)):
+        counts = None
+    else:
+        try:
+            counts = tuple(cnum)
+        except TypeError:
+            counts = None
+    if counts is None:
+        raise TypeError(f"cnum: expected None, an int or a sequence of per-class counts, got "
+                        f"{type(cnum).__name__}")
+    if not all(_is_int(n) for n in counts):
+        raise TypeError(f"cnum: per-class counts must be ints, got {counts!r}")
+    return tuple(int(n) for n in counts)
+
+
 def counts_for_ccmp(channels: int, cnum) -> Tuple[int, ...]:
     """ccmp(x, cnum): an int splits the C channels into groups of cnum; a sequence gives counts."""
     if cnum is None:
@@ -194,16 +219,30 @@ def counts_for_ccmp(channels: int, cnum) -> Tuple[int, ...]:
 # channel groups as tensors
 
 
-@functools.lru_cache(maxsize=256)
-def _group_tensors(counts: Tuple[int, ...], device: torch.device):
+def _build_group_tensor(counts: Tuple[int, ...], device: torch.device, what: str):
+    # From Python lists only (no data-dependent op such as nonzero): under torch.compile the
+    # result is a constant of static shape.
     C, nmax = sum(counts), max(counts)
-    sizes = torch.tensor(counts, dtype=torch.int64)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
-    slot = torch.arange(nmax)
-    valid = slot < sizes[:, None]
-    index = torch.where(valid, offsets[:-1, None] + slot, torch.full((), C))
-    return {"offsets": offsets.to(device), "sizes": sizes.to(device), "index": index.to(device),
-            "valid": valid.to(device), "valid_flat": valid.flatten().nonzero().flatten().to(device)}
+    offsets = [0]
+    for n in counts:
+        offsets.append(offsets[-1] + n)
+    if what == "offsets":
+        return torch.tensor(offsets, dtype=torch.int64, device=device)
+    if what == "sizes":
+        return torch.tensor(counts, dtype=torch.int64, device=device)
+    if what == "index":
+        return torch.tensor([[o + s if s < n else C for s in range(nmax)]
+                             for o, n in zip(offsets, counts)], dtype=torch.int64, device=device)
+    if what == "valid":
+        return torch.tensor([[s < n for s in range(nmax)] for n in counts], dtype=torch.bool,
+                            device=device)
+    if what == "valid_flat":
+        return torch.tensor([i * nmax + s for i, n in enumerate(counts) for s in range(n)],
+                            dtype=torch.int64, device=device)
+    raise KeyError(what)
+
+
+_group_tensors = functools.lru_cache(maxsize=1024)(_build_group_tensor)
 
 
 def group_tensor(counts, device, what):
@@ -213,14 +252,26 @@ def group_tensor(counts, device, what):
     sizes: int64 (K,); index: (K, n_max) channel of every group slot, C for a pad slot;
     valid: bool (K, n_max), the slots that hold a channel; valid_flat: their flat positions.
     Cached so that a training step makes no host-to-device copy (and can be captured in a CUDA
-    graph). The cached tensors must not be written to.
+    graph). The cached tensors must not be written to. Under torch.compile the tensor is built
+    in the graph instead (a constant there; Dynamo would bypass the cache anyway, with a warning).
     """
-    return _group_tensors(tuple(counts), torch.device(device))[what]
+    counts, device = tuple(counts), torch.device(device)
+    if torch.compiler.is_compiling():
+        return _build_group_tensor(counts, device, what)
+    return _group_tensors(counts, device, what)
 
 
-@functools.lru_cache(maxsize=256)
-def _drop_thresholds(drops: Tuple[int, ...], device: torch.device):
+def _build_drop_thresholds(drops: Tuple[int, ...], device: torch.device):
     return torch.tensor(drops, dtype=torch.int64, device=device)[:, None]
+
+
+_cached_drop_thresholds = functools.lru_cache(maxsize=256)(_build_drop_thresholds)
+
+
+def _drop_thresholds(drops: Tuple[int, ...], device: torch.device):
+    if torch.compiler.is_compiling():
+        return _build_drop_thresholds(drops, device)
+    return _cached_drop_thresholds(drops, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,6 +303,9 @@ def random_channel_mask(num_classes, cnum, *, batch=None, drop=None, generator=N
     drops = resolve_drop(drop, counts)
     if batch is not None and (not _is_int(batch) or batch < 0):
         raise ValueError(f"batch: expected None or an int >= 0, got {batch!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator: expected None or a torch.Generator, got {type(generator).__name__}")
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     device = torch.device(device)

@@ -72,8 +72,9 @@ if AVAILABLE:
     @torch.library.register_fake("mcloss_cuda::ccmp")
     def _(x, offsets):
         K = offsets.shape[0] - 1
-        return x.new_empty((x.shape[0], K, x.shape[2], x.shape[3]),
-                           memory_format=_format_of(x))
+        # (Tensor.new_empty takes no memory_format: build it with torch.empty)
+        return torch.empty((x.shape[0], K, x.shape[2], x.shape[3]), dtype=x.dtype,
+                           device=x.device, memory_format=_format_of(x))
 
     @torch.library.register_fake("mcloss_cuda::ccmp_backward")
     def _(grad, x, offsets):
@@ -106,7 +107,9 @@ if AVAILABLE:
 
     def _channel_mask_bwd(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return ops.channel_mask(grad, mask), None
+        # the incoming gradient may have any strides (e.g. expanded by .sum()): the kernel
+        # takes contiguous or channels_last only
+        return ops.channel_mask(kernel_layout(grad), mask), None
 
     def _ccmp_bwd(ctx, grad):
         x, offsets = ctx.saved_tensors

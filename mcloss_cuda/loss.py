@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_coefficients, check_num_classes
+from ._common import check_coefficients, check_num_classes, normalize_cnum
 from .functional import mc_loss
 
 
@@ -27,7 +27,7 @@ class MCLoss(torch.nn.Module):
                  per_sample_mask=False):
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
-        self.cnum = cnum if cnum is None or isinstance(cnum, int) else tuple(int(n) for n in cnum)
+        self.cnum = normalize_cnum(cnum)
         check_coefficients(alpha, beta)
         self.alpha, self.beta = float(alpha), float(beta)
         self.drop = drop
