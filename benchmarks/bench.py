@@ -37,12 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Run from a checkout without installing: the repository root holds the package.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-import mcloss_cuda as mc  # noqa: E402
+# The installed package (with its compiled extension) comes first; a checkout that was not
+# installed falls back to the repository root (e.g. after `setup.py build_ext --inplace`).
+try:
+    import mcloss_cuda as mc
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import mcloss_cuda as mc
 
 ALL_IMPLS = ("fused", "reference", "eager", "compiled", "softmax")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
