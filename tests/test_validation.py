@@ -1,0 +1,607 @@
+"""Bad input gets a clear Python exception, never a crash and never garbage.
+
+Every bad call runs in a child interpreter, so that a segfault or an abort fails the one case
+that caused it instead of killing pytest. All the cases of this module go to as few children
+as possible (importing torch costs seconds): the child runs them one after the other and prints
+one protocol line per case; if it dies, the case it was running is recorded as a crash and a new
+child carries on with the remaining cases. Each test then checks one case's outcome: the
+exception type and that the message names the argument (and shows the value that was given).
+
+The inputs are random and fresh on every run (the child draws them without a fixed seed).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import pytest
+
+import mcloss_cuda as mc
+from helpers import HAS_CUDA, cuda_only
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TAG = "@@mcloss-case@@"
+
+# The child: reads the cases (JSON) from stdin and runs each in a fresh namespace holding valid
+# arguments (x, y, m, off, ...), so that a case only spells out what it breaks.
+CHILD = textwrap.dedent(r'''
+    import json, sys
+    cases = json.loads(sys.stdin.read())
+    import torch
+    import mcloss_cuda as mc
+    from mcloss_cuda import reference as ref
+    torch.set_num_threads(1)
+    ops = torch.ops.mcloss_cuda
+    TAG = %r
+    B, K, n, H, W = 3, 4, 3, 5, 4
+    C = K * n
+
+    def namespace(device):
+        x = torch.randn(B, C, H, W, device=device)
+        return dict(torch=torch, mc=mc, ref=ref, ops=ops, B=B, K=K, n=n, H=H, W=W, C=C,
+                    dev=device, x=x, y=torch.randint(0, K, (B,), device=device),
+                    m=torch.rand(C, device=device) > 0.5,
+                    mf=(torch.rand(C, device=device) > 0.5).float(),
+                    off=torch.arange(0, C + 1, n, device=device),
+                    gK=torch.randn(B, K, device=device),
+                    gKHW=torch.randn(B, K, H, W, device=device),
+                    gx=torch.randn_like(x))
+
+    def emit(rec):
+        sys.stdout.write(TAG + json.dumps(rec) + "\n")
+        sys.stdout.flush()
+
+    for case in cases:
+        emit({"start": case["id"]})
+        ns = namespace(case["device"])
+        try:
+            exec(case["code"], ns)
+            rec = {"id": case["id"], "exc": None, "mro": [], "msg": ""}
+        except BaseException as e:
+            rec = {"id": case["id"], "exc": type(e).__name__,
+                   "mro": [c.__name__ for c in type(e).__mro__], "msg": str(e)}
+        emit(rec)
+''') % TAG
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    code: str                       # statements run in the child's namespace
+    exc: Optional[str]              # expected exception class (or a base of it); None: no error
+    arg: Optional[str] = None       # the argument the message must start with ("arg: ...")
+    shows: Tuple[str, ...] = ()     # substrings the message must contain (the given value...)
+    device: str = "cpu"
+    env: Tuple[Tuple[str, str], ...] = ()
+
+
+def _no_core_dumps():
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def run_cases(cases, timeout=240):
+    """Run ``cases`` in child interpreters; return {id: record}. A case during which the child
+    died (or hung) gets a record with "crash" set; the remaining cases go to a new child."""
+    results = {}
+    groups = {}
+    for c in cases:
+        groups.setdefault(c.env, []).append(c)
+    for env_items, group in groups.items():
+        env = dict(os.environ)
+        env.update(dict(env_items))
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        pending = list(group)
+        while pending:
+            payload = json.dumps([{"id": c.id, "code": c.code, "device": c.device}
+                                  for c in pending])
+            try:
+                proc = subprocess.run([sys.executable, "-c", CHILD], input=payload, text=True,
+                                      capture_output=True, cwd=ROOT, env=env, timeout=timeout,
+                                      preexec_fn=_no_core_dumps)
+                out, err, rc = proc.stdout, proc.stderr, proc.returncode
+            except subprocess.TimeoutExpired as e:
+                out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+                rc = "timeout"
+            running = None
+            for line in out.splitlines():
+                if not line.startswith(TAG):
+                    continue
+                rec = json.loads(line[len(TAG):])
+                if "start" in rec:
+                    running = rec["start"]
+                else:
+                    results[rec["id"]] = rec
+                    running = None
+            left = [c for c in pending if c.id not in results]
+            if not left:
+                break
+            crash = {"crash": f"child exited with {rc} (signal if negative)",
+                     "stderr": err[-3000:]}
+            if running is None:        # died outside any case (e.g. at import): all fail
+                for c in left:
+                    results[c.id] = crash
+                break
+            results[running] = crash
+            pending = [c for c in left if c.id != running]
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# the cases
+
+LIBS = (("mc", "mc"), ("ref", "ref"))   # (id prefix, module name in the child)
+
+# bad features: (id, expression, exception, substrings of the message)
+BAD_FEATURES = [
+    ("3d", "x[0]", "ValueError", ("4-D", "(12, 5, 4)")),
+    ("5d", "x[None]", "ValueError", ("4-D", "(1, 3, 12, 5, 4)")),
+    ("int64", "x.long()", "TypeError", ("torch.int64",)),
+    ("uint8", "x.to(torch.uint8)", "TypeError", ("torch.uint8",)),
+    ("bool", "x > 0", "TypeError", ("torch.bool",)),
+    ("complex", "x.to(torch.complex64)", "TypeError", ("torch.complex64",)),
+    ("list", "x.tolist()", "TypeError", ("list",)),
+    ("none", "None", "TypeError", ("NoneType",)),
+    ("H0", "x[:, :, :0]", "ValueError", ("H*W == 0", "(3, 12, 0, 4)")),
+    ("W0", "x[:, :, :, :0]", "ValueError", ("H*W == 0", "(3, 12, 5, 0)")),
+    ("C0", "x[:, :0]", "ValueError", ("(3, 0, 5, 4)",)),
+]
+
+
+def feature_calls():
+    """(id, template with {X}, argument name) for every public function taking features."""
+    calls = [("MCLoss", "mc.MCLoss(K)({X}, y)", "features")]
+    for p, lib in LIBS:
+        calls += [
+            (f"{p}.mc_loss", f"{lib}.mc_loss({{X}}, y, K)", "features"),
+            (f"{p}.spatial_softmax", f"{lib}.spatial_softmax({{X}})", "x"),
+            (f"{p}.channel_mask", f"{lib}.channel_mask({{X}}, m)", "x"),
+            (f"{p}.ccmp", f"{lib}.ccmp({{X}}, n)", "x"),
+            (f"{p}.diversity_loss", f"{lib}.diversity_loss({{X}}, K)", "x"),
+            (f"{p}.discriminality_logits", f"{lib}.discriminality_logits({{X}}, K, m)", "x"),
+        ]
+    return calls
+
+
+def grouped_calls():
+    """(id, template with {K} and {CNUM}) for every public function taking num_classes/cnum
+    together with features of C = 12 channels."""
+    calls = [("MCLoss", "mc.MCLoss({K}, {CNUM})(x, y)")]
+    for p, lib in LIBS:
+        calls += [
+            (f"{p}.mc_loss", f"{lib}.mc_loss(x, y, {{K}}, {{CNUM}})"),
+            (f"{p}.diversity_loss", f"{lib}.diversity_loss(x, {{K}}, {{CNUM}})"),
+            (f"{p}.discriminality_logits", f"{lib}.discriminality_logits(x, {{K}}, m, {{CNUM}})"),
+        ]
+    return calls
+
+
+def build_cases():
+    cases = []
+
+    def add(*args, **kw):
+        cases.append(Case(*args, **kw))
+
+    # ---- features
+    for fid, tmpl, arg in feature_calls():
+        for bid, expr, exc, shows in BAD_FEATURES:
+            add(f"{fid}-features-{bid}", tmpl.format(X=expr), exc, arg, shows)
+
+    # ---- groups: cnum against C, per-class counts, num_classes
+    for fid, tmpl in grouped_calls():
+        def g(case_id, K, cnum, exc, arg, shows):
+            add(f"{fid}-{case_id}", tmpl.format(K=K, CNUM=cnum), exc, arg, shows)
+        g("cnum-mismatch", "K", "n + 1", "ValueError", "cnum", ("C=12", "4 * 4 = 16"))
+        g("cnum-zero", "K", "0", "ValueError", "cnum", ("got 0",))
+        g("cnum-float", "K", "3.0", "TypeError", "cnum", ("float",))
+        g("cnum-bool", "K", "True", "TypeError", "cnum", ("bool",))
+        g("cnum-str", "K", "'3333'", "TypeError", "cnum", ())
+        g("counts-sum", "K", "[3, 3, 3, 4]", "ValueError", "cnum", ("sum to 13", "C=12"))
+        g("counts-number", "K", "[4, 4, 4]", "ValueError", "cnum", ("expected 4", "got 3"))
+        g("counts-too-many", "K", "[3, 3, 3, 2, 1]", "ValueError", "cnum", ("expected 4", "got 5"))
+        g("counts-zero", "K", "[0, 4, 4, 4]", "ValueError", "cnum", (">= 1", "(0, 4, 4, 4)"))
+        g("counts-float", "K", "[3.0, 3, 3, 3]", "TypeError", "cnum", ("ints", "3.0"))
+        g("counts-float-tensor", "K", "torch.tensor([3., 3, 3, 3])", "TypeError", "cnum",
+          ("torch.float32",))
+        g("num_classes-zero", "0", "None", "ValueError", "num_classes", ("got 0",))
+        g("num_classes-negative", "-2", "None", "ValueError", "num_classes", ("got -2",))
+        g("num_classes-float", "4.0", "None", "TypeError", "num_classes", ("float",))
+        g("num_classes-bool", "True", "None", "TypeError", "num_classes", ("bool",))
+        g("num_classes-str", "'4'", "None", "TypeError", "num_classes", ("str",))
+        g("num_classes-tensor", "torch.tensor(4)", "None", "TypeError", "num_classes", ("Tensor",))
+        g("num_classes-above-C", "C + 1", "None", "ValueError", "cnum", ("num_classes=13", "C=12"))
+
+    for p, lib in LIBS:
+        # ccmp: cnum is an int (group size) or per-class counts, never None
+        add(f"{p}.ccmp-cnum-none", f"{lib}.ccmp(x, None)", "TypeError", "cnum", ("None",))
+        add(f"{p}.ccmp-cnum-zero", f"{lib}.ccmp(x, 0)", "ValueError", "cnum", ("got 0",))
+        add(f"{p}.ccmp-cnum-not-dividing", f"{lib}.ccmp(x, 5)", "ValueError", "cnum",
+            ("C=12", "groups of 5"))
+        add(f"{p}.ccmp-cnum-float", f"{lib}.ccmp(x, 3.0)", "TypeError", "cnum", ("float",))
+        add(f"{p}.ccmp-counts-empty", f"{lib}.ccmp(x, [])", "ValueError", "cnum", ("empty",))
+        add(f"{p}.ccmp-counts-sum", f"{lib}.ccmp(x, [5, 5])", "ValueError", "cnum",
+            ("sum to 10", "C=12"))
+        add(f"{p}.ccmp-counts-zero", f"{lib}.ccmp(x, [0, 12])", "ValueError", "cnum", (">= 1",))
+        add(f"{p}.ccmp-counts-float", f"{lib}.ccmp(x, [6.0, 6])", "TypeError", "cnum",
+            ("ints",))
+
+        # random_channel_mask
+        rcm = f"{lib}.random_channel_mask"
+        add(f"{p}.rcm-num_classes-zero", f"{rcm}(0, 3)", "ValueError", "num_classes", ("got 0",))
+        add(f"{p}.rcm-num_classes-float", f"{rcm}(4.0, 3)", "TypeError", "num_classes",
+            ("float",))
+        add(f"{p}.rcm-num_classes-bool", f"{rcm}(True, 3)", "TypeError", "num_classes",
+            ("bool",))
+        add(f"{p}.rcm-cnum-none", f"{rcm}(4, None)", "TypeError", "cnum", ("None",))
+        add(f"{p}.rcm-cnum-zero", f"{rcm}(4, 0)", "ValueError", "cnum", ("got 0",))
+        add(f"{p}.rcm-cnum-float", f"{rcm}(4, 3.0)", "TypeError", "cnum", ("float",))
+        add(f"{p}.rcm-counts-number", f"{rcm}(4, [3, 3, 3])", "ValueError", "cnum",
+            ("expected 4", "got 3"))
+        add(f"{p}.rcm-counts-zero", f"{rcm}(2, [0, 3])", "ValueError", "cnum", (">= 1",))
+        add(f"{p}.rcm-counts-float", f"{rcm}(2, [3, 1.5])", "TypeError", "cnum", ("1.5",))
+        add(f"{p}.rcm-drop-group-size", f"{rcm}(4, 3, drop=3)", "ValueError", "drop",
+            ("drop=3", "group size 3"))
+        add(f"{p}.rcm-drop-above", f"{rcm}(4, 3, drop=7)", "ValueError", "drop", ("drop=7",))
+        add(f"{p}.rcm-drop-negative", f"{rcm}(4, 3, drop=-1)", "ValueError", "drop",
+            ("drop=-1",))
+        add(f"{p}.rcm-drop-uneven", f"{rcm}(3, [2, 5, 3], drop=2)", "ValueError", "drop",
+            ("drop=2", "group size 2"))
+        add(f"{p}.rcm-drop-float", f"{rcm}(4, 3, drop=1.0)", "TypeError", "drop", ("float",))
+        add(f"{p}.rcm-drop-bool", f"{rcm}(4, 3, drop=True)", "TypeError", "drop", ("bool",))
+        add(f"{p}.rcm-batch-negative", f"{rcm}(4, 3, batch=-1)", "ValueError", "batch",
+            ("-1",))
+        add(f"{p}.rcm-batch-float", f"{rcm}(4, 3, batch=2.0)", "ValueError", "batch",
+            ("2.0",))
+        add(f"{p}.rcm-generator-int", f"{rcm}(4, 3, generator=0)", "TypeError", "generator",
+            ("int",))
+        add(f"{p}.rcm-generator-device", f"{rcm}(4, 3, generator=torch.Generator(), "
+            "device='meta')", "ValueError", "generator", ("meta", "cpu"))
+
+    # ---- targets, mask, drop, coefficients, generator: the loss functions
+    loss_calls = [("MCLoss", "mc.MCLoss(K, {KW})(x, {Y}, mask={M})", "mc.MCLoss(K, {KW})(x, y)")]
+    loss_calls += [(f"{p}.mc_loss", f"{lib}.mc_loss(x, {{Y}}, K, mask={{M}})",
+                    f"{lib}.mc_loss(x, y, K, {{KW}})") for p, lib in LIBS]
+    bad_targets = [
+        ("int32", "y.int()", "TypeError", ("torch.int32",)),
+        ("float", "y.float()", "TypeError", ("torch.float32",)),
+        ("bool", "y > 0", "TypeError", ("torch.bool",)),
+        ("list", "y.tolist()", "TypeError", ("list",)),
+        ("none", "None", "TypeError", ("NoneType",)),
+        ("2d", "y[:, None]", "ValueError", ("(3,)", "(3, 1)")),
+        ("short", "y[:-1]", "ValueError", ("(3,)", "(2,)")),
+        ("scalar", "y[0]", "ValueError", ("(3,)", "()")),
+        ("device", "y.to('meta')", "ValueError", ("cpu", "meta")),
+        ("equal-K", "torch.full((B,), K)", "ValueError", ("[0, 4)", "[4, 4]")),
+        ("above-K", "torch.randint(K, 3 * K, (B,))", "ValueError", ("[0, 4)",)),
+        ("negative", "-1 - y", "ValueError", ("[0, 4)",)),
+    ]
+    bad_masks = [
+        ("long", "m.long()", "TypeError", ("torch.int64",)),
+        ("int8", "m.to(torch.int8)", "TypeError", ("torch.int8",)),
+        ("complex", "mf.to(torch.complex64)", "TypeError", ("torch.complex64",)),
+        ("list", "m.tolist()", "TypeError", ("list",)),
+        ("length", "torch.ones(C + 1)", "ValueError", ("(12,)", "(3, 12)", "(13,)")),
+        ("batch", "torch.ones(B + 1, C)", "ValueError", ("(4, 12)",)),
+        ("3d", "torch.ones(B, C, 1)", "ValueError", ("(3, 12, 1)",)),
+        ("scalar", "torch.ones(())", "ValueError", ("got ()",)),
+        ("transposed", "torch.ones(C, B)", "ValueError", ("(12, 3)",)),
+        ("device", "mf.to('meta')", "ValueError", ("cpu", "meta")),
+    ]
+    for fid, tmpl, kw_tmpl in loss_calls:
+        for bid, expr, exc, shows in bad_targets:
+            add(f"{fid}-targets-{bid}", tmpl.format(Y=expr, M="None", KW=""), exc, "targets",
+                shows)
+        for bid, expr, exc, shows in bad_masks:
+            add(f"{fid}-mask-{bid}", tmpl.format(Y="y", M=expr, KW=""), exc, "mask", shows)
+        kws = [
+            ("drop-group-size", "drop=n", "ValueError", "drop", ("drop=3", "group size 3")),
+            ("drop-negative", "drop=-1", "ValueError", "drop", ("drop=-1",)),
+            ("drop-float", "drop=1.0", "TypeError", "drop", ("float",)),
+            ("drop-uneven", "cnum=[2, 3, 3, 4], drop=2", "ValueError", "drop",
+             ("drop=2", "group size 2")),
+            ("alpha-str", "alpha='1'", "TypeError", "alpha", ("str",)),
+            ("beta-none", "beta=None", "TypeError", "beta", ("NoneType",)),
+        ]
+        if fid != "MCLoss":
+            kws.append(("generator-int", "generator=1", "TypeError", "generator", ("int",)))
+        for bid, kw, exc, arg, shows in kws:
+            add(f"{fid}-{bid}", kw_tmpl.format(KW=kw), exc, arg, shows)
+
+    add("MCLoss-ctor-cnum-float-counts", "mc.MCLoss(2, cnum=[1.5, 10.5])", "TypeError", "cnum",
+        ("1.5",))
+    add("MCLoss-ctor-cnum-float", "mc.MCLoss(2, cnum=6.0)", "TypeError", "cnum", ("float",))
+    add("MCLoss-ctor-cnum-str", "mc.MCLoss(2, cnum='66')", "TypeError", "cnum", ("str",))
+    add("MCLoss-ctor-alpha", "mc.MCLoss(2, alpha=[1.0])", "TypeError", "alpha", ("list",))
+
+    # ---- channel_mask and discriminality_logits: the mask argument
+    for p, lib in LIBS:
+        for fid, tmpl in ((f"{p}.channel_mask", f"{lib}.channel_mask(x, {{M}})"),
+                          (f"{p}.discriminality_logits",
+                           f"{lib}.discriminality_logits(x, K, {{M}})")):
+            for bid, expr, exc, shows in bad_masks + [("none", "None", "TypeError",
+                                                       ("NoneType",))]:
+                add(f"{fid}-mask-{bid}", tmpl.format(M=expr), exc, "mask", shows)
+
+    # ---- an empty batch behaves like torch's own losses: nan loss (mean over nothing), and
+    # backward works and gives an empty gradient
+    for p, lib in LIBS:
+        for dt in ("float32", "float64", "float16", "bfloat16"):
+            add(f"{p}.mc_loss-empty-batch-{dt}", textwrap.dedent(f"""
+                xe = torch.randn(0, C, H, W, dtype=torch.{dt}, requires_grad=True)
+                ye = torch.zeros(0, dtype=torch.int64)
+                for kw in (dict(), dict(per_sample_mask=True), dict(mask=m)):
+                    out = {lib}.mc_loss(xe, ye, K, **kw)
+                    assert out.logits.shape == (0, K), out.logits.shape
+                    for t in (out.loss, out.dis, out.div):
+                        assert t.dim() == 0 and bool(torch.isnan(t)), t
+                    out.loss.backward()
+                    assert xe.grad.shape == xe.shape and xe.grad.dtype == xe.dtype
+                    xe.grad = None
+                assert {lib}.spatial_softmax(xe).shape == xe.shape
+                assert {lib}.ccmp(xe, n).shape == (0, K, H, W)
+                assert {lib}.channel_mask(xe, m).shape == xe.shape
+                assert bool(torch.isnan({lib}.diversity_loss(xe, K)))
+                assert {lib}.discriminality_logits(xe, K, m).shape == (0, K)
+                assert {lib}.random_channel_mask(K, n, batch=0).shape == (0, C)
+                """), None)
+    add("torch-cross_entropy-empty-batch-is-nan",
+        "assert bool(torch.isnan(torch.nn.functional.cross_entropy(torch.randn(0, K), "
+        "torch.zeros(0, dtype=torch.int64))))", None)
+    return cases
+
+
+def build_op_cases():
+    """Direct torch.ops.mcloss_cuda calls (the C++ checks): Python exceptions, never a crash."""
+    cases = []
+
+    def add(case_id, code, exc, arg, shows=()):
+        cases.append(Case("ops-" + case_id, code, exc, arg, shows))
+
+    # offsets, through every op that takes them
+    offset_ops = [
+        ("ccmp", "ops.ccmp(x, {O})"),
+        ("ccmp_backward", "ops.ccmp_backward(gKHW, x, {O})"),
+        ("mc_loss_forward", "ops.mc_loss_forward(x, {O}, mf)"),
+        ("mc_loss_backward", "ops.mc_loss_backward(gK, gK, x, {O}, mf)"),
+    ]
+    bad_offsets = [
+        ("int32", "off.int()", "TypeError", ("int64", "Int")),
+        ("float", "off.float()", "TypeError", ("Float",)),
+        ("2d", "off[None]", "ValueError", ("[1, 5]",)),
+        ("one-entry", "off[:1]", "ValueError", ("[1]",)),
+        ("empty", "off[:0]", "ValueError", ("[0]",)),
+        ("end-past-C", "torch.tensor([0, 3, 6, 9, 13])", "ValueError", ("C=12", "13")),
+        ("end-short", "torch.tensor([0, 3, 6, 9, 11])", "ValueError", ("C=12", "11")),
+        ("start", "torch.tensor([1, 3, 6, 9, 12])", "ValueError", ("got 1",)),
+        ("empty-group", "torch.tensor([0, 3, 3, 9, 12])", "ValueError", ("group 1",)),
+        ("decreasing", "torch.tensor([0, 9, 3, 6, 12])", "ValueError", ("group 1",)),
+        ("negative", "torch.tensor([0, -5, 6, 9, 12])", "ValueError", ("-5",)),
+        ("huge", "torch.tensor([0, 2**40, 6, 9, 12])", "ValueError", ("1099511627776",)),
+        ("int64-min", "torch.tensor([0, -2**63, 6, 9, 12])", "ValueError", ("group 0",)),
+        ("non-contiguous", "torch.arange(0, 2 * C + 1, n)[::2]", "ValueError",
+         ("contiguous",)),
+    ]
+    for oid, tmpl in offset_ops:
+        for bid, expr, exc, shows in bad_offsets:
+            add(f"{oid}-offsets-{bid}", tmpl.format(O=expr), exc, "offsets", shows)
+
+    # x, through every op
+    x_ops = [
+        ("spatial_softmax", "ops.spatial_softmax({X})"),
+        ("spatial_softmax_backward", "ops.spatial_softmax_backward(gx, {X})"),
+        ("channel_mask", "ops.channel_mask({X}, mf)"),
+        ("ccmp", "ops.ccmp({X}, off)"),
+        ("ccmp_backward", "ops.ccmp_backward(gKHW, {X}, off)"),
+        ("mc_loss_forward", "ops.mc_loss_forward({X}, off, mf)"),
+        ("mc_loss_backward", "ops.mc_loss_backward(gK, gK, {X}, off, mf)"),
+    ]
+    bad_x = [
+        ("3d", "x[0]", "ValueError", ("4-D",)),
+        ("int", "x.long()", "TypeError", ("Long",)),
+        ("bool", "x > 0", "TypeError", ("Bool",)),
+        ("complex", "x.to(torch.complex64)", "TypeError", ("ComplexFloat",)),
+        ("H0", "x[:, :, :0].contiguous()", "ValueError", ("empty",)),
+        ("strided", "x[:, :, ::2]", "ValueError", ("contiguous or channels_last",)),
+    ]
+    for oid, tmpl in x_ops:
+        name = "out" if oid == "spatial_softmax_backward" else "x"
+        for bid, expr, exc, shows in bad_x:
+            add(f"{oid}-{name}-{bid}", tmpl.format(X=expr), exc, name, shows)
+        # a float8 map passes the floating-point check but has no kernel: a clean error
+        add(f"{oid}-{name}-float8", tmpl.format(X="x.to(torch.float8_e4m3fn)"), "Exception",
+            None, ("Float8_e4m3fn",))
+
+    # mask, through every op that takes one
+    mask_ops = [
+        ("channel_mask", "ops.channel_mask(x, {M})"),
+        ("mc_loss_forward", "ops.mc_loss_forward(x, off, {M})"),
+        ("mc_loss_backward", "ops.mc_loss_backward(gK, gK, x, off, {M})"),
+    ]
+    bad_mask = [
+        ("length", "torch.ones(C + 1)", "ValueError", ("[13]",)),
+        ("batch", "torch.ones(B + 1, C)", "ValueError", ("[4, 12]",)),
+        ("3d", "torch.ones(B, C, 1)", "ValueError", ("[3, 12, 1]",)),
+        ("scalar", "torch.ones(())", "ValueError", ("[]",)),
+        ("empty", "torch.ones(0)", "ValueError", ("[0]",)),
+        ("bool", "m", "TypeError", ("Bool",)),
+        ("double", "mf.double()", "TypeError", ("Double",)),
+        ("expanded", "torch.ones(1).expand(C)", "ValueError", ("contiguous",)),
+        ("strided", "torch.ones(2 * C)[::2]", "ValueError", ("contiguous",)),
+    ]
+    for oid, tmpl in mask_ops:
+        for bid, expr, exc, shows in bad_mask:
+            add(f"{oid}-mask-{bid}", tmpl.format(M=expr), exc, "mask", shows)
+
+    # gradients of the backward ops
+    add("mc_loss_backward-grad_h-shape", "ops.mc_loss_backward(torch.ones(B, K + 1), gK, x, off, "
+        "mf)", "ValueError", "grad_h", ("(3, 4)", "[3, 5]"))
+    add("mc_loss_backward-grad_h-1d", "ops.mc_loss_backward(torch.ones(B * K), gK, x, off, mf)",
+        "ValueError", "grad_h", ("[12]",))
+    add("mc_loss_backward-grad_h-batch", "ops.mc_loss_backward(torch.ones(B + 1, K), gK, x, off, "
+        "mf)", "ValueError", "grad_h", ("[4, 4]",))
+    add("mc_loss_backward-grad_logits-shape", "ops.mc_loss_backward(gK, torch.ones(K, B), x, off, "
+        "mf)", "ValueError", "grad_logits", ("[4, 3]",))
+    add("mc_loss_backward-grad_logits-scalar", "ops.mc_loss_backward(gK, torch.ones(()), x, off, "
+        "mf)", "ValueError", "grad_logits", ("[]",))
+    add("ccmp_backward-grad-channels", "ops.ccmp_backward(torch.ones(B, C, H, W), x, off)",
+        "ValueError", "grad", ("(3, 4, 5, 4)", "[3, 12, 5, 4]"))
+    add("ccmp_backward-grad-spatial", "ops.ccmp_backward(torch.ones(B, K, H, W + 1), x, off)",
+        "ValueError", "grad", ("[3, 4, 5, 5]",))
+    add("ccmp_backward-grad-3d", "ops.ccmp_backward(torch.ones(B, K, H * W), x, off)",
+        "ValueError", "grad", ("[3, 4, 20]",))
+    add("ccmp_backward-grad-dtype", "ops.ccmp_backward(gKHW.double(), x, off)", "TypeError",
+        "grad", ("Double",))
+    add("spatial_softmax_backward-grad-shape",
+        "ops.spatial_softmax_backward(torch.ones(B, C, H, W + 1), x)", "ValueError", "grad",
+        ("[3, 12, 5, 5]",))
+    add("spatial_softmax_backward-grad-dtype", "ops.spatial_softmax_backward(gx.half(), x)",
+        "TypeError", "grad", ("Half",))
+    # an arbitrary-strided gradient is accepted (copied), not misread
+    add("ccmp_backward-grad-strided-ok", textwrap.dedent("""
+        g = torch.randn(B, K, H, 2 * W)[..., ::2]
+        assert torch.equal(ops.ccmp_backward(g, x, off), ops.ccmp_backward(g.contiguous(), x, off))
+        """), None, None)
+    add("spatial_softmax_backward-grad-strided-ok", textwrap.dedent("""
+        g = torch.randn(B, C, H, 2 * W)[..., ::2]
+        p = ops.spatial_softmax(x)
+        assert torch.equal(ops.spatial_softmax_backward(g, p),
+                           ops.spatial_softmax_backward(g.contiguous(), p))
+        """), None, None)
+    return cases
+
+
+def build_cuda_cases():
+    """Device mismatches and the target range check on CUDA (only collected with a GPU)."""
+    cases = []
+
+    def add(case_id, code, exc, arg, shows=(), env=()):
+        cases.append(Case("cuda-" + case_id, code, exc, arg, shows, device="cuda", env=env))
+
+    for p, lib in LIBS:
+        add(f"{p}.mc_loss-targets-cpu", f"{lib}.mc_loss(x, y.cpu(), K)", "ValueError", "targets",
+            ("cuda", "cpu"))
+        add(f"{p}.mc_loss-mask-cpu", f"{lib}.mc_loss(x, y, K, mask=m.cpu())", "ValueError", "mask",
+            ("cuda", "cpu"))
+        add(f"{p}.mc_loss-generator-cpu", f"{lib}.mc_loss(x, y, K, generator=torch.Generator())",
+            "ValueError", "generator", ("cuda", "cpu"))
+        add(f"{p}.channel_mask-mask-cpu", f"{lib}.channel_mask(x, m.cpu())", "ValueError", "mask",
+            ("cpu",))
+        add(f"{p}.discriminality_logits-mask-cpu", f"{lib}.discriminality_logits(x, K, m.cpu())",
+            "ValueError", "mask", ("cpu",))
+        # the range check: a clear ValueError with MCLOSS_SYNC_CHECKS=1 ...
+        add(f"{p}.mc_loss-targets-range-sync", f"{lib}.mc_loss(x, torch.full_like(y, K), K)",
+            "ValueError", "targets", ("[0, 4)",), env=(("MCLOSS_SYNC_CHECKS", "1"),))
+        # ... and without it a device-side assert at the next synchronisation, not garbage
+        # (a child of its own: the assert leaves the CUDA context unusable)
+        add(f"{p}.mc_loss-targets-range-async", f"{lib}.mc_loss(x, torch.full_like(y, K), K); "
+            "torch.cuda.synchronize()", "RuntimeError", None, (),
+            env=(("MCLOSS_SYNC_CHECKS", "0"), ("MCLOSS_TEST_CHILD", p)))
+    if mc.backend("cuda") == "cuda":
+        add("ops-ccmp-offsets-cpu", "ops.ccmp(x, off.cpu())", "ValueError", "offsets", ("cpu",))
+        add("ops-ccmp-x-cpu", "ops.ccmp(x.cpu(), off)", "ValueError", "offsets", ("cpu",))
+        add("ops-channel_mask-mask-cpu", "ops.channel_mask(x, mf.cpu())", "ValueError", "mask",
+            ("cpu",))
+        add("ops-mc_loss_forward-mask-cpu", "ops.mc_loss_forward(x, off, mf.cpu())", "ValueError",
+            "mask", ("cpu",))
+        add("ops-mc_loss_backward-grad_h-cpu", "ops.mc_loss_backward(gK.cpu(), gK, x, off, mf)",
+            "ValueError", "grad_h", ("cpu",))
+        add("ops-spatial_softmax_backward-grad-cpu", "ops.spatial_softmax_backward(gx.cpu(), x)",
+            "ValueError", "grad", ("cpu",))
+        # bad offset values on CUDA are clamped by the kernels, never read out of bounds
+        for bid, expr in (("end-past-C", "torch.tensor([0, 3, 6, 9, 100], device=dev)"),
+                          ("negative", "torch.tensor([0, -50, 6, 9, 12], device=dev)"),
+                          ("huge", "torch.tensor([0, 2**40, 6, 9, 12], device=dev)")):
+            add(f"ops-ccmp-offsets-{bid}-no-crash", f"ops.ccmp(x, {expr}); "
+                "ops.mc_loss_forward(x, " + expr + ", mf); torch.cuda.synchronize()",
+                "NoCrash", None)
+    return cases
+
+
+CASES = build_cases()
+OP_CASES = build_op_cases() if mc.backend("cpu") != "reference" else []
+CUDA_CASES = build_cuda_cases() if HAS_CUDA else []
+ALL = {c.id: c for c in CASES + OP_CASES + CUDA_CASES}
+assert len(ALL) == len(CASES) + len(OP_CASES) + len(CUDA_CASES), "duplicate case ids"
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_cases(list(ALL.values()))
+
+
+def check(case, rec):
+    assert "crash" not in rec, (
+        f"{case.id}: the process died instead of raising ({rec['crash']}):\n{rec['stderr']}")
+    if case.exc == "NoCrash":          # the process survived, and no memory fault on the device
+        assert "CUDA error" not in rec["msg"] and "illegal" not in rec["msg"], (
+            f"{case.id}: {rec['exc']}: {rec['msg']}")
+        return
+    if case.exc is None:
+        assert rec["exc"] is None, f"{case.id}: unexpected {rec['exc']}: {rec['msg']}"
+        return
+    assert rec["exc"] is not None, f"{case.id}: expected {case.exc}, nothing was raised"
+    assert case.exc in rec["mro"], (
+        f"{case.id}: expected {case.exc}, got {rec['exc']}: {rec['msg']}")
+    first = rec["msg"].splitlines()[0] if rec["msg"] else ""
+    if case.arg is not None:
+        assert first.startswith(case.arg + ":"), (
+            f"{case.id}: the message should name the argument {case.arg!r}: {first!r}")
+    for s in case.shows:
+        assert s in first, f"{case.id}: the message should mention {s!r}: {first!r}"
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in CASES])
+def test_public_api_bad_input(results, case_id):
+    check(ALL[case_id], results[case_id])
+
+
+@pytest.mark.skipif(not OP_CASES, reason="extension not built or MCLOSS_BACKEND=reference")
+@pytest.mark.parametrize("case_id", [c.id for c in OP_CASES] or ["none"])
+def test_direct_op_bad_input(results, case_id):
+    check(ALL[case_id], results[case_id])
+
+
+@cuda_only
+@pytest.mark.parametrize("case_id", [c.id for c in CUDA_CASES] or ["none"])
+def test_cuda_bad_input(results, case_id):
+    check(ALL[case_id], results[case_id])
+
+
+def test_every_public_function_is_covered():
+    # each public function (and its mc.reference twin) has bad-input cases above
+    names = ["mc_loss", "spatial_softmax", "channel_mask", "ccmp", "diversity_loss",
+             "discriminality_logits", "rcm"]
+    for p, _ in LIBS:
+        for name in names:
+            assert any(cid.startswith(f"{p}.{name}-") for cid in ALL), (p, name)
+    assert any(cid.startswith("MCLoss-") for cid in ALL)
+    if OP_CASES:
+        for op in ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
+                   "ccmp_backward", "mc_loss_forward", "mc_loss_backward"):
+            assert any(cid.startswith(f"ops-{op}-") for cid in ALL), op
+
+
+def test_harness_catches_a_crash_and_carries_on():
+    # the harness itself: a case that kills the process is reported as a crash (so its test
+    # fails), and the cases after it still run in a new child
+    cases = [Case("ok-before", "pass", None), Case("abort", "import os; os.abort()", None),
+             Case("raises", "raise ValueError('x: expected 1, got 2')", "ValueError", "x"),
+             Case("wrong-message", "raise ValueError('something')", "ValueError", "x"),
+             Case("segv", "import ctypes; ctypes.string_at(0)", None)]
+    res = run_cases(cases)
+    check(cases[0], res["ok-before"])
+    for cid in ("abort", "segv"):
+        assert "crash" in res[cid]
+        with pytest.raises(AssertionError, match="died"):
+            check(cases[1], res[cid])
+    check(cases[2], res["raises"])
+    with pytest.raises(AssertionError, match="name the argument"):
+        check(cases[3], res["wrong-message"])
