@@ -190,15 +190,20 @@ struct GroupWinners {
   }
 };
 
-// Gradient of one element of a group w.r.t. the features (see mc_loss_backward):
-//   dx[j,k] = gh * p[j,k] * ([w(k) == j] - A_j)  +  (gl / HW) * m_j * [wm(k) == j]
-// where A_j = sum of p[j,k'] over the positions k' that channel j wins. A channel that wins no
-// position gets no diversity gradient at all (as autograd through max + softmax gives).
+// Gradient of one element of a group w.r.t. the features, in the form autograd gives through
+// softmax, CCMP and the mask (so that NaN and Inf reach the same elements as there):
+//   dx[j,k] = p[j,k] * (g[j,k] - S_j)  +  (gl / HW) * m_j * [wm(k) == j]
+// with g[j,k] = gh where channel j wins the diversity max at k (w(k) == j) and 0 elsewhere, and
+// S_j = sum_k g[j,k] * p[j,k]. A NaN softmax row makes S_j NaN (0 * NaN) and so its whole
+// gradient, as torch's softmax backward does, whether or not the channel wins anywhere.
 template <typename T>
-MC_HD T mc_grad(T gh, T gl_per_pos, T p, bool wins_prob, T win_mass, bool has_wins, T m,
-                bool wins_masked) {
-  const T div = has_wins ? gh * p * ((wins_prob ? T(1) : T(0)) - win_mass) : T(0);
-  return div + (wins_masked ? gl_per_pos * m : T(0));
+MC_HD T div_grad_in(T gh, bool wins_prob) {
+  return wins_prob ? gh : T(0);
+}
+
+template <typename T>
+MC_HD T mc_grad(T g_div, T s_div, T p, T gl_per_pos, T m, bool wins_masked) {
+  return p * (g_div - s_div) + (wins_masked ? gl_per_pos * m : T(0));
 }
 
 // Clamp a group's channel range into [0, C] so that a malformed offsets tensor that reached a

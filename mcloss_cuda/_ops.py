@@ -55,7 +55,17 @@ def acc_dtype(dtype):
 if AVAILABLE:
     ops = torch.ops.mcloss_cuda
 
-    # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile and opcheck
+    # ---- fake (meta) implementations: shapes and dtypes only, for torch.compile and opcheck.
+    # A call mixing a meta tensor with real ones also lands here: refuse it, as torch's own
+    # ops do, rather than hand back an uninitialised tensor.
+
+    def _one_device(**tensors):
+        devices = {name: t.device for name, t in tensors.items()}
+        first_name, first = next(iter(devices.items()))
+        for name, device in devices.items():
+            if device != first:
+                raise ValueError(f"{name}: expected device {first} (that of {first_name}), "
+                                 f"got {device}")
 
     @torch.library.register_fake("mcloss_cuda::spatial_softmax")
     def _(x):
@@ -63,14 +73,17 @@ if AVAILABLE:
 
     @torch.library.register_fake("mcloss_cuda::spatial_softmax_backward")
     def _(grad, out):
+        _one_device(out=out, grad=grad)
         return torch.empty_like(out)
 
     @torch.library.register_fake("mcloss_cuda::channel_mask")
     def _(x, mask):
+        _one_device(x=x, mask=mask)
         return torch.empty_like(x)
 
     @torch.library.register_fake("mcloss_cuda::ccmp")
     def _(x, offsets):
+        _one_device(x=x, offsets=offsets)
         K = offsets.shape[0] - 1
         # (Tensor.new_empty takes no memory_format: build it with torch.empty)
         return torch.empty((x.shape[0], K, x.shape[2], x.shape[3]), dtype=x.dtype,
@@ -78,16 +91,19 @@ if AVAILABLE:
 
     @torch.library.register_fake("mcloss_cuda::ccmp_backward")
     def _(grad, x, offsets):
+        _one_device(x=x, grad=grad, offsets=offsets)
         return torch.empty_like(x)
 
     @torch.library.register_fake("mcloss_cuda::mc_loss_forward")
     def _(x, offsets, mask):
+        _one_device(x=x, offsets=offsets, mask=mask)
         K = offsets.shape[0] - 1
         acc = acc_dtype(x.dtype)
         return x.new_empty((x.shape[0], K), dtype=acc), x.new_empty((x.shape[0], K), dtype=acc)
 
     @torch.library.register_fake("mcloss_cuda::mc_loss_backward")
     def _(grad_h, grad_logits, x, offsets, mask):
+        _one_device(x=x, grad_h=grad_h, grad_logits=grad_logits, offsets=offsets, mask=mask)
         return torch.empty_like(x)
 
     # ---- autograd: each forward op's backward is one of our backward ops

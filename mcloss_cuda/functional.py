@@ -36,6 +36,11 @@ def _sums_and_logits(x, counts, mask):
                                _mask_for_kernel(mask, x))
 
 
+def _accumulating(x):
+    """fp16/bf16 features as fp32 for the primitive-op paths (the fused loss converts inside)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def spatial_softmax(x):
     """Softmax over the H*W positions of every channel: (B, C, H, W) -> same shape and dtype."""
     check_features(x, "x")
@@ -69,8 +74,14 @@ def diversity_loss(x, num_classes, cnum=None):
     counts = resolve_counts(num_classes, cnum, x.shape[1])
     if not _fused(x):
         return reference.diversity_loss(x, num_classes, counts)
-    ones = torch.ones((), dtype=x.dtype, device=x.device).expand(x.shape[1])
-    h, _ = _sums_and_logits(x, counts, ones)
+    # On its own, the term goes through the primitive ops rather than the fused loss: the
+    # fused backward is that of both terms, and a zero gradient for the unused one would still
+    # spread a NaN of the other's branch (0 * NaN) where autograd through this term alone
+    # does not. mc_loss is the fused path.
+    x = kernel_layout(x)
+    offsets = group_tensor(counts, x.device, "offsets")
+    probs = ops.spatial_softmax(_accumulating(x))
+    h = ops.ccmp(probs, offsets).sum(dim=(2, 3))
     return diversity_from_sums(h, counts)
 
 
@@ -81,7 +92,11 @@ def discriminality_logits(x, num_classes, mask, cnum=None):
     check_mask(mask, x.shape[0], x.shape[1], x.device)
     if not _fused(x):
         return reference.discriminality_logits(x, num_classes, mask, counts)
-    return _sums_and_logits(x, counts, mask)[1]
+    # through the primitive ops, as diversity_loss and for the same reason
+    x = kernel_layout(x)
+    acc = _accumulating(x)
+    masked = ops.channel_mask(acc, _mask_for_kernel(mask, acc))
+    return ops.ccmp(masked, group_tensor(counts, x.device, "offsets")).mean(dim=(2, 3))
 
 
 def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, beta=20.0,

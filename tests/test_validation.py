@@ -393,6 +393,15 @@ def build_op_cases():
         for bid, expr, exc, shows in bad_offsets:
             add(f"{oid}-offsets-{bid}", tmpl.format(O=expr), exc, "offsets", shows)
 
+    # a meta tensor mixed with CPU ones lands in the fake implementation, which must refuse it
+    add("ccmp-offsets-meta", "ops.ccmp(x, off.to('meta'))", "ValueError", "offsets", ("meta",))
+    add("channel_mask-mask-meta", "ops.channel_mask(x, mf.to('meta'))", "ValueError", "mask",
+        ("meta",))
+    add("mc_loss_forward-mask-meta", "ops.mc_loss_forward(x, off, mf.to('meta'))", "ValueError",
+        "mask", ("meta",))
+    add("mc_loss_backward-grad_h-meta", "ops.mc_loss_backward(gK.to('meta'), gK, x, off, mf)",
+        "ValueError", "grad_h", ("meta",))
+
     # x, through every op
     x_ops = [
         ("spatial_softmax", "ops.spatial_softmax({X})"),

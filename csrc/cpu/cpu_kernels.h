@@ -246,7 +246,7 @@ void mc_loss_forward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t 
   }
 }
 
-// dx[j,k] = gh * p[j,k] * ([w(k) == j] - A_j) + (gl / HW) * m_j * [wm(k) == j] (mc_grad)
+// dx[j,k] = p[j,k] * (g[j,k] - S_j) + (gl / HW) * m_j * [wm(k) == j]; see mc_grad
 template <typename scalar_t, typename acc>
 void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
   const MapLayout lay = x_layout(a);
@@ -261,15 +261,12 @@ void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t
     for (int64_t j = 0; j < n; ++j) {
       const acc* pj = probs.data() + j * HW;
       const auto jj = static_cast<group_idx_t<acc>>(j);
-      // A_j: the probability mass of channel j at the positions it wins
-      for (int64_t k = 0; k < HW; ++k) d[k] = scan.win_p[k] == jj ? pj[k] : acc(0);
-      const acc win_mass = sum_fixed_order(d.data(), HW);
-      int64_t wins = 0;
-      for (int64_t k = 0; k < HW; ++k) wins += scan.win_p[k] == jj ? 1 : 0;
-      const bool has_wins = wins > 0;
+      // S_j = sum_k g[j,k] p[j,k], g[j,k] = gh where channel j wins the diversity max
+      for (int64_t k = 0; k < HW; ++k) d[k] = div_grad_in(gh, scan.win_p[k] == jj) * pj[k];
+      const acc s_div = sum_fixed_order(d.data(), HW);
       const acc m = static_cast<acc>(mask_row[c0 + j]);
       for (int64_t k = 0; k < HW; ++k) {
-        d[k] = mc_grad(gh, gl_per_pos, pj[k], scan.win_p[k] == jj, win_mass, has_wins, m,
+        d[k] = mc_grad(div_grad_in(gh, scan.win_p[k] == jj), s_div, pj[k], gl_per_pos, m,
                        scan.win_m[k] == jj);
       }
       store_row(d.data(), HW, a.out + lay.at(b, c0 + j, 0), lay.sK);

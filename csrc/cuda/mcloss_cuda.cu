@@ -172,16 +172,15 @@ __global__ void ccmp_backward_kernel(const scalar_t* __restrict__ grad,
 
 // ---- the fused loss: one warp per class group (b, i)
 //
-// The per-channel softmax statistics (max, 1/sum), and in the backward each channel's winning
-// mass A_j and win count, go through a small (B, C) scratch in global memory (L1-resident while
+// The per-channel softmax statistics (max, 1/sum), and in the backward each channel's S_j
+// (see mc_grad), go through a small (B, C) scratch in global memory (L1-resident while
 // the warp works; __syncwarp orders the writes before the reads). Nothing of size B*C*HW is
 // stored: per-position winners are recomputed where they are needed.
 
 struct GroupScratch {
-  void* max;   // acc (B*C)
-  void* inv;   // acc (B*C)
-  void* mass;  // acc (B*C), backward only
-  void* wins;  // acc (B*C), backward only
+  void* max;  // acc (B*C)
+  void* inv;  // acc (B*C)
+  void* div;  // acc (B*C), backward only: S_j of mc_grad
 };
 
 template <typename scalar_t, typename acc>
@@ -261,8 +260,7 @@ __global__ void mc_loss_backward_kernel(const acc_t<scalar_t>* __restrict__ grad
   using acc = acc_t<scalar_t>;
   acc* smax = static_cast<acc*>(scratch.max);
   acc* sinv = static_cast<acc*>(scratch.inv);
-  acc* smass = static_cast<acc*>(scratch.mass);
-  acc* swins = static_cast<acc*>(scratch.wins);
+  acc* sdiv = static_cast<acc*>(scratch.div);
   const int lane = threadIdx.x % kWarp;
   for (int64_t g = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; g < groups;
        g += int64_t(gridDim.x) * kWarpsPerBlock) {
@@ -271,35 +269,30 @@ __global__ void mc_loss_backward_kernel(const acc_t<scalar_t>* __restrict__ grad
     group_of(offsets, i, C, c0, c1);
     group_softmax_stats<scalar_t, acc>(x, lay, b, c0, c1, C, HW, smax, sinv, lane);
     const scalar_t* mask_row = mask + b * mask_bstride;
-    // A_j and the number of positions channel j wins. The winners are recomputed per channel
-    // (n^2 work per position, from L1) rather than stored per position.
+    const acc gh = grad_h[g];
+    // S_j = sum_k g[j,k] p[j,k] (see mc_grad). The winners are recomputed per channel (n^2
+    // work per position, from L1) rather than stored per position.
     for (int64_t c = c0; c < c1; ++c) {
-      acc mass = 0, wins = 0;
+      const ChannelSoftmax<acc> softmax = ChannelSoftmax<acc>::from(smax[b * C + c], sinv[b * C + c]);
+      acc s_div = 0;
       for (int64_t k = lane; k < HW; k += kWarp) {
         const GroupWinners<acc> w = winners_at<scalar_t, acc>(x, mask_row, lay, b, c0, c1, k, C, smax, sinv);
-        if (w.prob_at == c - c0) {
-          mass += w.prob;
-          wins += acc(1);
-        }
+        s_div += div_grad_in(gh, w.prob_at == c - c0) * softmax(static_cast<acc>(x[lay.at(b, c, k)]));
       }
-      mass = warp_sum(mass);
-      wins = warp_sum(wins);
-      if (lane == 0) {
-        smass[b * C + c] = mass;
-        swins[b * C + c] = wins;
-      }
+      s_div = warp_sum(s_div);
+      if (lane == 0) sdiv[b * C + c] = s_div;
     }
     __syncwarp();
-    const acc gh = grad_h[g], gl_per_pos = grad_logits[g] / static_cast<acc>(HW);
+    const acc gl_per_pos = grad_logits[g] / static_cast<acc>(HW);
     for (int64_t k = lane; k < HW; k += kWarp) {
       const GroupWinners<acc> w = winners_at<scalar_t, acc>(x, mask_row, lay, b, c0, c1, k, C, smax, sinv);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t at = lay.at(b, c, k);
         const acc p = ChannelSoftmax<acc>::from(smax[b * C + c], sinv[b * C + c])(static_cast<acc>(x[at]));
         const int64_t j = c - c0;
-        dx[at] = static_cast<scalar_t>(mc_grad(gh, gl_per_pos, p, w.prob_at == j, smass[b * C + c],
-                                               swins[b * C + c] > acc(0),
-                                               static_cast<acc>(mask_row[c]), w.masked_at == j));
+        dx[at] = static_cast<scalar_t>(mc_grad(div_grad_in(gh, w.prob_at == j), sdiv[b * C + c], p,
+                                               gl_per_pos, static_cast<acc>(mask_row[c]),
+                                               w.masked_at == j));
       }
     }
   }
@@ -409,7 +402,7 @@ at::Tensor ccmp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x, co
 GroupScratch make_scratch(const at::Tensor& storage, int64_t BC) {
   char* base = static_cast<char*>(storage.mutable_data_ptr());
   const int64_t bytes = BC * static_cast<int64_t>(storage.element_size());
-  return GroupScratch{base, base + bytes, base + 2 * bytes, base + 3 * bytes};
+  return GroupScratch{base, base + bytes, base + 2 * bytes};
 }
 
 std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cuda(const at::Tensor& x, const at::Tensor& offsets,
@@ -448,7 +441,7 @@ at::Tensor mc_loss_backward_cuda(const at::Tensor& grad_h_in, const at::Tensor& 
   const auto grad_logits = grad_logits_in.to(acc_type_of(x)).contiguous();
   auto dx = at::empty_like(x);
   if (B == 0) return dx;
-  auto scratch = at::empty({4 * B * C}, x.options().dtype(acc_type_of(x)));
+  auto scratch = at::empty({3 * B * C}, x.options().dtype(acc_type_of(x)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_backward_cuda", [&] {
     using acc = acc_t<scalar_t>;
