@@ -1,0 +1,787 @@
+"""The fused kernels (C++ CPU, and CUDA where built) against ``mcloss_cuda.reference``.
+
+Forward values and gradients of every public function over many shapes (B in {1, 2, 5}, cnum
+from 1 to 64, uneven and balanced groups, 1xN, Nx1, 1x1, 7x7, 14x14, 5x9, 56x56 and 112x112
+maps), every dtype, contiguous / channels_last / non-contiguous inputs, shared and per-sample,
+bool and float masks; gradcheck in float64; the parallel split, bitwise repeatability, what is
+saved for backward, and that a CUDA build registers CUDA kernels for every op.
+
+Random inputs are fresh every run: each test seeds torch from the OS entropy pool and prints
+the seed, so a failure can be replayed with ``torch.manual_seed(<seed>)``.
+
+Tolerances. Values computed in fp32/fp64 use ``helpers.VALUE_TOL``. Maps returned in fp16/bf16
+(spatial_softmax) are both rounded once from fp32, so they may differ by one unit in the last
+place: rtol = the dtype's eps. ccmp and channel_mask only select and multiply by 0/1: they must
+be bitwise equal. Gradients use ``helpers.GRAD_TOL`` plus an absolute term proportional to the
+largest gradient element (GRAD_SCALE): a gradient element is a difference of terms of the
+size of the largest ones (p * (g - <g, p>), gh * p * (1 - A_j)), so its rounding error scales
+with them and not with its own magnitude. For fp16/bf16 spatial_softmax the kernel, like
+torch's own softmax, differentiates through the output rounded to the input dtype, an error of
+one ulp of p times |g|.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import pytest
+import torch
+from torch.autograd.gradcheck import GradcheckError
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mcloss_cuda as mc
+from helpers import (DEVICES, GRAD_TOL, VALUE_TOL, counts_of, cuda_only, fused_only,
+                     random_features, random_targets, separated_features)
+
+R = mc.reference
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+DTYPES = [F32, F64, F16, BF16]
+OP_NAMES = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
+            "ccmp_backward", "mc_loss_forward", "mc_loss_backward")
+
+# absolute gradient tolerance, as a fraction of the largest |gradient| (a few ulps of it)
+GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2 ** -9, BF16: 2 ** -6}
+# one ulp for maps rounded to the input dtype (plus the smallest subnormal)
+MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2 ** -10, 6e-8),
+           BF16: (2 ** -7, 1e-38)}
+# the largest maps on which separated_features can build near-tie-free fp16/bf16 inputs
+SEPARATED_MAX_HW = {F16: 512, BF16: 128}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small tensors: intra-op threads only add synchronisation, which costs seconds when the
+    # two cores are busy. test_parallel_split sets 2 threads itself. Restored after the module.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    seed = int.from_bytes(os.urandom(8), "little") >> 1
+    torch.manual_seed(seed)
+    print(f"torch.manual_seed({seed})")
+    return seed
+
+
+# ----------------------------------------------------------------------------------------------
+# cases
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    K: int
+    cnum: Union[None, int, Sequence[int]]  # as passed to mc_loss & co.
+    C: int
+    H: int
+    W: int
+
+    @property
+    def counts(self):
+        return counts_of(self.K, self.cnum, self.C)
+
+    @property
+    def HW(self):
+        return self.H * self.W
+
+    @property
+    def ccmp_cnum(self):
+        # ccmp takes an int or per-class counts (no None)
+        return self.cnum if isinstance(self.cnum, int) else list(self.counts)
+
+
+CASES = {
+    "single_1x1": Case(1, 1, 1, 1, 1, 1),            # one channel, one position
+    "cnum1_7x7": Case(2, 3, 1, 3, 7, 7),
+    "uniform_14x14": Case(5, 4, 3, 12, 14, 14),
+    "row_1x9": Case(2, 3, 2, 6, 1, 9),
+    "col_9x1": Case(2, 2, 4, 8, 9, 1),
+    "map_1x1": Case(5, 2, 3, 6, 1, 1),              # groups larger than the map
+    "uneven_5x9": Case(2, 3, (1, 4, 2), 7, 5, 9),
+    "balanced_5x9": Case(1, 4, None, 10, 5, 9),      # C % K != 0: counts 3, 3, 2, 2
+    "cnum64_9x9": Case(2, 2, 64, 128, 9, 9),
+    "uneven64_9x9": Case(1, 3, (64, 1, 7), 72, 9, 9),
+    "large_56x56": Case(1, 2, 3, 6, 56, 56),
+    "large_112x112": Case(1, 2, 2, 4, 112, 112),
+}
+LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed"]
+
+
+def grad_feasible(case, dtype):
+    """Whether gradients can be compared: fp64 (randn: near-ties below 1e-10 are improbable),
+    a 1x1 map (every probability is exactly 1, every masked value exact: no rounded winner),
+    or inputs without near-ties from separated_features."""
+    if dtype == F64 or case.HW == 1:
+        return True
+    return max(case.counts) <= case.HW and case.HW <= SEPARATED_MAX_HW.get(dtype, 1 << 30)
+
+
+def apply_layout(x, layout):
+    """The same values in another memory layout. The non-contiguous ones are views into a
+    NaN-filled buffer (sliced) or a transpose, so a kernel ignoring strides reads NaN/garbage."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    B, C, H, W = x.shape
+    if layout == "sliced":
+        big = torch.full((B + 1, C + 2, H, W + 3), float("nan"), dtype=x.dtype, device=x.device)
+        view = big[1:, 1:C + 1, :, 2:W + 2]
+        view.copy_(x)
+        return view
+    if layout == "transposed":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    raise ValueError(layout)
+
+
+def make_features(case, dtype, device, layout="contiguous", for_grad=True):
+    """Features for ``case``: randn for fp64 or values-only checks, near-tie-free otherwise."""
+    if (not for_grad) or dtype == F64 or case.HW == 1:
+        x = random_features(case.B, case.C, case.H, case.W, dtype=dtype, device=device)
+    else:
+        # keep the values within about +-20 on big fp32 maps (separated_features spreads its
+        # values over +-HW/16); adjacent values still differ by a factor exp(>= 0.003) in p
+        scale = 1.0 if case.HW <= 320 else 320.0 / case.HW
+        x = separated_features(case.B, case.counts, case.H, case.W, dtype=dtype, device=device,
+                               scale=scale)
+    x = apply_layout(x, layout)
+    assert x.shape == (case.B, case.C, case.H, case.W)
+    return x.detach().requires_grad_()
+
+
+def mask_variants(case, device):
+    """(name, mask): shared (C,) and per-sample (B, C), bool and float, random 0/1."""
+    shared = torch.rand(case.C, device=device) < 0.5
+    per_sample = torch.rand(case.B, case.C, device=device) < 0.5
+    return [("shared_bool", shared), ("shared_float", shared.float()),
+            ("per_sample_bool", per_sample), ("per_sample_float", per_sample.double())]
+
+
+def check_fused(x):
+    assert mc.backend(x.device) != "reference", "the fused kernels are not what runs here"
+
+
+def assert_map_close(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    rtol, atol = MAP_TOL[expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def assert_value_close(actual, expected, equal_nan=False, HW=1, coeff=1.0):
+    """Values accumulated in fp32/fp64. A sum over HW positions (h, the logits) carries a
+    rounding error growing like sqrt(HW) in the kernel and in the reference alike (their
+    summation orders differ), and L_div = 1 - h / n cancels: the absolute tolerance grows with
+    sqrt(HW / 64) and with the loss coefficients ``coeff``."""
+    rtol, atol = VALUE_TOL[expected.dtype if expected.dtype == F64 else F32]
+    atol = atol * max(1.0, (HW / 64) ** 0.5) * max(1.0, coeff)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=equal_nan)
+
+
+def assert_grad_close(actual, expected, terms=0.0, equal_nan=False):
+    """GRAD_TOL, plus GRAD_SCALE times the size of the terms the gradient is made of: the
+    largest |expected| or ``terms`` (see *_terms), whichever is larger. A gradient that cancels
+    to about 0 (a group of one channel wins every position: p * (1 - A) with A = sum p = 1)
+    carries the rounding error of its terms, not of its value."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    rtol, atol = GRAD_TOL[expected.dtype]
+    finite = expected[expected.isfinite()]
+    scale = max(finite.abs().max().item() if finite.numel() else 0.0, float(terms))
+    torch.testing.assert_close(actual, expected, rtol=rtol,
+                               atol=atol + GRAD_SCALE[expected.dtype] * scale,
+                               equal_nan=equal_nan)
+
+
+def max_prob(x):
+    return torch.softmax(x.detach().double().flatten(2), -1).max().item()
+
+
+def mc_terms(x, counts, alpha, beta):
+    """Size of the terms of d(alpha * dis + beta * div)/dx: the diversity part is
+    -beta / (B K n_i) * p * ([wins] - A_j), the discriminality part (dCE/dlogit <= 1/B) / HW."""
+    B, HW = x.shape[0], x.shape[2] * x.shape[3]
+    return abs(beta) * max_prob(x) / (B * len(counts) * min(counts)) + abs(alpha) / (B * HW)
+
+
+def softmax_terms(x, g):
+    """p * g and p * <g, p>: at most max p * max |g|."""
+    return max_prob(x) * g.abs().max().item()
+
+
+def grad_of(out, x, g=None):
+    (dx,) = torch.autograd.grad(out, x, g)
+    return dx
+
+
+def params(with_layouts=True):
+    """(device, dtype, case, layout, bwd) combinations, with the backward compared only where
+    the inputs can be made free of near-ties (see grad_feasible)."""
+    out = []
+    for device in DEVICES:
+        for dtype in DTYPES:
+            for name, case in CASES.items():
+                for layout in (LAYOUTS if with_layouts else ["contiguous"]):
+                    bwd = grad_feasible(case, dtype)
+                    tag = "fwdbwd" if bwd else "fwd"
+                    out.append(pytest.param(device, dtype, case, layout, bwd,
+                                            id=f"{device}-{str(dtype)[6:]}-{name}-{layout}-{tag}"))
+    return out
+
+
+PARAMS = params()
+ARGS = "device, dtype, case, layout, bwd"
+
+# ----------------------------------------------------------------------------------------------
+# the primitives and the loss against the reference
+
+
+@fused_only
+@pytest.mark.parametrize(ARGS, PARAMS)
+def test_spatial_softmax(device, dtype, case, layout, bwd):
+    x = make_features(case, dtype, device, layout, for_grad=bwd)
+    check_fused(x)
+    p, p_ref = mc.spatial_softmax(x), R.spatial_softmax(x)
+    assert_map_close(p, p_ref)
+    if bwd:
+        g = torch.randn(p.shape, device=device).to(dtype)
+        assert_grad_close(grad_of(p, x, g), grad_of(p_ref, x, g), softmax_terms(x, g))
+
+
+@fused_only
+@pytest.mark.parametrize(ARGS, PARAMS)
+def test_channel_mask(device, dtype, case, layout, bwd):
+    x = make_features(case, dtype, device, layout, for_grad=False)
+    check_fused(x)
+    for name, mask in mask_variants(case, device):
+        y, y_ref = mc.channel_mask(x, mask), R.channel_mask(x, mask)
+        assert y.dtype == y_ref.dtype == dtype and y.shape == y_ref.shape
+        assert torch.equal(y, y_ref), name                  # x * 0/1: exact
+        g = torch.randn(y.shape, device=device).to(dtype)
+        assert torch.equal(grad_of(y, x, g), grad_of(y_ref, x, g)), name
+    # the gradient of a sum arrives expanded (stride 0)
+    y = mc.channel_mask(x, mask)
+    assert torch.equal(grad_of(y.sum(), x), grad_of(R.channel_mask(x, mask).sum(), x))
+
+
+@fused_only
+@pytest.mark.parametrize(ARGS, PARAMS)
+def test_ccmp(device, dtype, case, layout, bwd):
+    # the winner of a raw max is exact whatever the dtype: randn inputs suffice (ties in fp16
+    # and bf16 are exact ties, broken by the first-max rule on both sides)
+    x = make_features(case, dtype, device, layout, for_grad=False)
+    check_fused(x)
+    z, z_ref = mc.ccmp(x, case.ccmp_cnum), R.ccmp(x, case.ccmp_cnum)
+    assert z.shape == (case.B, case.K, case.H, case.W) and z.dtype == dtype
+    assert torch.equal(z, z_ref)
+    g = torch.randn(z.shape, device=device).to(dtype)
+    assert torch.equal(grad_of(z, x, g), grad_of(z_ref, x, g))
+    if isinstance(case.ccmp_cnum, int):
+        assert torch.equal(mc.ccmp(x, [case.ccmp_cnum] * case.K), z)
+
+
+@fused_only
+@pytest.mark.parametrize(ARGS, PARAMS)
+def test_diversity_loss(device, dtype, case, layout, bwd):
+    x = make_features(case, dtype, device, layout, for_grad=bwd)
+    check_fused(x)
+    d, d_ref = mc.diversity_loss(x, case.K, case.cnum), R.diversity_loss(x, case.K, case.cnum)
+    assert d.dim() == 0 and d.dtype == d_ref.dtype
+    assert_value_close(d, d_ref, HW=case.HW)
+    if bwd:
+        assert_grad_close(grad_of(d, x), grad_of(d_ref, x), mc_terms(x, case.counts, 0, 1))
+
+
+@fused_only
+@pytest.mark.parametrize(ARGS, PARAMS)
+def test_discriminality_logits(device, dtype, case, layout, bwd):
+    # masked maxima of raw values have exact winners: gradients compare on randn inputs too
+    x = make_features(case, dtype, device, layout, for_grad=False)
+    check_fused(x)
+    for name, mask in mask_variants(case, device):
+        lg = mc.discriminality_logits(x, case.K, mask, case.cnum)
+        lg_ref = R.discriminality_logits(x, case.K, mask, case.cnum)
+        assert lg.shape == (case.B, case.K) and lg.dtype == lg_ref.dtype
+        assert_value_close(lg, lg_ref, HW=case.HW)
+        g = torch.randn(lg.shape, device=device, dtype=lg.dtype)
+        assert_grad_close(grad_of(lg, x, g), grad_of(lg_ref, x, g))
+
+
+@fused_only
+@pytest.mark.parametrize(ARGS, PARAMS)
+def test_mc_loss(device, dtype, case, layout, bwd):
+    x = make_features(case, dtype, device, layout, for_grad=bwd)
+    check_fused(x)
+    y = random_targets(case.B, case.K, device)
+    alpha, beta = 0.5 + torch.rand(()).item(), 10.0 * torch.rand(()).item()
+    masks = mask_variants(case, device)
+    for name, mask in masks:
+        out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask, alpha=alpha, beta=beta)
+        ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask, alpha=alpha, beta=beta)
+        assert isinstance(out, mc.MCLossOutput)
+        for field in out._fields:
+            a, b = getattr(out, field), getattr(ref, field)
+            assert a.dtype == b.dtype and a.shape == b.shape, field
+            assert_value_close(a, b, HW=case.HW, coeff=alpha + beta)
+        if bwd:
+            assert_grad_close(grad_of(out.loss, x), grad_of(ref.loss, x),
+                              mc_terms(x, case.counts, alpha, beta))
+    if not bwd:
+        return
+    # each output on its own (the other gradient reaches the backward as None or zeros)
+    mask = masks[0][1]
+    w = torch.randn(case.B, case.K, device=device)
+    picks = [(lambda o: o.dis, mc_terms(x, case.counts, 1, 0)),
+             (lambda o: o.div, mc_terms(x, case.counts, 0, 1)),
+             (lambda o: (o.logits * w.to(o.logits)).sum(),
+              mc_terms(x, case.counts, case.B * w.abs().max().item(), 0)),
+             (lambda o: 3.0 * o.dis - 7.0 * o.div, mc_terms(x, case.counts, 3, 7))]
+    for pick, terms in picks:
+        a = pick(mc.mc_loss(x, y, case.K, case.cnum, mask=mask))
+        b = pick(R.mc_loss(x, y, case.K, case.cnum, mask=mask))
+        assert_grad_close(grad_of(a, x), grad_of(b, x), terms)
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_negative_groups_masked_channels_count_as_zero(device, dtype):
+    # every kept value negative: a masked channel (value 0) wins the masked max (SPEC)
+    case = Case(2, 3, 3, 9, 4, 5)
+    x = (-make_features(case, dtype, device, for_grad=False).abs() - 0.5).detach()
+    x.requires_grad_()
+    mask = torch.ones(case.B, case.C, dtype=torch.bool, device=device)
+    mask[0, 1] = False            # group 0 of sample 0: logit exactly 0
+    mask[1, 8] = False            # group 2 of sample 1: logit exactly 0
+    lg = mc.discriminality_logits(x, case.K, mask, case.cnum)
+    assert lg[0, 0].item() == 0.0 and lg[1, 2].item() == 0.0
+    assert (lg[0, 1:] < 0).all() and (lg[1, :2] < 0).all()
+    assert_value_close(lg, R.discriminality_logits(x, case.K, mask, case.cnum))
+    g = torch.randn(lg.shape, device=device)
+    assert_grad_close(grad_of(lg, x, g),
+                      grad_of(R.discriminality_logits(x, case.K, mask, case.cnum), x, g))
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_exact_ties_go_to_the_first_channel(device, dtype, layout):
+    # Duplicated channels tie exactly at every position, in the raw values and in the
+    # probabilities (identical rows give identical softmax rows): the first-max rule must send
+    # every gradient to the lower channel, in the kernel as in the reference. Everything else
+    # is separated_features, so no other (near-)tie exists.
+    case = Case(2, 3, (3, 2, 4), 9, 4, 5)
+    x = separated_features(case.B, case.counts, case.H, case.W, dtype=dtype, device=device)
+    for c0 in (0, 3, 5):
+        x[:, c0 + 1] = x[:, c0]
+    x = apply_layout(x, layout).requires_grad_()
+    z = mc.ccmp(x, case.ccmp_cnum)
+    dz = grad_of(z.sum(), x)
+    assert torch.equal(z, R.ccmp(x, case.ccmp_cnum))
+    assert torch.equal(dz, grad_of(R.ccmp(x, case.ccmp_cnum).sum(), x))
+    for c0 in (0, 3, 5):
+        assert (dz[:, c0 + 1] == 0).all()
+    y = random_targets(case.B, case.K, device)
+    for mask in (torch.ones(case.C, dtype=torch.bool, device=device),
+                 torch.rand(case.B, case.C, device=device) < 0.5):
+        out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask)
+        ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask)
+        for field in out._fields:
+            assert_value_close(getattr(out, field), getattr(ref, field), coeff=21.5)
+        assert_grad_close(grad_of(out.loss, x), grad_of(ref.loss, x),
+                          mc_terms(x, case.counts, 1.5, 20.0))
+    d = mc.diversity_loss(x, case.K, case.cnum)
+    assert_grad_close(grad_of(d, x), grad_of(R.diversity_loss(x, case.K, case.cnum), x),
+                      mc_terms(x, case.counts, 0, 1))
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nan_and_inf_reach_loss_and_gradient(device, dtype, layout):
+    case = Case(2, 2, 3, 6, 3, 3)
+    x = make_features(case, dtype, device, for_grad=False).detach()
+    x[0, 1, 1, 1] = float("nan")
+    x[1, 4, 0, 2] = float("inf")
+    x = apply_layout(x, layout).requires_grad_()
+    y = torch.tensor([0, 1], device=device)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=device)
+    out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask)
+    ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask)
+    assert not out.loss.isfinite()
+    for field in out._fields:
+        assert_value_close(getattr(out, field), getattr(ref, field), equal_nan=True)
+    dx, dx_ref = grad_of(out.loss, x), grad_of(ref.loss, x)
+    assert not dx.isfinite().all()
+    assert torch.equal(dx.isnan(), dx_ref.isnan())
+    # primitives: NaN propagates as in torch
+    assert torch.equal(mc.spatial_softmax(x).isnan(), R.spatial_softmax(x).isnan())
+    torch.testing.assert_close(mc.ccmp(x, 3), R.ccmp(x, 3), rtol=0, atol=0, equal_nan=True)
+    assert_value_close(mc.diversity_loss(x, case.K), R.diversity_loss(x, case.K), equal_nan=True)
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_extreme_logits(device, dtype):
+    # +-1e4 + x: exp underflows to exactly 0 on the negative half of every row
+    case = Case(2, 3, (2, 3, 1), 6, 5, 4)
+    x = make_features(case, dtype, device, for_grad=False).detach()
+    x = (torch.sign(x) * 1e4 + x).requires_grad_()
+    y = random_targets(case.B, case.K, device)
+    mask = torch.rand(case.B, case.C, device=device) < 0.5
+    out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask)
+    ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask)
+    # the logits average values of +-1e4 that mostly cancel: their rounding error is a few
+    # ulps of 1e4 whatever the summation order (the loss weighs them by alpha = 1.5)
+    atol = 8 * torch.finfo(dtype).eps * 1e4 * 1.5
+    for field in out._fields:
+        torch.testing.assert_close(getattr(out, field), getattr(ref, field),
+                                   rtol=VALUE_TOL[dtype][0], atol=atol)
+    assert out.loss.isfinite()
+    assert_value_close(out.div, ref.div)
+    # dCE/dlogit moves by up to 1/2 of the logits' rounding error (above), reaching x through
+    # alpha / (B HW): extra absolute tolerance on the gradient
+    extra = 1.5 / (case.B * case.HW) * 0.5 * (8 * torch.finfo(dtype).eps * 1e4)
+    dx, dx_ref = grad_of(out.loss, x), grad_of(ref.loss, x)
+    assert_grad_close(dx, dx_ref, mc_terms(x, case.counts, 1.5, 20.0) +
+                      extra / GRAD_SCALE[dtype])
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused ops are what runs
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket).split(".")[-1] if "mcloss_cuda" in str(func)
+                     else "aten")
+        return func(*args, **(kwargs or {}))
+
+
+FUSED_LOSS = {"mc_loss_forward", "mc_loss_backward"}
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_functions_dispatch_to_fused_ops(device):
+    # forward and backward run our ops (either the fused loss or the primitives), not aten's
+    case = Case(2, 2, 3, 6, 4, 4)
+    x = make_features(case, F32, device)
+    y = random_targets(case.B, case.K, device)
+    mask = torch.rand(case.C, device=device) < 0.5
+    calls = [
+        (lambda: mc.spatial_softmax(x).sum(), [{"spatial_softmax", "spatial_softmax_backward"}]),
+        (lambda: (mc.channel_mask(x, mask) * x.detach()).sum(), [{"channel_mask"}]),
+        (lambda: mc.ccmp(x, 3).sum(), [{"ccmp", "ccmp_backward"}]),
+        (lambda: mc.diversity_loss(x, 2),
+         [FUSED_LOSS, {"spatial_softmax", "spatial_softmax_backward", "ccmp", "ccmp_backward"}]),
+        (lambda: mc.discriminality_logits(x, 2, mask).sum(),
+         [FUSED_LOSS, {"channel_mask", "ccmp", "ccmp_backward"}]),
+        (lambda: mc.mc_loss(x, y, 2, mask=mask).loss, [FUSED_LOSS]),
+    ]
+    for fn, alternatives in calls:
+        with OpRecorder() as rec:
+            grad_of(fn(), x)
+        assert any(ops <= rec.ops for ops in alternatives), (alternatives, rec.ops)
+
+
+@pytest.mark.skipif(not mc._ops.AVAILABLE, reason="extension not built")
+def test_cuda_build_registers_cuda_kernels_for_every_op():
+    # Runs without a GPU: the dispatcher knows the registrations without a device.
+    for op in OP_NAMES:
+        name = f"mcloss_cuda::{op}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+        assert has_cuda == mc.built_with_cuda(), (
+            f"{name}: built_with_cuda()={mc.built_with_cuda()} but CUDA kernel registered: "
+            f"{has_cuda}")
+    assert sorted(OP_NAMES) == sorted(mc._ops.OP_NAMES)
+    if os.environ.get("MCLOSS_BACKEND", "").strip().lower() != "reference":
+        assert mc.backend("cuda") == ("cuda" if mc.built_with_cuda() else "reference")
+        assert mc.backend("cpu") == "cpu"
+
+
+@pytest.mark.skipif(not mc._ops.AVAILABLE, reason="extension not built")
+def test_every_op_is_registered():
+    for op in OP_NAMES:
+        assert hasattr(torch.ops.mcloss_cuda, op), op
+
+
+# ----------------------------------------------------------------------------------------------
+# gradcheck (float64)
+
+GC_CASES = {
+    "uniform": (Case(2, 2, 2, 4, 2, 3), "contiguous"),
+    "uneven": (Case(2, 3, (1, 3, 2), 6, 2, 2), "contiguous"),
+    "uneven_cl": (Case(2, 2, (3, 1), 4, 3, 2), "channels_last"),
+    "balanced_cl": (Case(1, 2, None, 5, 3, 1), "channels_last"),
+    "map1x1": (Case(2, 2, 2, 4, 1, 1), "contiguous"),
+    "transposed": (Case(1, 2, 2, 4, 2, 3), "transposed"),
+}
+
+
+def gc_input(case, layout, device):
+    # separated_features: no two channels of a group within 1/8 of each other at a position, no
+    # value 0, so a 1e-6 perturbation never changes a winner
+    x = separated_features(case.B, case.counts, case.H, case.W, dtype=F64, device=device) \
+        if case.HW > 1 else random_features(case.B, case.C, 1, 1, dtype=F64, device=device)
+    if case.HW == 1:   # a raw max with no near-tie: spread the channels apart
+        x = x + torch.arange(case.C, device=device, dtype=F64).view(1, -1, 1, 1) * 0.37
+    return apply_layout(x, layout).detach().requires_grad_()
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(GC_CASES))
+def test_gradcheck(device, name):
+    case, layout = GC_CASES[name]
+    x = gc_input(case, layout, device)
+    check_fused(x)
+    mask = torch.rand(case.B, case.C, device=device) < 0.5
+    mask1 = torch.rand(case.C, device=device) < 0.5
+    y = random_targets(case.B, case.K, device)
+    fns = {
+        "spatial_softmax": lambda t: mc.spatial_softmax(t),
+        "channel_mask": lambda t: mc.channel_mask(t, mask),
+        "ccmp": lambda t: mc.ccmp(t, case.ccmp_cnum),
+        "diversity_loss": lambda t: mc.diversity_loss(t, case.K, case.cnum),
+        "discriminality_logits": lambda t: mc.discriminality_logits(t, case.K, mask, case.cnum),
+        "mc_loss.loss": lambda t: mc.mc_loss(t, y, case.K, case.cnum, mask=mask).loss,
+        "mc_loss.all": lambda t: tuple(mc.mc_loss(t, y, case.K, case.cnum, mask=mask1)),
+        "mc_loss.dis": lambda t: mc.mc_loss(t, y, case.K, case.cnum, mask=mask).dis,
+        "mc_loss.div": lambda t: mc.mc_loss(t, y, case.K, case.cnum, mask=mask).div,
+        "mc_loss.logits": lambda t: mc.mc_loss(t, y, case.K, case.cnum, mask=mask).logits,
+    }
+    for fname, fn in fns.items():
+        assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5), fname
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_can_fail(device):
+    # the tolerances above are tight enough to catch a backward off by 0.1%
+    case, layout = GC_CASES["uneven"]
+    x = gc_input(case, layout, device)
+
+    class Wrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.001
+
+    with pytest.raises(GradcheckError):
+        torch.autograd.gradcheck(lambda t: mc.diversity_loss(Wrong.apply(t), case.K, case.cnum),
+                                 (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# threads, repeatability, saved tensors
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_all(x, y, case, mask, gh, gl):
+    ops = torch.ops.mcloss_cuda
+    offsets = torch.tensor([0] + list(torch.tensor(case.counts).cumsum(0).tolist()),
+                           device=x.device)
+    m = mask.to(x.dtype)
+    xd = x.detach()
+    out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask)
+    return {
+        "h_logits": ops.mc_loss_forward(xd, offsets, m),
+        "mc_loss_backward": ops.mc_loss_backward(gh, gl, xd, offsets, m),
+        "spatial_softmax": ops.spatial_softmax(xd),
+        "ccmp": ops.ccmp(xd, offsets),
+        "loss": out.loss.detach(),
+        "grad": grad_of(out.loss, x),
+    }
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F32, F64, BF16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_parallel_split(two_threads, device, dtype, layout):
+    # enough groups and channel rows that at::parallel_for (grain 2^15 elements) splits the
+    # work over both threads; the results must match the reference and, bit for bit, one thread
+    assert torch.get_num_threads() == 2
+    case = Case(8, 50, 3, 150, 8, 14) if dtype == BF16 else Case(8, 50, (2, 4) * 25, 150, 14, 14)
+    x = make_features(case, dtype, device, layout)
+    y = random_targets(case.B, case.K, device)
+    mask = torch.rand(case.B, case.C, device=device) < 0.5
+    acc = F64 if dtype == F64 else F32
+    gh = torch.randn(case.B, case.K, device=device, dtype=acc)
+    gl = torch.randn(case.B, case.K, device=device, dtype=acc)
+    two = run_all(x, y, case, mask, gh, gl)
+    out, ref = mc.mc_loss(x, y, case.K, case.cnum, mask=mask), \
+        R.mc_loss(x, y, case.K, case.cnum, mask=mask)
+    for field in out._fields:
+        assert_value_close(getattr(out, field), getattr(ref, field))
+    assert_grad_close(two["grad"], grad_of(ref.loss, x), mc_terms(x, case.counts, 1.5, 20.0))
+    assert_map_close(two["spatial_softmax"], R.spatial_softmax(x.detach()))
+    assert torch.equal(two["ccmp"], R.ccmp(x.detach(), list(case.counts)))
+    torch.set_num_threads(1)
+    one = run_all(x, y, case, mask, gh, gl)
+    torch.set_num_threads(2)
+    for key in two:
+        a, b = two[key], one[key]
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(u, v), f"{key}: 1 and 2 threads differ"
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bitwise_repeatable(device, dtype, layout):
+    case = Case(5, 4, (3, 1, 5, 3), 12, 14, 14)
+    x = make_features(case, dtype, device, layout, for_grad=False)
+    y = random_targets(case.B, case.K, device)
+    mask = torch.rand(case.C, device=device) < 0.5
+    runs = []
+    for _ in range(2):
+        out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask)
+        p = mc.spatial_softmax(x)
+        z = mc.ccmp(x, case.ccmp_cnum)
+        gp = torch.ones_like(p)
+        runs.append(tuple(out) + (p, z, grad_of(out.loss, x), grad_of((p * gp).sum(), x),
+                                  grad_of(z.sum(), x)))
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), i
+
+
+def saved_bytes_other_than(fn, x):
+    """Run ``fn`` under saved_tensors_hooks; (bytes of saved tensors not sharing x's storage,
+    their shapes, whether x itself was saved)."""
+    ptr = x.untyped_storage().data_ptr()
+    others, saw_x = [], []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() == ptr:
+            saw_x.append(True)
+        else:
+            others.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    nbytes = sum(t.untyped_storage().nbytes() for t in others)
+    return out, nbytes, [tuple(t.shape) for t in others], bool(saw_x)
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_saves_only_the_features(device, layout, dtype):
+    B, K, cnum, H, W = 8, 200, 3, 14, 14
+    x = apply_layout(torch.randn(B, K * cnum, H, W, device=device).to(dtype), layout)
+    x.requires_grad_()
+    y = random_targets(B, K, device)
+    out, nbytes, shapes, saw_x = saved_bytes_other_than(
+        lambda: mc.mc_loss(x, y, K, cnum), x)
+    feature_bytes = x.numel() * x.element_size()
+    assert saw_x, "the features themselves are expected to be saved for the recomputing backward"
+    assert nbytes <= 0.02 * feature_bytes, (nbytes, feature_bytes, shapes)
+    assert all(torch.Size(s).numel() < x.numel() for s in shapes), shapes
+    # the backward still works from what was saved
+    assert grad_of(out.loss, x).shape == x.shape
+    # the measurement is not vacuous: the reference saves several B x C x H x W tensors
+    _, ref_bytes, _, _ = saved_bytes_other_than(lambda: R.mc_loss(x, y, K, cnum), x)
+    assert ref_bytes > feature_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# the baseline (non-AVX2) CPU kernels, selected once per process by MCLOSS_CPU_ISA
+
+
+@fused_only
+def test_baseline_isa_kernels_match_reference():
+    script = textwrap.dedent("""
+        import os, torch
+        import mcloss_cuda as mc
+        from helpers import separated_features
+        R = mc.reference
+        torch.manual_seed(int(os.environ["SEED"]))
+        torch.set_num_threads(1)
+        assert mc.backend("cpu") == "cpu"
+        for dtype, tol, atol in ((torch.float32, 2e-6, 1e-7), (torch.float64, 1e-12, 1e-12),
+                                 (torch.float16, 2e-3, 1e-5), (torch.bfloat16, 2e-2, 1e-4)):
+            counts = [3, 1, 4]
+            for cl in (False, True):
+                x = separated_features(2, counts, 5, 7, dtype=dtype, channels_last=cl)
+                x.requires_grad_()
+                y = torch.randint(0, 3, (2,))
+                m = torch.rand(2, 8) < 0.5
+                o, r = mc.mc_loss(x, y, 3, counts, mask=m), R.mc_loss(x, y, 3, counts, mask=m)
+                for a, b in zip(o, r):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+                ga, = torch.autograd.grad(o.loss, x)
+                gb, = torch.autograd.grad(r.loss, x)
+                # term size (see mc_terms): a one-channel group's gradient cancels to ~0
+                pmax = torch.softmax(x.detach().double().flatten(2), -1).max().item()
+                s = max(gb.abs().max().item(), 20.0 * pmax / (2 * 3 * 1) + 1.5 / (2 * 35))
+                torch.testing.assert_close(ga, gb, rtol=tol, atol=atol + tol * s)
+                p, q = mc.spatial_softmax(x), R.spatial_softmax(x)
+                torch.testing.assert_close(p, q, rtol=tol, atol=1e-7)
+                assert torch.equal(mc.ccmp(x, counts), R.ccmp(x, counts))
+        print("baseline ok")
+    """)
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"SEED={seed}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MCLOSS_CPU_ISA="default", SEED=str(seed),
+               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
+                                           os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "baseline ok" in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA only: the device kernels against the CPU kernels
+
+
+@cuda_only
+@fused_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_matches_cpu_kernels(dtype, layout):
+    assert mc.backend("cuda") == "cuda"
+    case = Case(5, 7, (3, 5, 1, 2, 3, 2, 4), 20, 8, 8)
+    x_cpu = make_features(case, dtype, "cpu", layout)
+    x_gpu = x_cpu.detach().cuda().requires_grad_()
+    assert x_gpu.is_contiguous(memory_format=torch.channels_last) == \
+        x_cpu.is_contiguous(memory_format=torch.channels_last)
+    y = random_targets(case.B, case.K)
+    mask = torch.rand(case.B, case.C) < 0.5
+    oc = mc.mc_loss(x_cpu, y, case.K, case.cnum, mask=mask)
+    og = mc.mc_loss(x_gpu, y.cuda(), case.K, case.cnum, mask=mask.cuda())
+    for a, b in zip(og, oc):
+        assert_value_close(a.cpu(), b)
+    assert_grad_close(grad_of(og.loss, x_gpu).cpu(), grad_of(oc.loss, x_cpu),
+                      mc_terms(x_cpu, case.counts, 1.5, 20.0))
+    torch.cuda.synchronize()
