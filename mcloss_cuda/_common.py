@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import numbers
 import os
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +130,8 @@ def check_targets(targets, batch: int, num_classes: int, device: torch.device):
         return
     if targets.device.type == "cpu" or _sync_checks_enabled():
         if torch.compiler.is_compiling():
-            torch._check(bool(((targets >= 0) & (targets < num_classes)).all()))
+            torch._check(bool(((targets >= 0) & (targets < num_classes)).all()),
+                         lambda: f"targets: class indices must lie in [0, {num_classes})")
             return
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= num_classes:

@@ -1,5 +1,8 @@
 """Shared test helpers: devices, dtypes, tolerances and input generators."""
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -18,6 +21,22 @@ VALUE_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6),
              torch.float16: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6)}
 GRAD_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-7),
             torch.float16: (1e-2, 1e-5), torch.bfloat16: (2e-2, 1e-4)}
+
+
+def entropy_seed():
+    """A fresh 63-bit seed from the OS, different every run."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def child_env(**extra):
+    """Environment for a child Python process that imports the same mcloss_cuda as this one
+    (the installed package in CI, the checkout in a development tree) and tests/helpers.py."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(mc.__file__)))
+    paths = [package_parent, here] + [p or os.getcwd() for p in sys.path]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+    env.update(extra)
+    return env
 
 
 def counts_of(num_classes, cnum, channels=None):

@@ -7,40 +7,18 @@ the seed (tests about seeding draw their own seed the same way).
 
 import inspect
 import itertools
-import os
 import typing
 
 import pytest
 import torch
 
 import mcloss_cuda as mc
+from helpers import entropy_seed
 from helpers import DEVICES, GRAD_TOL, VALUE_TOL, counts_of, random_targets, separated_features
 
 P = inspect.Parameter
 POS, KW = P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY
 NO = P.empty
-
-
-def entropy_seed():
-    return int.from_bytes(os.urandom(8), "little") >> 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation, which costs seconds
-    # when the cores are busy with other work. Restored after this module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = entropy_seed()
-    torch.manual_seed(seed)
-    print(f"torch.manual_seed({seed})")
-    return seed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,12 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:  # run as a worker script: import the in-place build of the checkout
-    sys.path.insert(0, ROOT)
-
-import mcloss_cuda as mc  # noqa: E402
+import mcloss_cuda as mc
+from helpers import child_env  # a worker gets this process's import path through child_env
 
 K, CNUM, WORLD, B_LOCAL, H, W = 3, 4, 2, 3, 5, 6
 MODES = ("explicit", "random")
@@ -107,8 +103,7 @@ def free_port():
 
 def run_ddp(outdir, seed):
     """Both mask modes, in one pair of worker processes (starting them is the slow part)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env = child_env(OMP_NUM_THREADS="1")
     port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "worker", str(rank), str(port),
                                str(outdir), str(seed)], env=env,

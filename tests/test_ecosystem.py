@@ -7,7 +7,6 @@ the seed. The torch.compile test with inductor is the slow one (code generation 
 """
 
 import copy
-import os
 import re
 import subprocess
 import sys
@@ -20,27 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mcloss_cuda as mc
-from helpers import DEVICES, HAS_CUDA, counts_of
+from helpers import DEVICES, HAS_CUDA, child_env, counts_of
 
 ROOT = Path(__file__).resolve().parent.parent
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-def entropy_seed():
-    return int.from_bytes(os.urandom(8), "little") >> 1
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = entropy_seed()
-    torch.manual_seed(seed)
-    print(f"torch.manual_seed({seed})")
-    return seed
-
-
-def subprocess_env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +334,7 @@ def test_example_train_synthetic_quick(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "train_synthetic.py"), "--quick",
          "--save-maps", str(png)],
-        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"test accuracy: cross-entropy only [0-9.]+, with MC-Loss [0-9.]+",
                      proc.stdout), proc.stdout
@@ -379,7 +361,7 @@ def test_docs_snippets_run(tmp_path):
     for i, code in enumerate(snippets):
         path = tmp_path / f"snippet{i}.py"
         path.write_text(code)
-        env = subprocess_env()
+        env = child_env()
         env["OMP_NUM_THREADS"] = "1"
         proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)

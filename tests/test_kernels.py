@@ -33,7 +33,7 @@ from torch.autograd.gradcheck import GradcheckError
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcloss_cuda as mc
-from helpers import (DEVICES, GRAD_TOL, VALUE_TOL, counts_of, cuda_only, fused_only,
+from helpers import (DEVICES, GRAD_TOL, VALUE_TOL, child_env, counts_of, cuda_only, fused_only,
                      random_features, random_targets, separated_features)
 
 R = mc.reference
@@ -49,24 +49,6 @@ MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2 ** -10, 6e-8),
            BF16: (2 ** -7, 1e-38)}
 # the largest maps on which separated_features can build near-tie-free fp16/bf16 inputs
 SEPARATED_MAX_HW = {F16: 512, BF16: 128}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors: intra-op threads only add synchronisation, which costs seconds when the
-    # two cores are busy. test_parallel_split sets 2 threads itself. Restored after the module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int.from_bytes(os.urandom(8), "little") >> 1
-    torch.manual_seed(seed)
-    print(f"torch.manual_seed({seed})")
-    return seed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -751,10 +733,7 @@ def test_baseline_isa_kernels_match_reference():
     """)
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"SEED={seed}")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, MCLOSS_CPU_ISA="default", SEED=str(seed),
-               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
-                                           os.environ.get("PYTHONPATH", "")]))
+    env = child_env(MCLOSS_CPU_ISA="default", SEED=str(seed))
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import mcloss_cuda as mc
-from helpers import cuda_only
+from helpers import child_env, cuda_only
 
 K, N, B, H, W = 4, 3, 4, 8, 8          # features: 4 * 12 * 64 * 4 bytes = 12 KiB in fp32
 STEPS, WARMUP = 2500, 300
@@ -29,21 +29,6 @@ IMPLS = [pytest.param(mc, id="fused"), pytest.param(mc.reference, id="reference"
 needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux") or
                                 not os.path.exists("/proc/self/statm"),
                                 reason="needs /proc/self/statm")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int.from_bytes(os.urandom(8), "little") >> 1
-    torch.manual_seed(seed)
-    print(f"torch.manual_seed({seed})")
 
 
 def rss():
@@ -104,9 +89,8 @@ def leaky_step_factory():
 def growth_in_child(what):
     """RSS growth measured in a fresh process: in the test process, heap freed by earlier tests
     would absorb a leak without any growth of the resident set."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     r = subprocess.run([sys.executable, os.path.abspath(__file__), what], capture_output=True,
-                       text=True, timeout=600, env=env)
+                       text=True, timeout=600, env=child_env())
     assert r.returncode == 0, r.stderr[-2000:]
     return int(r.stdout.strip().splitlines()[-1])
 

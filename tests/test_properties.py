@@ -9,7 +9,6 @@ example). Gradients are compared where the per-position winners have no near-tie
 both sides), and on ``helpers.separated_features`` in every dtype.
 """
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,18 +20,11 @@ pytestmark = fused_only
 R = mc.reference
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 SETTINGS = dict(deadline=None, derandomize=False, print_blob=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
 GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2 ** -9, BF16: 2 ** -6}
 MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2 ** -10, 6e-8),
            BF16: (2 ** -7, 1e-38)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------

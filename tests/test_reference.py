@@ -8,7 +8,6 @@ the seed, so a failure can be replayed with ``torch.manual_seed(<seed>)``.
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -22,24 +21,6 @@ IMPLS = [pytest.param(mc.reference, id="reference"), pytest.param(mc, id="public
 F64 = torch.float64
 EXACT = dict(rtol=1e-12, atol=1e-12)      # hand-computed float64 cases
 TIGHT = dict(rtol=1e-10, atol=1e-10)      # float64 against another float64 formulation
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation, which costs seconds
-    # when the cores are busy with other work. Restored after this module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = int.from_bytes(os.urandom(8), "little") >> 1
-    torch.manual_seed(seed)
-    print(f"torch.manual_seed({seed})")
-    return seed
 
 
 def t64(values, device):

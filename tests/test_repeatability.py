@@ -14,29 +14,17 @@ non-contiguous incoming gradients.
 Inputs are random and fresh on every run (the seed is printed).
 """
 
-import os
 
 import pytest
 import torch
 
 import mcloss_cuda as mc
+from helpers import entropy_seed
 from helpers import (DEVICES, DTYPES, GRAD_TOL, VALUE_TOL, random_features, random_targets,
                      separated_features)
 
 F64 = torch.float64
 IMPLS = [pytest.param(mc, id="fused"), pytest.param(mc.reference, id="reference")]
-
-
-def entropy_seed():
-    return int.from_bytes(os.urandom(8), "little") >> 1
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = entropy_seed()
-    torch.manual_seed(seed)
-    print(f"torch.manual_seed({seed})")
-    return seed
 
 
 @pytest.fixture

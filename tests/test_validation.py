@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import pytest
 
 import mcloss_cuda as mc
-from helpers import HAS_CUDA, cuda_only
+from helpers import HAS_CUDA, child_env, cuda_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAG = "@@mcloss-case@@"
@@ -95,9 +95,7 @@ def run_cases(cases, timeout=240):
     for c in cases:
         groups.setdefault(c.env, []).append(c)
     for env_items, group in groups.items():
-        env = dict(os.environ)
-        env.update(dict(env_items))
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env = child_env(**dict(env_items))
         pending = list(group)
         while pending:
             payload = json.dumps([{"id": c.id, "code": c.code, "device": c.device}
