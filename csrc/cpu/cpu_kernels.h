@@ -265,11 +265,15 @@ void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t
       for (int64_t k = 0; k < HW; ++k) d[k] = div_grad_in(gh, scan.win_p[k] == jj) * pj[k];
       const acc s_div = sum_fixed_order(d.data(), HW);
       const acc m = static_cast<acc>(mask_row[c0 + j]);
+      scalar_t* out_row = a.out + lay.at(b, c0 + j, 0);
+      // straight into dx where it is a contiguous row of acc, else through d
+      acc* dst = std::is_same<scalar_t, acc>::value && lay.sK == 1
+                     ? reinterpret_cast<acc*>(out_row) : d.data();
       for (int64_t k = 0; k < HW; ++k) {
-        d[k] = mc_grad(div_grad_in(gh, scan.win_p[k] == jj), s_div, pj[k], gl_per_pos, m,
-                       scan.win_m[k] == jj);
+        dst[k] = mc_grad(div_grad_in(gh, scan.win_p[k] == jj), s_div, pj[k], gl_per_pos, m,
+                         scan.win_m[k] == jj);
       }
-      store_row(d.data(), HW, a.out + lay.at(b, c0 + j, 0), lay.sK);
+      if (dst == d.data()) store_row(d.data(), HW, out_row, lay.sK);
     }
   }
 }
