@@ -203,19 +203,28 @@ struct GroupScan {
   std::vector<idx> win_p, win_m;
   explicit GroupScan(int64_t HW) : v(HW), p(HW), best_p(HW), best_m(HW), win_p(HW), win_m(HW) {}
 
+  // The channel's values as acc: read in place when they already are (fp32/fp64, unit
+  // stride), else converted into v.
+  const acc* row(const KernelArgs<scalar_t, acc>& a, const MapLayout& lay, int64_t b, int64_t c) {
+    const scalar_t* src = a.x + lay.at(b, c, 0);
+    if (std::is_same<scalar_t, acc>::value && lay.sK == 1) return reinterpret_cast<const acc*>(src);
+    load_row(src, lay.sK, a.HW, v.data());
+    return v.data();
+  }
+
   void run(const KernelArgs<scalar_t, acc>& a, int64_t b, int64_t c0, int64_t n, acc* probs) {
     const MapLayout lay = x_layout(a);
     const scalar_t* mask_row = a.mask + b * a.mask_bstride;
     const int64_t HW = a.HW;
     for (int64_t j = 0; j < n; ++j) {
-      load_row(a.x + lay.at(b, c0 + j, 0), lay.sK, HW, v.data());
+      const acc* vj = row(a, lay, b, c0 + j);
       acc* pj = probs ? probs + j * HW : p.data();
-      softmax_row(v.data(), pj, HW);
+      softmax_row(vj, pj, HW);
       const acc m = static_cast<acc>(mask_row[c0 + j]);
       if (j == 0) {
         for (int64_t k = 0; k < HW; ++k) {
           best_p[k] = pj[k];
-          best_m[k] = apply_mask(v[k], m);
+          best_m[k] = apply_mask(vj[k], m);
           win_p[k] = 0;
           win_m[k] = 0;
         }
@@ -226,7 +235,7 @@ struct GroupScan {
         const bool take_p = beats(pj[k], best_p[k]);
         best_p[k] = take_p ? pj[k] : best_p[k];
         win_p[k] = take_p ? jj : win_p[k];
-        const acc mv = apply_mask(v[k], m);
+        const acc mv = apply_mask(vj[k], m);
         const bool take_m = beats(mv, best_m[k]);
         best_m[k] = take_m ? mv : best_m[k];
         win_m[k] = take_m ? jj : win_m[k];
