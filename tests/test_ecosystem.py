@@ -348,15 +348,17 @@ def test_example_train_synthetic_quick(tmp_path):
     assert img[..., :3].std() > 0.05          # not a blank canvas
 
 
-def doc_snippets():
-    text = (ROOT / "docs" / "ecosystem.md").read_text()
+def doc_snippets(name):
+    text = (ROOT / name).read_text()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-def test_docs_snippets_run(tmp_path):
-    """Every python block of docs/ecosystem.md runs as a script, one after the other."""
-    snippets = doc_snippets()
-    assert len(snippets) >= 4
+@pytest.mark.parametrize("name,at_least", [("docs/ecosystem.md", 4), ("README.md", 2)])
+def test_docs_snippets_run(tmp_path, name, at_least):
+    """Every python block of docs/ecosystem.md and README.md runs as a script, one after the
+    other."""
+    snippets = doc_snippets(name)
+    assert len(snippets) >= at_least
     failures = []
     for i, code in enumerate(snippets):
         path = tmp_path / f"snippet{i}.py"
