@@ -337,8 +337,9 @@ def draw_mask(x, counts, drop, per_sample_mask, generator):
                                drop=drop, generator=generator, device=x.device)
 
 
-def loss_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def accumulate_in(x):
+    """fp16/bf16 are computed in fp32 (SPEC: fp32 accumulation); fp32 and fp64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def diversity_from_sums(h, counts):

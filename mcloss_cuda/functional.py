@@ -3,10 +3,9 @@ features' device (see ``backend``), else the pure-PyTorch reference."""
 
 from __future__ import annotations
 
-import torch
-
 from . import reference
 from ._common import (
+    accumulate_in,
     assemble,
     check_coefficients,
     check_features,
@@ -34,11 +33,6 @@ def _sums_and_logits(x, counts, mask):
     """(h, logits), each (B, K), from one fused pass over x."""
     return ops.mc_loss_forward(kernel_layout(x), group_tensor(counts, x.device, "offsets"),
                                _mask_for_kernel(mask, x))
-
-
-def _accumulating(x):
-    """fp16/bf16 features as fp32 for the primitive-op paths (the fused loss converts inside)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def spatial_softmax(x):
@@ -80,7 +74,7 @@ def diversity_loss(x, num_classes, cnum=None):
     # does not. mc_loss is the fused path.
     x = kernel_layout(x)
     offsets = group_tensor(counts, x.device, "offsets")
-    probs = ops.spatial_softmax(_accumulating(x))
+    probs = ops.spatial_softmax(accumulate_in(x))
     h = ops.ccmp(probs, offsets).sum(dim=(2, 3))
     return diversity_from_sums(h, counts)
 
@@ -94,7 +88,7 @@ def discriminality_logits(x, num_classes, mask, cnum=None):
         return reference.discriminality_logits(x, num_classes, mask, counts)
     # through the primitive ops, as diversity_loss and for the same reason
     x = kernel_layout(x)
-    acc = _accumulating(x)
+    acc = accumulate_in(x)
     masked = ops.channel_mask(acc, _mask_for_kernel(mask, acc))
     return ops.ccmp(masked, group_tensor(counts, x.device, "offsets")).mean(dim=(2, 3))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (
+    accumulate_in,
     MCLossOutput,
     assemble,
     check_coefficients,
@@ -28,11 +29,6 @@ __all__ = [
     "spatial_softmax", "channel_mask", "ccmp", "diversity_loss", "discriminality_logits",
     "random_channel_mask", "mc_loss", "MCLossOutput",
 ]
-
-
-def _accumulate_in(x):
-    """fp16/bf16 are computed in fp32 (SPEC: fp32 accumulation); fp32 and fp64 as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _mask_as(mask, x):
@@ -83,7 +79,7 @@ def _masked_logits(x, mask, counts):
 def spatial_softmax(x):
     """Softmax over the H*W positions of every channel. (B, C, H, W) -> same shape and dtype."""
     check_features(x, "x")
-    return _spatial_softmax(_accumulate_in(x)).to(x.dtype)
+    return _spatial_softmax(accumulate_in(x)).to(x.dtype)
 
 
 def channel_mask(x, mask):
@@ -103,7 +99,7 @@ def diversity_loss(x, num_classes, cnum=None):
     """L_div = 1 - (1 / (B K)) sum_{b,i} h[b,i] / n_i, a scalar (fp32 for fp16/bf16 inputs)."""
     check_features(x, "x")
     counts = resolve_counts(num_classes, cnum, x.shape[1])
-    return diversity_from_sums(_diversity_sums(_accumulate_in(x), counts), counts)
+    return diversity_from_sums(_diversity_sums(accumulate_in(x), counts), counts)
 
 
 def discriminality_logits(x, num_classes, mask, cnum=None):
@@ -111,7 +107,7 @@ def discriminality_logits(x, num_classes, mask, cnum=None):
     check_features(x, "x")
     counts = resolve_counts(num_classes, cnum, x.shape[1])
     check_mask(mask, x.shape[0], x.shape[1], x.device)
-    return _masked_logits(_accumulate_in(x), mask, counts)
+    return _masked_logits(accumulate_in(x), mask, counts)
 
 
 def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, beta=20.0,
@@ -125,7 +121,7 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
         mask = draw_mask(features, counts, drop, per_sample_mask, generator)
     else:
         check_mask(mask, features.shape[0], features.shape[1], features.device)
-    x = _accumulate_in(features)
+    x = accumulate_in(features)
     h = _diversity_sums(x, counts)
     logits = _masked_logits(x, mask, counts)
     return assemble(h, logits, targets, counts, alpha, beta)
