@@ -35,6 +35,10 @@ def child_env(**extra):
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(mc.__file__)))
     paths = [package_parent, here] + [p or os.getcwd() for p in sys.path]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+    # `python -c` would put its working directory first on sys.path; from the repository root
+    # that is the source tree, without the compiled extension (Python >= 3.11 honours this;
+    # the callers also run children outside the repository root)
+    env["PYTHONSAFEPATH"] = "1"
     env.update(extra)
     return env
 

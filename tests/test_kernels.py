@@ -735,6 +735,7 @@ def test_baseline_isa_kernels_match_reference():
     print(f"SEED={seed}")
     env = child_env(MCLOSS_CPU_ISA="default", SEED=str(seed))
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)),
                          text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "baseline ok" in res.stdout

@@ -23,7 +23,7 @@ import pytest
 import mcloss_cuda as mc
 from helpers import HAS_CUDA, child_env, cuda_only
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))  # children run here, not in the repo root
 TAG = "@@mcloss-case@@"
 
 # The child: reads the cases (JSON) from stdin and runs each in a fresh namespace holding valid
@@ -102,7 +102,7 @@ def run_cases(cases, timeout=240):
                                   for c in pending])
             try:
                 proc = subprocess.run([sys.executable, "-c", CHILD], input=payload, text=True,
-                                      capture_output=True, cwd=ROOT, env=env, timeout=timeout,
+                                      capture_output=True, cwd=HERE, env=env, timeout=timeout,
                                       preexec_fn=_no_core_dumps)
                 out, err, rc = proc.stdout, proc.stderr, proc.returncode
             except subprocess.TimeoutExpired as e:
