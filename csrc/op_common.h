@@ -90,4 +90,12 @@ inline void check_group_grad(const at::Tensor& g, const at::Tensor& x, int64_t K
                     ": expected shape (", x.size(0), ", ", K, "), got ", g.sizes());
 }
 
+// The gradient of a map output: same device and dtype as `ref` and the given shape.
+inline void check_map_grad(const at::Tensor& grad, const at::Tensor& ref, const char* ref_name,
+                           at::IntArrayRef shape) {
+  check_like(grad, ref, "grad", ref_name);
+  TORCH_CHECK_VALUE(grad.sizes() == shape, "grad: expected shape ", shape, ", got ",
+                    grad.sizes());
+}
+
 }  // namespace mcloss

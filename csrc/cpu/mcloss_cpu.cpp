@@ -113,9 +113,7 @@ at::Tensor spatial_softmax_cpu(const at::Tensor& x) {
 
 at::Tensor spatial_softmax_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out) {
   check_map(out, "out");
-  check_like(grad_in, out, "grad", "out");
-  TORCH_CHECK_VALUE(grad_in.sizes() == out.sizes(), "grad: expected shape ", out.sizes(),
-                    ", got ", grad_in.sizes());
+  check_map_grad(grad_in, out, "out", out.sizes());
   const auto grad = grad_in.contiguous(format_of(out));
   auto dx = at::empty_like(out);
   launch(out, out.size(0) * out.size(1), out.size(2) * out.size(3),
@@ -165,11 +163,7 @@ at::Tensor ccmp_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x,
                              const at::Tensor& offsets) {
   check_map(x, "x");
   const int64_t K = check_offsets(offsets, x);
-  check_like(grad_in, x, "grad", "x");
-  TORCH_CHECK_VALUE(grad_in.dim() == 4 && grad_in.size(0) == x.size(0) && grad_in.size(1) == K &&
-                        grad_in.size(2) == x.size(2) && grad_in.size(3) == x.size(3),
-                    "grad: expected shape (", x.size(0), ", ", K, ", ", x.size(2), ", ",
-                    x.size(3), "), got ", grad_in.sizes());
+  check_map_grad(grad_in, x, "x", {x.size(0), K, x.size(2), x.size(3)});
   const auto grad = grad_in.contiguous(format_of(x));
   auto dx = at::empty_like(x);
   launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
