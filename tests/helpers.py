@@ -97,3 +97,21 @@ def random_features(batch, channels, H, W, dtype=torch.float32, device="cpu", sc
 
 def random_targets(batch, num_classes, device="cpu"):
     return torch.randint(0, num_classes, (batch,), device=device)
+
+
+def apply_layout(x, layout):
+    """The same values in another memory layout. The non-contiguous ones are views into a
+    NaN-filled buffer (sliced) or a transpose, so a kernel ignoring strides reads NaN/garbage."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    B, C, H, W = x.shape
+    if layout == "sliced":
+        big = torch.full((B + 1, C + 2, H, W + 3), float("nan"), dtype=x.dtype, device=x.device)
+        view = big[1:, 1:C + 1, :, 2:W + 2]
+        view.copy_(x)
+        return view
+    if layout == "transposed":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    raise ValueError(layout)

@@ -33,8 +33,8 @@ from torch.autograd.gradcheck import GradcheckError
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcloss_cuda as mc
-from helpers import (DEVICES, GRAD_TOL, VALUE_TOL, child_env, counts_of, cuda_only, fused_only,
-                     random_features, random_targets, separated_features)
+from helpers import (DEVICES, GRAD_TOL, VALUE_TOL, apply_layout, child_env, counts_of, cuda_only,
+                     fused_only, random_features, random_targets, separated_features)
 
 R = mc.reference
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -102,24 +102,6 @@ def grad_feasible(case, dtype):
     if dtype == F64 or case.HW == 1:
         return True
     return max(case.counts) <= case.HW and case.HW <= SEPARATED_MAX_HW.get(dtype, 1 << 30)
-
-
-def apply_layout(x, layout):
-    """The same values in another memory layout. The non-contiguous ones are views into a
-    NaN-filled buffer (sliced) or a transpose, so a kernel ignoring strides reads NaN/garbage."""
-    if layout == "contiguous":
-        return x.contiguous()
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    B, C, H, W = x.shape
-    if layout == "sliced":
-        big = torch.full((B + 1, C + 2, H, W + 3), float("nan"), dtype=x.dtype, device=x.device)
-        view = big[1:, 1:C + 1, :, 2:W + 2]
-        view.copy_(x)
-        return view
-    if layout == "transposed":
-        return x.transpose(2, 3).contiguous().transpose(2, 3)
-    raise ValueError(layout)
 
 
 def make_features(case, dtype, device, layout="contiguous", for_grad=True):

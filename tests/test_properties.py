@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mcloss_cuda as mc
-from helpers import DEVICES, GRAD_TOL, VALUE_TOL, fused_only, separated_features
+from helpers import (DEVICES, GRAD_TOL, VALUE_TOL, apply_layout, fused_only,
+                     separated_features)
 
 pytestmark = fused_only
 R = mc.reference
@@ -63,20 +64,6 @@ def problems(draw, dtypes=(F32, F64, F16, BF16)):
     device = draw(st.sampled_from(DEVICES))
     return dict(B=B, K=K, cnum=cnum, counts=counts, H=H, W=W, dtype=dtype, layout=layout,
                 mask_kind=mask_kind, values=values, seed=seed, device=device)
-
-
-def apply_layout(x, layout):
-    if layout == "contiguous":
-        return x.contiguous()
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    B, C, H, W = x.shape
-    if layout == "sliced":
-        big = torch.full((B, C + 1, H + 2, W + 1), float("nan"), dtype=x.dtype, device=x.device)
-        view = big[:, 1:, 1:H + 1, :W]
-        view.copy_(x)
-        return view
-    return x.transpose(2, 3).contiguous().transpose(2, 3)
 
 
 def build(p):
