@@ -98,7 +98,9 @@ def _extensions(with_cuda):
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -fno-trapping-math lets GCC if-convert and vectorise the select-heavy loops (exp_f32,
     # the first-max rule); no FP exception flags are relied on, NaN and Inf behave the same.
-    cxx = ["-O3", "-fno-trapping-math"]
+    # -Wno-psabi: the baseline (pre-AVX) copy of the kernels passes 8-float vectors between
+    # inline functions, which GCC flags as an ABI change; nothing crosses a library boundary.
+    cxx = ["-O3", "-fno-trapping-math", "-Wno-psabi"]
     link = []
     if _torch_uses_openmp():
         # at::parallel_for is inline: without -fopenmp our loops would run on one thread. The

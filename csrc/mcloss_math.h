@@ -40,8 +40,53 @@ struct MapLayout {
   MC_HD int64_t at(int64_t b, int64_t c, int64_t k) const { return b * sB + c * sC + k * sK; }
 };
 
+// How the shared formulas compute on a type F of floats: F is a scalar (float on the GPU and
+// the CPU, double for fp64) or, in the CPU kernels, a vector of 8 floats (cpu/simd.h adds
+// FloatOps for it). Mask is what a comparison of two F gives (bool for a scalar); Int holds
+// one int per lane.
+template <typename F>
+struct FloatOps;
+
 template <typename T>
-MC_HD bool is_nan(T v) {
+struct ScalarOps {
+  using Mask = bool;
+  MC_HD static T splat(T v) { return v; }
+  MC_HD static T select(bool m, T a, T b) { return m ? a : b; }
+  // a > b ? a : b and a < b ? a : b: a NaN in a gives b
+  MC_HD static T max(T a, T b) { return a > b ? a : b; }
+  MC_HD static T min(T a, T b) { return a < b ? a : b; }
+};
+
+template <>
+struct FloatOps<double> : ScalarOps<double> {};
+
+template <>
+struct FloatOps<float> : ScalarOps<float> {
+  using Int = int;
+  MC_HD static float mul_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+    return __fmaf_rn(a, b, c);
+#elif defined(__FMA__)
+    return __builtin_fmaf(a, b, c);
+#else
+    return a * b + c;  // no FMA on baseline x86-64; exp_f32's split of ln 2 keeps it accurate
+#endif
+  }
+  MC_HD static int to_int(float v) { return static_cast<int>(v); }
+  MC_HD static float pow2i(int e) {  // 2^e for -126 <= e <= 127, exact
+    const int bits = (e + 127) << 23;
+#if defined(__CUDA_ARCH__)
+    return __int_as_float(bits);
+#else
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+  }
+};
+
+template <typename F>
+MC_HD auto is_nan(F v) {
   return v != v;
 }
 
@@ -49,72 +94,58 @@ MC_HD bool is_nan(T v) {
 // best so far only if it is strictly greater, so among equal maxima the lowest-index channel
 // wins; a NaN beats any number and the first NaN stays, so a NaN in a group yields NaN (as
 // torch.max does) and its gradient goes to the first NaN channel.
-// (Bitwise operators, not short-circuit ones: no branch, so loops over it vectorise.)
-template <typename T>
-MC_HD bool beats(T candidate, T best) {
-  return (candidate > best) | (is_nan(candidate) & !is_nan(best));
+// (Bitwise operators, not short-circuit ones: no branch, and the same expression works lane
+// by lane on vectors.)
+template <typename F>
+MC_HD typename FloatOps<F>::Mask beats(F candidate, F best) {
+  return (candidate > best) | ((candidate != candidate) & (best == best));
 }
 
 // The mask rule: channel-wise attention multiplies, exactly as the published `x * mask`, so a
 // masked channel takes part in the max with value 0 (and NaN * 0 stays NaN).
-template <typename T>
-MC_HD T apply_mask(T v, T m) {
+template <typename F, typename T>
+MC_HD F apply_mask(F v, T m) {
   return v * m;
 }
 
-MC_HD float pow2i(int e) {  // 2^e for -126 <= e <= 127, exact
-  const int bits = (e + 127) << 23;
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
+// exp(x) in fp32 for x <= 0, within ~2 ulp, with no table and no branch, so that the CPU runs
+// it on 8 lanes at once and the GPU runs the very same formula. Softmax only ever takes exp of
+// x - max <= 0, so the domain stops at 0 (a larger x is taken as 0). exp(x) = 2^n * exp(r),
+// n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two so that n * ln2_hi
+// is exact), exp(r) by a degree-6 minimax polynomial (relative error < 2e-9 before rounding).
+// 2^n is applied as 2^(n+64), an exact power of two for every n >= -150, then 2^-64: one
+// rounding, so that results down to the subnormal range round correctly. -inf gives 0 (as does
+// anything below -104, where exp is under half the least subnormal); NaN stays NaN.
+template <typename F>
+MC_HD F exp_f32(F x) {
+  using O = FloatOps<F>;
+  // NaN goes to -104 here (O::max returns the second operand for a NaN) and is restored at
+  // the end
+  const F xc = O::min(O::max(x, O::splat(-104.0f)), O::splat(0.0f));
+  const F t = xc * 1.44269504088896341f;
+  const F n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+  F r = O::mul_add(n, O::splat(-0.693359375f), xc);
+  r = O::mul_add(n, O::splat(2.12194440e-4f), r);
+  F p = O::splat(1.38368458e-3f);
+  p = O::mul_add(p, r, O::splat(8.37481581e-3f));
+  p = O::mul_add(p, r, O::splat(4.16682251e-2f));
+  p = O::mul_add(p, r, O::splat(1.66664198e-1f));
+  p = O::mul_add(p, r, O::splat(4.99999911e-1f));
+  p = O::mul_add(p, r, O::splat(1.0f));
+  p = O::mul_add(p, r, O::splat(1.0f));
+  const F y = p * O::pow2i(O::to_int(n) + 64) * 5.42101086242752217e-20f;  // 2^-64
+  return O::select(x == x, y, x);
 }
 
-MC_HD float mul_add(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#elif defined(__FMA__)
-  return __builtin_fmaf(a, b, c);
-#else
-  return a * b + c;  // no FMA on baseline x86-64; exp_f32's split of ln 2 keeps it accurate
-#endif
-}
-
-// exp for fp32, within ~2 ulp, with no table and no branch, so that GCC vectorises loops over
-// it on the CPU and the GPU runs the very same formula. exp(x) = 2^n * exp(r), n = round(x /
-// ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two so n * ln2_hi is exact), exp(r)
-// by its degree-7 Taylor polynomial (truncation error < 6e-9). 2^n is applied in two halves so
-// that results down to the subnormal range round correctly. Overflow gives +inf, -inf gives 0,
-// NaN stays NaN.
-MC_HD float exp_f32(float x) {
-  float xc = x > -104.0f ? x : -104.0f;  // NaN goes to -104 here and is restored at the end
-  xc = xc < 89.0f ? xc : 89.0f;
-  const float t = xc * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
-  float r = mul_add(n, -0.693359375f, xc);
-  r = mul_add(n, 2.12194440e-4f, r);
-  float p = 1.0f / 5040.0f;
-  p = mul_add(p, r, 1.0f / 720.0f);
-  p = mul_add(p, r, 1.0f / 120.0f);
-  p = mul_add(p, r, 1.0f / 24.0f);
-  p = mul_add(p, r, 1.0f / 6.0f);
-  p = mul_add(p, r, 0.5f);
-  p = mul_add(p, r, 1.0f);
-  p = mul_add(p, r, 1.0f);
-  const int ni = static_cast<int>(n);
-  const int n1 = ni / 2;
-  const float y = p * pow2i(n1) * pow2i(ni - n1);
-  return is_nan(x) ? x : y;
+MC_HD double exp_f64(double x) {
+  return exp(x);
 }
 
 MC_HD float exp_acc(float x) {
   return exp_f32(x);
 }
 MC_HD double exp_acc(double x) {
-  return exp(x);
+  return exp_f64(x);
 }
 
 // Softmax statistics of one channel's map: its max M and S = sum_k exp(x_k - M), built online
@@ -194,16 +225,17 @@ struct GroupWinners {
 // softmax, CCMP and the mask (so that NaN and Inf reach the same elements as there):
 //   dx[j,k] = p[j,k] * (g[j,k] - S_j)  +  (gl / HW) * m_j * [wm(k) == j]
 // with g[j,k] = gh where channel j wins the diversity max at k (w(k) == j) and 0 elsewhere, and
-// S_j = sum_k g[j,k] * p[j,k]. A NaN softmax row makes S_j NaN (0 * NaN) and so its whole
-// gradient, as torch's softmax backward does, whether or not the channel wins anywhere.
-template <typename T>
-MC_HD T div_grad_in(T gh, bool wins_prob) {
-  return wins_prob ? gh : T(0);
+// S_j = sum_k g[j,k] * p[j,k]. A NaN softmax row (all of its p NaN) makes its whole gradient
+// NaN through the factor p, as torch's softmax backward does, whether or not the channel wins
+// anywhere. mc_grad takes the last term's factor (gl / HW) * m_j ready-made, once per channel.
+template <typename F, typename M>
+MC_HD F div_grad_in(F gh, M wins_prob) {
+  return FloatOps<F>::select(wins_prob, gh, F{});
 }
 
-template <typename T>
-MC_HD T mc_grad(T g_div, T s_div, T p, T gl_per_pos, T m, bool wins_masked) {
-  return p * (g_div - s_div) + (wins_masked ? gl_per_pos * m : T(0));
+template <typename F, typename M>
+MC_HD F mc_grad(F g_div, F s_div, F p, F gl_per_pos_m, M wins_masked) {
+  return p * (g_div - s_div) + FloatOps<F>::select(wins_masked, gl_per_pos_m, F{});
 }
 
 // Clamp a group's channel range into [0, C] so that a malformed offsets tensor that reached a

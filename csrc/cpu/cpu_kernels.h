@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/cpu_table.h"
+#include "cpu/simd.h"
 #include "mcloss_math.h"
 
 namespace MCLOSS_NS {
@@ -193,96 +194,177 @@ void ccmp_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t en
 
 // ---- the fused loss, over class groups
 
-// One scan of a class group: the softmax of every channel (kept in `probs` when given), and
-// per position the diversity winner (largest probability) and the discriminality winner
-// (largest masked value), both by the first-max rule.
+// One class group at a time, on Lanes<acc> (8 floats, or 1 double). The group's channels are
+// staged into a buffer with each row padded to whole vectors (-inf in the pad, which the
+// softmax turns into 0), so every pass after the first runs on full vectors from L1; the pad
+// lanes are dropped where a sum over positions is taken.
 template <typename scalar_t, typename acc>
 struct GroupScan {
-  using idx = group_idx_t<acc>;
-  std::vector<acc> v, p, best_p, best_m;
-  std::vector<idx> win_p, win_m;
-  explicit GroupScan(int64_t HW) : v(HW), p(HW), best_p(HW), best_m(HW), win_p(HW), win_m(HW) {}
+  using L = Lanes<acc>;
+  using V = typename L::V;
+  using Mask = typename L::Mask;
+  using Index = typename L::Index;
 
-  // The channel's values as acc: read in place when they already are (fp32/fp64, unit
-  // stride), else converted into v.
-  const acc* row(const KernelArgs<scalar_t, acc>& a, const MapLayout& lay, int64_t b, int64_t c) {
-    const scalar_t* src = a.x + lay.at(b, c, 0);
-    if (std::is_same<scalar_t, acc>::value && lay.sK == 1) return reinterpret_cast<const acc*>(src);
-    load_row(src, lay.sK, a.HW, v.data());
-    return v.data();
+  int64_t HW, HWp, chunks;
+  std::vector<acc> v, e, inv;  // values, exp(v - M_j), 1 / S_j
+  std::vector<typename L::IndexLane> win_p, win_m;  // per position (backward)
+  std::vector<acc> g_p;  // per position, gh * the winning p (backward)
+
+  GroupScan(int64_t HW_, int64_t max_group)
+      : HW(HW_), HWp((HW_ + L::N - 1) / L::N * L::N), chunks(HWp / L::N),
+        v(max_group * HWp), e(max_group * HWp), inv(max_group) {}
+
+  // v, e and inv for channels [c0, c0 + n) of sample b: the softmax of every channel, with
+  // the same statistics and p = exp(v - M) * (1 / S) as SoftmaxStats and ChannelSoftmax.
+  void softmax(const KernelArgs<scalar_t, acc>& a, const MapLayout& lay, int64_t b, int64_t c0,
+               int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+      acc* vj = v.data() + j * HWp;
+      acc* ej = e.data() + j * HWp;
+      // a NaN is skipped by the max, harmlessly: exp(NaN - M) makes S, hence every p, NaN, as
+      // a +inf max does through inf - inf
+      V m = L::splat(-INFINITY);
+      const scalar_t* src = a.x + lay.at(b, c0 + j, 0);
+      int64_t done = 0;
+      if (std::is_same<scalar_t, acc>::value && lay.sK == 1) {
+        // whole vectors straight from x, copied and maxed in one go
+        const acc* row = reinterpret_cast<const acc*>(src);
+        for (; done + L::N <= HW; done += L::N) {
+          const V x = L::load(row + done);
+          L::store(vj + done, x);
+          m = x > m ? x : m;
+        }
+      }
+      load_row(src + done * lay.sK, lay.sK, HW - done, vj + done);
+      for (int64_t k = HW; k < HWp; ++k) vj[k] = -INFINITY;
+      for (int64_t c = done / L::N; c < chunks; ++c) {
+        const V x = L::load(vj + c * L::N);
+        m = x > m ? x : m;
+      }
+      const acc M = L::max(m);
+      V s{};
+      for (int64_t c = 0; c + 1 < chunks; ++c) {
+        const V ex = L::exp(L::load(vj + c * L::N) - M);
+        L::store(ej + c * L::N, ex);
+        s += ex;
+      }
+      {
+        // The pad lanes take exp(0) and are then zeroed: exp(-inf) would go through the
+        // subnormal range, which costs the CPU a slow microcode assist per instruction.
+        const int64_t off = (chunks - 1) * L::N;
+        const Mask valid = L::lanes_below(HW - off);
+        V ex = L::exp(valid ? L::load(vj + off) - M : V{});
+        ex = valid ? ex : V{};
+        L::store(ej + off, ex);
+        s += ex;
+      }
+      inv[j] = ChannelSoftmax<acc>(SoftmaxStats<acc>(M, L::sum(s))).inv_sum;
+    }
   }
 
-  void run(const KernelArgs<scalar_t, acc>& a, int64_t b, int64_t c0, int64_t n, acc* probs) {
-    const MapLayout lay = x_layout(a);
-    const scalar_t* mask_row = a.mask + b * a.mask_bstride;
-    const int64_t HW = a.HW;
-    for (int64_t j = 0; j < n; ++j) {
-      const acc* vj = row(a, lay, b, c0 + j);
-      acc* pj = probs ? probs + j * HW : p.data();
-      softmax_row(vj, pj, HW);
-      const acc m = static_cast<acc>(mask_row[c0 + j]);
-      if (j == 0) {
-        for (int64_t k = 0; k < HW; ++k) {
-          best_p[k] = pj[k];
-          best_m[k] = apply_mask(vj[k], m);
-          win_p[k] = 0;
-          win_m[k] = 0;
-        }
-        continue;
+  // Per chunk of positions, the diversity winner (largest p) and the discriminality winner
+  // (largest masked value) by the first-max rule, and their values with the pad lanes zeroed.
+  // visit(c, best_p, win_p, best_m, win_m) sees each chunk.
+  template <typename Visit>
+  void winners(const scalar_t* mask_row, int64_t c0, int64_t n, Visit&& visit) const {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t off = c * L::N;
+      V best_p = L::load(e.data() + off) * inv[0];
+      V best_m = apply_mask(L::load(v.data() + off), static_cast<acc>(mask_row[c0]));
+      Index at_p{}, at_m{};
+      for (int64_t j = 1; j < n; ++j) {
+        const V p = L::load(e.data() + j * HWp + off) * inv[j];
+        const V mv = apply_mask(L::load(v.data() + j * HWp + off),
+                                static_cast<acc>(mask_row[c0 + j]));
+        const Index jj = L::index(j);
+        const Mask take_p = beats(p, best_p);
+        best_p = take_p ? p : best_p;
+        at_p = take_p ? jj : at_p;
+        const Mask take_m = beats(mv, best_m);
+        best_m = take_m ? mv : best_m;
+        at_m = take_m ? jj : at_m;
       }
-      const idx jj = static_cast<idx>(j);
-      for (int64_t k = 0; k < HW; ++k) {
-        const bool take_p = beats(pj[k], best_p[k]);
-        best_p[k] = take_p ? pj[k] : best_p[k];
-        win_p[k] = take_p ? jj : win_p[k];
-        const acc mv = apply_mask(vj[k], m);
-        const bool take_m = beats(mv, best_m[k]);
-        best_m[k] = take_m ? mv : best_m[k];
-        win_m[k] = take_m ? jj : win_m[k];
+      if (c == chunks - 1) {
+        const Mask valid = L::lanes_below(HW - off);
+        best_p = valid ? best_p : V{};
+        best_m = valid ? best_m : V{};
       }
+      visit(c, best_p, at_p, best_m, at_m);
     }
   }
 };
 
 template <typename scalar_t, typename acc>
 void mc_loss_forward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
-  GroupScan<scalar_t, acc> scan(a.HW);
+  using V = typename GroupScan<scalar_t, acc>::V;
+  const MapLayout lay = x_layout(a);
+  GroupScan<scalar_t, acc> scan(a.HW, a.max_group);
   for (int64_t g = begin; g < end; ++g) {
-    const int64_t b = g / a.K, i = g % a.K, c0 = a.offsets[i];
-    scan.run(a, b, c0, a.offsets[i + 1] - c0, nullptr);
-    a.h[g] = sum_fixed_order(scan.best_p.data(), a.HW);
-    a.logits[g] = sum_fixed_order(scan.best_m.data(), a.HW) / static_cast<acc>(a.HW);
+    const int64_t b = g / a.K, i = g % a.K, c0 = a.offsets[i], n = a.offsets[i + 1] - c0;
+    scan.softmax(a, lay, b, c0, n);
+    V sum_p{}, sum_m{};
+    scan.winners(a.mask + b * a.mask_bstride, c0, n, [&](int64_t, V best_p, auto, V best_m, auto) {
+      sum_p += best_p;
+      sum_m += best_m;
+    });
+    a.h[g] = Lanes<acc>::sum(sum_p);
+    a.logits[g] = Lanes<acc>::sum(sum_m) / static_cast<acc>(a.HW);
   }
 }
 
 // dx[j,k] = p[j,k] * (g[j,k] - S_j) + (gl / HW) * m_j * [wm(k) == j]; see mc_grad
 template <typename scalar_t, typename acc>
 void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
+  using Scan = GroupScan<scalar_t, acc>;
+  using L = Lanes<acc>;
+  using V = typename Scan::V;
+  using Index = typename Scan::Index;
   const MapLayout lay = x_layout(a);
   const int64_t HW = a.HW;
-  GroupScan<scalar_t, acc> scan(HW);
-  std::vector<acc> probs(a.max_group * HW), d(HW);
+  Scan scan(HW, a.max_group);
+  scan.win_p.resize(scan.HWp);
+  scan.win_m.resize(scan.HWp);
+  scan.g_p.resize(scan.HWp);
+  std::vector<acc> d(scan.HWp);
+  // straight into dx where its rows are contiguous rows of acc, else through d
+  const bool direct = std::is_same<scalar_t, acc>::value && lay.sK == 1;
   for (int64_t g = begin; g < end; ++g) {
     const int64_t b = g / a.K, i = g % a.K, c0 = a.offsets[i], n = a.offsets[i + 1] - c0;
     const scalar_t* mask_row = a.mask + b * a.mask_bstride;
-    scan.run(a, b, c0, n, probs.data());
-    const acc gh = a.grad_h[g], gl_per_pos = a.grad_logits[g] / static_cast<acc>(HW);
+    scan.softmax(a, lay, b, c0, n);
+    const V gh = L::splat(a.grad_h[g]);
+    scan.winners(mask_row, c0, n, [&](int64_t c, V best_p, Index at_p, V, Index at_m) {
+      L::store(scan.win_p.data() + c * L::N, at_p);
+      L::store(scan.win_m.data() + c * L::N, at_m);
+      L::store(scan.g_p.data() + c * L::N, gh * best_p);
+    });
+    const acc gl_per_pos = a.grad_logits[g] / static_cast<acc>(HW);
     for (int64_t j = 0; j < n; ++j) {
-      const acc* pj = probs.data() + j * HW;
-      const auto jj = static_cast<group_idx_t<acc>>(j);
-      // S_j = sum_k g[j,k] p[j,k], g[j,k] = gh where channel j wins the diversity max
-      for (int64_t k = 0; k < HW; ++k) d[k] = div_grad_in(gh, scan.win_p[k] == jj) * pj[k];
-      const acc s_div = sum_fixed_order(d.data(), HW);
-      const acc m = static_cast<acc>(mask_row[c0 + j]);
-      scalar_t* out_row = a.out + lay.at(b, c0 + j, 0);
-      // straight into dx where it is a contiguous row of acc, else through d
-      acc* dst = std::is_same<scalar_t, acc>::value && lay.sK == 1
-                     ? reinterpret_cast<acc*>(out_row) : d.data();
-      for (int64_t k = 0; k < HW; ++k) {
-        dst[k] = mc_grad(div_grad_in(gh, scan.win_p[k] == jj), s_div, pj[k], gl_per_pos, m,
-                         scan.win_m[k] == jj);
+      const Index jj = L::index(j);
+      // S_j = sum_k g[j,k] p[j,k]: the gh * p of the positions channel j wins (the pad lanes
+      // of g_p are 0)
+      V s{};
+      for (int64_t c = 0; c < scan.chunks; ++c) {
+        const int64_t off = c * L::N;
+        s += L::load(scan.win_p.data() + off) == jj ? L::load(scan.g_p.data() + off) : V{};
       }
-      if (dst == d.data()) store_row(d.data(), HW, out_row, lay.sK);
+      const V s_j = L::splat(L::sum(s));
+      const V gl_m = L::splat(gl_per_pos * static_cast<acc>(mask_row[c0 + j]));
+      const acc* ej = scan.e.data() + j * scan.HWp;
+      scalar_t* out_row = a.out + lay.at(b, c0 + j, 0);
+      acc* dst = direct ? reinterpret_cast<acc*>(out_row) : d.data();
+      for (int64_t c = 0; c < scan.chunks; ++c) {
+        const int64_t off = c * L::N;
+        const V p = L::load(ej + off) * scan.inv[j];
+        const Index at_p = L::load(scan.win_p.data() + off), at_m = L::load(scan.win_m.data() + off);
+        const V dx = mc_grad(div_grad_in(gh, at_p == jj), s_j, p, gl_m, at_m == jj);
+        if (off + L::N <= HW) {
+          L::store(dst + off, dx);
+        } else {
+          L::store_first(dst + off, dx, HW - off);
+        }
+      }
+      if (!direct) store_row(d.data(), HW, out_row, lay.sK);
     }
   }
 }

@@ -10,6 +10,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/cpu_table.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)

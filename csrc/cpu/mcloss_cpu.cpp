@@ -194,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cpu(const at::Tensor& x,
            using acc = typename std::decay_t<decltype(a)>::acc_type;
            a.K = K;
            a.offsets = offsets.const_data_ptr<int64_t>();
+           a.max_group = max_group_size(offsets);
            a.mask = mask.const_data_ptr<scalar_t>();
            a.mask_bstride = mask_bstride;
            a.h = h.mutable_data_ptr<acc>();
