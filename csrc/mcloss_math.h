@@ -42,8 +42,7 @@ struct MapLayout {
 
 // How the shared formulas compute on a type F of floats: F is a scalar (float on the GPU and
 // the CPU, double for fp64) or, in the CPU kernels, a vector of 8 floats (cpu/simd.h adds
-// FloatOps for it). Mask is what a comparison of two F gives (bool for a scalar); Int holds
-// one int per lane.
+// FloatOps for it). Mask is what a comparison of two F gives (bool for a scalar).
 template <typename F>
 struct FloatOps;
 
@@ -62,7 +61,6 @@ struct FloatOps<double> : ScalarOps<double> {};
 
 template <>
 struct FloatOps<float> : ScalarOps<float> {
-  using Int = int;
   MC_HD static float mul_add(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
     return __fmaf_rn(a, b, c);
@@ -72,12 +70,17 @@ struct FloatOps<float> : ScalarOps<float> {
     return a * b + c;  // no FMA on baseline x86-64; exp_f32's split of ln 2 keeps it accurate
 #endif
   }
-  MC_HD static int to_int(float v) { return static_cast<int>(v); }
-  MC_HD static float pow2i(int e) {  // 2^e for -126 <= e <= 127, exact
-    const int bits = (e + 127) << 23;
+  // 2^(n + 64) for the n = round(t) that shifted = t + 1.5 * 2^23 holds in its low mantissa
+  // bits (|t| < 2^22, -190 <= n + 64 <= 127): those bits shifted left by 23 are n << 23
+  // modulo 2^32, and adding (64 + 127) << 23 makes the float 2^(n + 64).
+  MC_HD static float pow2_plus64(float shifted) {
 #if defined(__CUDA_ARCH__)
-    return __int_as_float(bits);
+    const unsigned bits = static_cast<unsigned>(__float_as_int(shifted));
+    return __int_as_float(static_cast<int>((bits << 23) + (191u << 23)));
 #else
+    uint32_t bits;
+    std::memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits << 23) + (191u << 23);
     float f;
     std::memcpy(&f, &bits, sizeof f);
     return f;
@@ -122,8 +125,8 @@ MC_HD F exp_f32(F x) {
   // NaN goes to -104 here (O::max returns the second operand for a NaN) and is restored at
   // the end
   const F xc = O::min(O::max(x, O::splat(-104.0f)), O::splat(0.0f));
-  const F t = xc * 1.44269504088896341f;
-  const F n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+  const F shifted = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23
+  const F n = shifted - 12582912.0f;  // x / ln 2 rounded to the nearest integer
   F r = O::mul_add(n, O::splat(-0.693359375f), xc);
   r = O::mul_add(n, O::splat(2.12194440e-4f), r);
   F p = O::splat(1.38368458e-3f);
@@ -133,7 +136,7 @@ MC_HD F exp_f32(F x) {
   p = O::mul_add(p, r, O::splat(4.99999911e-1f));
   p = O::mul_add(p, r, O::splat(1.0f));
   p = O::mul_add(p, r, O::splat(1.0f));
-  const F y = p * O::pow2i(O::to_int(n) + 64) * 5.42101086242752217e-20f;  // 2^-64
+  const F y = p * O::pow2_plus64(shifted) * 5.42101086242752217e-20f;  // 2^-64
   return O::select(x == x, y, x);
 }
 

@@ -215,57 +215,59 @@ struct GroupScan {
         v(max_group * HWp), e(max_group * HWp), inv(max_group) {}
 
   // v, e and inv for channels [c0, c0 + n) of sample b: the softmax of every channel, with
-  // the same statistics and p = exp(v - M) * (1 / S) as SoftmaxStats and ChannelSoftmax.
+  // the same p = exp(v - M) * (1 / S) as ChannelSoftmax. A NaN is skipped by the max,
+  // harmlessly: exp(NaN - M) makes S, hence every p, NaN, as a +inf max does through inf - inf.
   void softmax(const KernelArgs<scalar_t, acc>& a, const MapLayout& lay, int64_t b, int64_t c0,
                int64_t n) {
+    const int64_t last = (chunks - 1) * L::N;  // where the last, maybe partial, chunk starts
+    const Mask valid = L::lanes_below(HW - last);
     for (int64_t j = 0; j < n; ++j) {
       acc* vj = v.data() + j * HWp;
       acc* ej = e.data() + j * HWp;
-      // a NaN is skipped by the max, harmlessly: exp(NaN - M) makes S, hence every p, NaN, as
-      // a +inf max does through inf - inf
-      V m = L::splat(-INFINITY);
       const scalar_t* src = a.x + lay.at(b, c0 + j, 0);
-      int64_t done = 0;
+      V m = L::splat(-INFINITY);
       if (std::is_same<scalar_t, acc>::value && lay.sK == 1) {
-        // whole vectors straight from x, copied and maxed in one go
+        // a row of acc: vectors straight from x, copied and maxed in one go
         const acc* row = reinterpret_cast<const acc*>(src);
-        for (; done + L::N <= HW; done += L::N) {
-          const V x = L::load(row + done);
-          L::store(vj + done, x);
+        for (int64_t off = 0; off < last; off += L::N) {
+          const V x = L::load(row + off);
+          L::store(vj + off, x);
+          m = x > m ? x : m;
+        }
+        const V x = L::load_first(row + last, HW - last, -INFINITY);
+        L::store(vj + last, x);
+        m = x > m ? x : m;
+      } else {
+        load_row(src, lay.sK, HW, vj);
+        for (int64_t k = HW; k < HWp; ++k) vj[k] = -INFINITY;
+        for (int64_t off = 0; off < HWp; off += L::N) {
+          const V x = L::load(vj + off);
           m = x > m ? x : m;
         }
       }
-      load_row(src + done * lay.sK, lay.sK, HW - done, vj + done);
-      for (int64_t k = HW; k < HWp; ++k) vj[k] = -INFINITY;
-      for (int64_t c = done / L::N; c < chunks; ++c) {
-        const V x = L::load(vj + c * L::N);
-        m = x > m ? x : m;
-      }
-      const acc M = L::max(m);
+      const V M = L::max_all(m);
       V s{};
-      for (int64_t c = 0; c + 1 < chunks; ++c) {
-        const V ex = L::exp(L::load(vj + c * L::N) - M);
-        L::store(ej + c * L::N, ex);
-        s += ex;
-      }
-      {
-        // The pad lanes take exp(0) and are then zeroed: exp(-inf) would go through the
-        // subnormal range, which costs the CPU a slow microcode assist per instruction.
-        const int64_t off = (chunks - 1) * L::N;
-        const Mask valid = L::lanes_below(HW - off);
-        V ex = L::exp(valid ? L::load(vj + off) - M : V{});
-        ex = valid ? ex : V{};
+      for (int64_t off = 0; off < last; off += L::N) {
+        const V ex = L::exp(L::load(vj + off) - M);
         L::store(ej + off, ex);
         s += ex;
       }
-      inv[j] = ChannelSoftmax<acc>(SoftmaxStats<acc>(M, L::sum(s))).inv_sum;
+      // The pad lanes take exp(0) and are then zeroed: exp(-inf) would go through the
+      // subnormal range, which costs the CPU a slow microcode assist per instruction.
+      V ex = L::exp(valid ? L::load(vj + last) - M : V{});
+      ex = valid ? ex : V{};
+      L::store(ej + last, ex);
+      s += ex;
+      inv[j] = acc(1) / L::sum(s);
     }
   }
 
   // Per chunk of positions, the diversity winner (largest p) and the discriminality winner
   // (largest masked value) by the first-max rule, and their values with the pad lanes zeroed.
-  // visit(c, best_p, win_p, best_m, win_m) sees each chunk.
-  template <typename Visit>
+  // visit(c, best_p, win_p, best_m, win_m) sees each chunk. Without kIndices (the forward)
+  // only the values are kept, for which the rule reduces to "greater, or NaN" (a later NaN
+  // replacing an earlier one changes no value) and no index is tracked; win_* are then 0.
+  template <bool kIndices, typename Visit>
   void winners(const scalar_t* mask_row, int64_t c0, int64_t n, Visit&& visit) const {
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t off = c * L::N;
@@ -276,13 +278,18 @@ struct GroupScan {
         const V p = L::load(e.data() + j * HWp + off) * inv[j];
         const V mv = apply_mask(L::load(v.data() + j * HWp + off),
                                 static_cast<acc>(mask_row[c0 + j]));
-        const Index jj = L::index(j);
-        const Mask take_p = beats(p, best_p);
-        best_p = take_p ? p : best_p;
-        at_p = take_p ? jj : at_p;
-        const Mask take_m = beats(mv, best_m);
-        best_m = take_m ? mv : best_m;
-        at_m = take_m ? jj : at_m;
+        if (kIndices) {
+          const Index jj = L::index(j);
+          const Mask take_p = beats(p, best_p);
+          best_p = take_p ? p : best_p;
+          at_p = take_p ? jj : at_p;
+          const Mask take_m = beats(mv, best_m);
+          best_m = take_m ? mv : best_m;
+          at_m = take_m ? jj : at_m;
+        } else {
+          best_p = (p > best_p) | is_nan(p) ? p : best_p;
+          best_m = (mv > best_m) | is_nan(mv) ? mv : best_m;
+        }
       }
       if (c == chunks - 1) {
         const Mask valid = L::lanes_below(HW - off);
@@ -303,7 +310,7 @@ void mc_loss_forward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t 
     const int64_t b = g / a.K, i = g % a.K, c0 = a.offsets[i], n = a.offsets[i + 1] - c0;
     scan.softmax(a, lay, b, c0, n);
     V sum_p{}, sum_m{};
-    scan.winners(a.mask + b * a.mask_bstride, c0, n, [&](int64_t, V best_p, auto, V best_m, auto) {
+    scan.template winners<false>(a.mask + b * a.mask_bstride, c0, n, [&](int64_t, V best_p, auto, V best_m, auto) {
       sum_p += best_p;
       sum_m += best_m;
     });
@@ -333,7 +340,7 @@ void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t
     const scalar_t* mask_row = a.mask + b * a.mask_bstride;
     scan.softmax(a, lay, b, c0, n);
     const V gh = L::splat(a.grad_h[g]);
-    scan.winners(mask_row, c0, n, [&](int64_t c, V best_p, Index at_p, V, Index at_m) {
+    scan.template winners<true>(mask_row, c0, n, [&](int64_t c, V best_p, Index at_p, V, Index at_m) {
       L::store(scan.win_p.data() + c * L::N, at_p);
       L::store(scan.win_m.data() + c * L::N, at_m);
       L::store(scan.g_p.data() + c * L::N, gh * best_p);

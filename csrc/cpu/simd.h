@@ -23,11 +23,11 @@ namespace MCLOSS_NS {
 
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
 template <>
 struct FloatOps<f32x8> {
   using Mask = i32x8;  // what a comparison of two f32x8 gives: -1 (true) or 0 per lane
-  using Int = i32x8;
   static f32x8 splat(float v) { return f32x8{} + v; }
   static f32x8 select(i32x8 m, f32x8 a, f32x8 b) { return m ? a : b; }
   // as ScalarOps: a NaN in a gives b, which is what the x86 max and min instructions do
@@ -52,8 +52,10 @@ struct FloatOps<f32x8> {
     return a * b + c;
 #endif
   }
-  static i32x8 to_int(f32x8 v) { return __builtin_convertvector(v, i32x8); }
-  static f32x8 pow2i(i32x8 e) { return reinterpret_cast<f32x8>((e + 127) << 23); }
+  static f32x8 pow2_plus64(f32x8 shifted) {  // as FloatOps<float>, lane by lane
+    const u32x8 bits = reinterpret_cast<u32x8>(shifted);
+    return reinterpret_cast<f32x8>((bits << 23) + (191u << 23));
+  }
 };
 
 template <typename acc>
@@ -81,7 +83,25 @@ struct Lanes<float> {
     return v;
   }
   static void store(int32_t* p, Index v) { std::memcpy(p, &v, sizeof v); }
-  static void store_first(float* p, V v, int64_t n) { std::memcpy(p, &v, n * sizeof(float)); }
+  // the first n (< N) floats at p, and `pad` in the other lanes; reads nothing beyond p + n
+  static V load_first(const float* p, int64_t n, float pad) {
+#if defined(__AVX__)
+    const Mask m = lanes_below(n);
+    return m ? V(_mm256_maskload_ps(p, reinterpret_cast<__m256i>(m))) : splat(pad);
+#else
+    float buf[N];
+    for (int l = 0; l < N; ++l) buf[l] = l < n ? p[l] : pad;
+    return load(buf);
+#endif
+  }
+  // the first n (< N) lanes of v to p; writes nothing beyond p + n
+  static void store_first(float* p, V v, int64_t n) {
+#if defined(__AVX__)
+    _mm256_maskstore_ps(p, reinterpret_cast<__m256i>(lanes_below(n)), v);
+#else
+    std::memcpy(p, &v, n * sizeof(float));
+#endif
+  }
   static V splat(float v) { return FloatOps<V>::splat(v); }
   static Index index(int64_t j) { return Index{} + static_cast<int32_t>(j); }
   static Mask lanes_below(int64_t n) {
@@ -89,15 +109,25 @@ struct Lanes<float> {
     return iota < static_cast<int32_t>(n);
   }
   static V exp(V v) { return exp_f32(v); }
-  // fixed orders, so that results repeat bit for bit
-  static float sum(V v) {
-    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+  // Reductions across the lanes by a butterfly of shuffles, in one fixed order so that
+  // results repeat bit for bit, with the result in every lane (a + b == b + a exactly, so the
+  // lanes agree).
+  static V sum_all(V v) {
+    v += __builtin_shuffle(v, Index{4, 5, 6, 7, 0, 1, 2, 3});
+    v += __builtin_shuffle(v, Index{2, 3, 0, 1, 6, 7, 4, 5});
+    return v + __builtin_shuffle(v, Index{1, 0, 3, 2, 5, 4, 7, 6});
   }
-  static float max(V v) {  // skips NaN lanes, as max_fixed_order does
-    float m = v[0];
-    for (int l = 1; l < N; ++l) m = v[l] > m ? v[l] : m;
-    return m;
+  // The same for a > b ? a : b, which skips a NaN in b: lanes can then disagree, but a NaN
+  // anywhere in a softmax row makes its sum, hence every p, NaN whatever the max.
+  static V max_all(V v) {
+    V o = __builtin_shuffle(v, Index{4, 5, 6, 7, 0, 1, 2, 3});
+    v = v > o ? v : o;
+    o = __builtin_shuffle(v, Index{2, 3, 0, 1, 6, 7, 4, 5});
+    v = v > o ? v : o;
+    o = __builtin_shuffle(v, Index{1, 0, 3, 2, 5, 4, 7, 6});
+    return v > o ? v : o;
   }
+  static float sum(V v) { return sum_all(v)[0]; }
 };
 
 template <>
@@ -115,12 +145,14 @@ struct Lanes<double> {
   static void store_first(double* p, V v, int64_t n) {
     if (n > 0) *p = v;
   }
+  static V load_first(const double* p, int64_t n, double pad) { return n > 0 ? *p : pad; }
   static V splat(double v) { return v; }
   static Index index(int64_t j) { return j; }
   static Mask lanes_below(int64_t n) { return n > 0; }
   static V exp(V v) { return exp_f64(v); }
+  static V sum_all(V v) { return v; }
+  static V max_all(V v) { return v; }
   static double sum(V v) { return v; }
-  static double max(V v) { return v; }
 };
 
 }  // namespace MCLOSS_NS
