@@ -175,7 +175,8 @@ __global__ void ccmp_backward_kernel(const scalar_t* __restrict__ grad,
 // The per-channel softmax statistics (max, 1/sum), and in the backward each channel's S_j
 // (see mc_grad), go through a small (B, C) scratch in global memory (L1-resident while
 // the warp works; __syncwarp orders the writes before the reads). Nothing of size B*C*HW is
-// stored: per-position winners are recomputed where they are needed.
+// stored: per-position winners are recomputed where they are needed (the backward reads a
+// group three times: the statistics, one scan per 32 channels for S_j, and the dx writes).
 
 struct GroupScratch {
   void* max;  // acc (B*C)
@@ -270,17 +271,28 @@ __global__ void mc_loss_backward_kernel(const acc_t<scalar_t>* __restrict__ grad
     group_softmax_stats<scalar_t, acc>(x, lay, b, c0, c1, C, HW, smax, sinv, lane);
     const scalar_t* mask_row = mask + b * mask_bstride;
     const acc gh = grad_h[g];
-    // S_j = sum_k g[j,k] p[j,k] (see mc_grad). The winners are recomputed per channel (n^2
-    // work per position, from L1) rather than stored per position.
-    for (int64_t c = c0; c < c1; ++c) {
-      const ChannelSoftmax<acc> softmax = ChannelSoftmax<acc>::from(smax[b * C + c], sinv[b * C + c]);
-      acc s_div = 0;
-      for (int64_t k = lane; k < HW; k += kWarp) {
-        const GroupWinners<acc> w = winners_at<scalar_t, acc>(x, mask_row, lay, b, c0, c1, k, C, smax, sinv);
-        s_div += div_grad_in(gh, w.prob_at == c - c0) * softmax(static_cast<acc>(x[lay.at(b, c, k)]));
+    // S_j = sum_k g[j,k] p[j,k] (see mc_grad): the gh * p of the positions channel j wins.
+    // One scan of the group per 32 channels: at each step of 32 positions (one per lane),
+    // every channel's share is summed across the warp, and lane l keeps channel cb + l's
+    // running total. (The loops over k0 and c are warp-uniform: every lane joins each sum.)
+    for (int64_t cb = c0; cb < c1; cb += kWarp) {
+      const int64_t cend = cb + kWarp < c1 ? cb + kWarp : c1;
+      acc s_mine = 0;
+      for (int64_t k0 = 0; k0 < HW; k0 += kWarp) {
+        const int64_t k = k0 + lane;
+        int64_t won_by = -1;  // the position's diversity winner (a channel index)
+        acc share = 0;
+        if (k < HW) {
+          const GroupWinners<acc> w = winners_at<scalar_t, acc>(x, mask_row, lay, b, c0, c1, k, C, smax, sinv);
+          won_by = c0 + w.prob_at;
+          share = gh * w.prob;
+        }
+        for (int64_t c = cb; c < cend; ++c) {
+          const acc part = warp_sum(c == won_by ? share : acc(0));
+          if (c - cb == lane) s_mine += part;
+        }
       }
-      s_div = warp_sum(s_div);
-      if (lane == 0) sdiv[b * C + c] = s_div;
+      if (cb + lane < cend) sdiv[b * C + cb + lane] = s_mine;
     }
     __syncwarp();
     const acc gl_per_pos = grad_logits[g] / static_cast<acc>(HW);
