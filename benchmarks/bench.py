@@ -207,15 +207,16 @@ def sync(device):
 
 
 class Timer:
-    """Median wall time of a callable, after warm-up.
+    """Median wall times of callables, after warm-up, taken side by side.
 
     CPU: time.perf_counter. CUDA: events around each run plus a synchronize; before each run a
     256 MiB buffer is overwritten (outside the events) so that inputs are not served from the L2
     cache of the previous run: the bandwidth figures then mean DRAM traffic.
     """
 
-    def __init__(self, device, warmup, repeats, budget_s):
+    def __init__(self, device, warmup, repeats, budget_s, rounds=4):
         self.device, self.warmup, self.repeats, self.budget_s = device, warmup, repeats, budget_s
+        self.rounds = max(1, rounds)
         self.flush = None
         if device.type == "cuda":
             self.flush = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device=device)
@@ -235,14 +236,52 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3
 
     def median_ms(self, fn) -> Tuple[float, int]:
-        for _ in range(self.warmup):
-            fn()
-        sync(self.device)
-        times = [self._once(fn)]
-        # as many runs as fit in the budget, at least 5 (a median of fewer means little)
-        n = int(min(self.repeats, max(5, self.budget_s * 1e3 / max(times[0], 1e-3))))
-        times += [self._once(fn) for _ in range(n - 1)]
-        return statistics.median(times), len(times)
+        result = self.side_by_side([("only", fn)])["only"]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def side_by_side(self, jobs):
+        """{key: (median ms, runs)} for jobs [(key, fn)]; {key: exception} for a job that failed.
+
+        Each job is warmed up and timed once to size it: as many runs as fit in the budget, at
+        least 5 (a median of fewer means little), at most `repeats`. Its runs are then taken in
+        `rounds` blocks, round-robin over the jobs, each block after one untimed run. On a
+        shared machine whose speed drifts by tens of percent over a minute, every job then sees
+        the same mix of fast and slow spells, which keeps the ratios between rows (speed-ups,
+        softmax passes) honest.
+        """
+        times, want, out = {}, {}, {}
+        for key, fn in jobs:
+            try:
+                for _ in range(self.warmup):
+                    fn()
+                sync(self.device)
+                first = self._once(fn)
+            except Exception as e:
+                out[key] = e
+                continue
+            times[key] = [first]
+            want[key] = int(min(self.repeats, max(5, self.budget_s * 1e3 / max(first, 1e-3))))
+        for r in range(self.rounds):
+            for key, fn in jobs:
+                if key not in times:
+                    continue
+                # runs left spread evenly over the rounds left
+                block = -(-(want[key] - len(times[key])) // (self.rounds - r))
+                if block <= 0:
+                    continue
+                try:
+                    if r > 0:
+                        fn()  # untimed: the previous block was another job's
+                        sync(self.device)
+                    times[key] += [self._once(fn) for _ in range(block)]
+                except Exception as e:
+                    out[key] = e
+                    del times[key]
+        for key, ts in times.items():
+            out[key] = (statistics.median(ts), len(ts))
+        return out
 
 
 def saved_bytes_of(forward, x) -> int:
@@ -393,20 +432,23 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
             print(f"WARNING: {case.label()} {dtype}: {name} loss {value!r} vs fused {ref!r} "
                   f"(|d|={diff:.3g} > tol {tol:.3g})", file=sys.stderr)
 
+    def fail(rec, name, e):
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        print(f"ERROR in {name} {case.label()} {dtype}: {rec['error']}", file=sys.stderr)
+
+    # --- prepare every implementation (compile, check), then time them all side by side
+    jobs, rows = [], []
     for name in [n for n in ALL_IMPLS if n in names]:
         progress(f"{case.label()} {str(dtype).replace('torch.', '')} {name}")
         if name == "softmax":
             rec = base_record("softmax", "torch", "forward only: one softmax over the H*W map")
             xs = x.detach().reshape(B, C, H * W)
-            try:
-                rec["fwd_ms"], rec["fwd_runs"] = timer.median_ms(lambda: torch.softmax(xs, -1))
-            except Exception as e:
-                rec["error"] = f"{type(e).__name__}: {e}"
-            records.append(rec)
+            jobs.append(((name, "fwd"), lambda xs=xs: torch.softmax(xs, -1)))
+            rows.append((name, rec, None))
             continue
-
         fn, backend, note = impls[name]
         rec = base_record(name, backend, note)
+        rows.append((name, rec, fn))
         try:
             if name == "compiled":
                 # compile forward and backward now; only warm calls are timed
@@ -421,34 +463,51 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
             if isinstance(losses.get(name), Exception):
                 raise losses[name]
             check_against_fused(name, losses.get(name), rec)
-
-            def fwd_bwd():
-                x.grad = None
-                fn().backward()
-
-            rec["fwd_ms"], rec["fwd_runs"] = timer.median_ms(fn)
-            rec["fwd_bwd_ms"], rec["fwd_bwd_runs"] = timer.median_ms(fwd_bwd)
-            x.grad = None
-            rec["saved_bytes"] = saved_bytes_of(fn, x)
-            rec["saved_pct_of_x"] = 100.0 * rec["saved_bytes"] / x_bytes
-            if device.type == "cuda":
-                gc.collect()
-                sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-                fwd_bwd()  # x.grad (one feature map) is part of the peak
-                sync(device)
-                rec["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - base
-                # minimal traffic: read x (forward), read x (backward), write dx
-                rec["bw_gbps"] = 3 * x_bytes / (rec["fwd_bwd_ms"] * 1e-3) / 1e9
-                if copy_gbps:
-                    rec["bw_share_of_copy"] = rec["bw_gbps"] / copy_gbps
         except Exception as e:
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            print(f"ERROR in {name} {case.label()} {dtype}:\n{traceback.format_exc()}",
-                  file=sys.stderr)
+            fail(rec, name, e)
+            traceback.print_exc(file=sys.stderr)
+            continue
         finally:
             x.grad = None
+
+        def fwd_bwd(fn=fn):
+            x.grad = None
+            fn().backward()
+
+        jobs += [((name, "fwd"), fn), ((name, "fwd_bwd"), fwd_bwd)]
+
+    timed = timer.side_by_side(jobs)
+    x.grad = None
+
+    for name, rec, fn in rows:
+        for kind in ("fwd", "fwd_bwd"):
+            result = timed.get((name, kind))
+            if isinstance(result, Exception):
+                if not rec["error"]:
+                    fail(rec, name, result)
+            elif result is not None:
+                rec[f"{kind}_ms"], rec[f"{kind}_runs"] = result
+        if fn is not None and not rec["error"]:
+            try:
+                rec["saved_bytes"] = saved_bytes_of(fn, x)
+                rec["saved_pct_of_x"] = 100.0 * rec["saved_bytes"] / x_bytes
+                if device.type == "cuda":
+                    gc.collect()
+                    sync(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                    x.grad = None
+                    fn().backward()  # x.grad (one feature map) is part of the peak
+                    sync(device)
+                    rec["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - base
+                    # minimal traffic: read x (forward), read x (backward), write dx
+                    rec["bw_gbps"] = 3 * x_bytes / (rec["fwd_bwd_ms"] * 1e-3) / 1e9
+                    if copy_gbps:
+                        rec["bw_share_of_copy"] = rec["bw_gbps"] / copy_gbps
+            except Exception as e:
+                fail(rec, name, e)
+            finally:
+                x.grad = None
         records.append(rec)
 
     # speed-up of fused over every row, and each row against one softmax pass
@@ -508,7 +567,8 @@ def markdown(records, header_lines, device, skipped):
         out.append("| " + " | ".join(row) + " |")
     out += [
         "",
-        "Legend: times are medians after warm-up (forward with autograd recording; forward+"
+        "Legend: times are medians after warm-up, every row of a shape timed side by side in "
+        "interleaved rounds (forward with autograd recording; forward+"
         "backward includes `loss.backward()`). `fused speed-up` = this row's time / fused's time "
         "(>1: fused is faster). `saved for bwd` = unique storages autograd keeps, the input "
         "features excluded. `/ softmax` = this row's fwd+bwd time in units of one forward "
@@ -623,6 +683,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3 cuda, 2 cpu)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds of timed runs per figure before stopping early (min 5 runs)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="interleaved rounds the timed runs of a shape's rows are split into "
+                        "(default 4; 1 = each row timed in one block)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="start no new (shape, dtype) after this many seconds; the rest is listed "
                         "as not run")
@@ -640,7 +703,7 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
     budget = args.budget_s if args.budget_s is not None else (0.3 if cuda else
                                                                (0.5 if args.quick else 1.0))
-    timer = Timer(device, warmup, repeats, budget)
+    timer = Timer(device, warmup, repeats, budget, args.rounds)
     random.seed(0)  # the eager path's host-side mask
 
     cases = QUICK_CASES if args.quick else (FULL_CASES_CUDA if cuda else FULL_CASES_CPU)
