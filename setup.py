@@ -95,7 +95,9 @@ def _torch_uses_openmp():
 def _extensions(with_cuda):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "autograd", "*.cpp")))
     # -fno-trapping-math lets GCC if-convert and vectorise the select-heavy loops (exp_f32,
     # the first-max rule); no FP exception flags are relied on, NaN and Inf behave the same.
     # -Wno-psabi: the baseline (pre-AVX) copy of the kernels passes 8-float vectors between

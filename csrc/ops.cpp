@@ -1,5 +1,5 @@
-// The op schemas, defined once; csrc/cpu and csrc/cuda register their kernels against them and
-// mcloss_cuda/_ops.py adds the fake (meta) implementations and the autograd formulas.
+// The op schemas, defined once; csrc/cpu and csrc/cuda register their kernels against them,
+// csrc/autograd their autograd formulas, and mcloss_cuda/_ops.py the fake (meta) implementations.
 //
 //   offsets: int64 (K + 1,) group boundaries; group i is channels [offsets[i], offsets[i+1]).
 //   mask:    (C,) or (B, C) in the features' dtype, multiplied into the features (CWA).

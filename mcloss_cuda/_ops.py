@@ -1,7 +1,8 @@
-"""The compiled ops (``torch.ops.mcloss_cuda.*``): loading, fake implementations for
-torch.compile, and autograd wiring to the hand-written backward ops.
+"""The compiled ops (``torch.ops.mcloss_cuda.*``): loading, and fake implementations for
+torch.compile and opcheck.
 
-The schemas live once, in csrc/ops.cpp; the CPU and CUDA kernels register against them.
+The schemas live once, in csrc/ops.cpp; the CPU and CUDA kernels register against them, and
+csrc/autograd wires each forward op to its hand-written backward op.
 """
 
 from __future__ import annotations
@@ -106,49 +107,8 @@ if AVAILABLE:
         _one_device(x=x, grad_h=grad_h, grad_logits=grad_logits, offsets=offsets, mask=mask)
         return torch.empty_like(x)
 
-    # ---- autograd: each forward op's backward is one of our backward ops
-
-    def _save_inputs(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _spatial_softmax_setup(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    def _spatial_softmax_bwd(ctx, grad):
-        (out,) = ctx.saved_tensors
-        return ops.spatial_softmax_backward(grad, out)
-
-    def _channel_mask_setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    def _channel_mask_bwd(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        # the incoming gradient may have any strides (e.g. expanded by .sum()): the kernel
-        # takes contiguous or channels_last only
-        return ops.channel_mask(kernel_layout(grad), mask), None
-
-    def _ccmp_bwd(ctx, grad):
-        x, offsets = ctx.saved_tensors
-        return ops.ccmp_backward(grad, x, offsets), None
-
-    def _mc_loss_bwd(ctx, grad_h, grad_logits):
-        # Only x is kept for backward (plus the tiny offsets and mask): the kernel recomputes
-        # the softmax statistics and the per-position winners instead of storing them.
-        x, offsets, mask = ctx.saved_tensors
-        acc = acc_dtype(x.dtype)
-        if grad_h is None:
-            grad_h = x.new_zeros((x.shape[0], offsets.shape[0] - 1), dtype=acc)
-        if grad_logits is None:
-            grad_logits = x.new_zeros((x.shape[0], offsets.shape[0] - 1), dtype=acc)
-        return ops.mc_loss_backward(grad_h, grad_logits, x, offsets, mask), None, None
-
-    torch.library.register_autograd("mcloss_cuda::spatial_softmax", _spatial_softmax_bwd,
-                                    setup_context=_spatial_softmax_setup)
-    torch.library.register_autograd("mcloss_cuda::channel_mask", _channel_mask_bwd,
-                                    setup_context=_channel_mask_setup)
-    torch.library.register_autograd("mcloss_cuda::ccmp", _ccmp_bwd, setup_context=_save_inputs)
-    torch.library.register_autograd("mcloss_cuda::mc_loss_forward", _mc_loss_bwd,
-                                    setup_context=_save_inputs)
+    # Autograd: csrc/autograd/mcloss_autograd.cpp registers each forward op's backward (one
+    # of the backward ops) for the Autograd key, in C++, so that a step runs no Python for it.
 else:
     ops = None
 
