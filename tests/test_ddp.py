@@ -88,6 +88,7 @@ def worker(rank, port, outdir, seed):
             model = DDP(make_model(seed))
             grads = train(model, x[:, rows], y[:, rows], masks[:, rows], mode, seed + 2)
             torch.save(grads, os.path.join(outdir, f"grads_{mode}_{rank}.pt"))
+        dist.barrier()  # every rank done before the group is torn down
     finally:
         dist.destroy_process_group()
 
