@@ -9,6 +9,9 @@ Implementations (``--impls``):
              is built on the host every step with a Python random.shuffle loop and copied to the
              device, CCMP is transpose + max_pool2d + transpose, GAP is avg_pool2d;
   compiled   torch.compile of that formulation, with the mask passed in as a tensor;
+  graphed    (CUDA only) fused's forward, and its forward+backward, each captured once in a
+             CUDA graph and replayed: the GPU time of the step without Python or launch
+             overhead, which at small shapes is most of an eager step's time;
   softmax    one torch.softmax over the flattened map, forward only: a yardstick, since the
              target is "fused forward+backward <= 2.5x one softmax pass".
 
@@ -45,7 +48,8 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import mcloss_cuda as mc
 
-ALL_IMPLS = ("fused", "reference", "eager", "compiled", "softmax")
+ALL_IMPLS = ("fused", "graphed", "reference", "eager", "compiled", "softmax")
+CUDA_ONLY = ("graphed",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 ALPHA, BETA = 1.5, 20.0  # the published CUB-200 weights (SPEC defaults)
@@ -308,11 +312,14 @@ def saved_bytes_of(forward, x) -> int:
 def copy_bandwidth_gbps(device, timer) -> float:
     """Device-to-device copy bandwidth (read + write) on a 1 GiB buffer, GB/s (1e9)."""
     n = 256 * 1024 * 1024
-    x = torch.empty(n, dtype=torch.float32, device=device).uniform_()
-    y = torch.empty_like(x)
-    ms, _ = timer.median_ms(lambda: y.copy_(x))
-    del x, y
-    torch.cuda.empty_cache()
+
+    def measure():
+        src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+        dst = torch.empty_like(src)
+        return timer.median_ms(lambda: dst.copy_(src))[0]
+
+    ms = measure()  # the two buffers are gone once it returns
+    free_memory(device)
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
@@ -337,6 +344,26 @@ def device_name(device) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # one (case, dtype): every implementation on the same x, targets and mask
+
+
+def capture_graphs(fused_loss, x):
+    """{"fwd": (graph, loss), "fwd_bwd": (graph, dx)}: fused's forward and forward+backward,
+    each captured in a CUDA graph after a warm-up on a side stream (allocator, caches)."""
+    steps = {"fwd": lambda: fused_loss().detach(),
+             "fwd_bwd": lambda: torch.autograd.grad(fused_loss(), x)[0]}
+    graphs = {}
+    for kind, step in steps.items():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graphs[kind] = (graph, out)
+    return graphs
 
 
 def build_impls(names, case, x, targets, mask, mask4, device):
@@ -446,6 +473,23 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
             jobs.append(((name, "fwd"), lambda xs=xs: torch.softmax(xs, -1)))
             rows.append((name, rec, None))
             continue
+        if name == "graphed":
+            rec = base_record("graphed", mc.backend(device),
+                              "fused in a CUDA graph: GPU time without Python/launch overhead")
+            rows.append((name, rec, None))
+            try:
+                fused_loss = lambda: mc.mc_loss(x, targets, case.K, case.cnum, mask=mask,  # noqa: E731
+                                                alpha=ALPHA, beta=BETA).loss
+                graphs = capture_graphs(fused_loss, x)
+                graphs["fwd"][0].replay()
+                sync(device)
+                check_against_fused(name, float(graphs["fwd"][1]), rec)
+            except Exception as e:
+                fail(rec, name, e)
+                traceback.print_exc(file=sys.stderr)
+                continue
+            jobs += [((name, kind), graph.replay) for kind, (graph, _) in graphs.items()]
+            continue
         fn, backend, note = impls[name]
         rec = base_record(name, backend, note)
         rows.append((name, rec, fn))
@@ -487,6 +531,10 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
                     fail(rec, name, result)
             elif result is not None:
                 rec[f"{kind}_ms"], rec[f"{kind}_runs"] = result
+        if name == "graphed" and rec.get("fwd_bwd_ms"):
+            rec["bw_gbps"] = 3 * x_bytes / (rec["fwd_bwd_ms"] * 1e-3) / 1e9
+            if copy_gbps:
+                rec["bw_share_of_copy"] = rec["bw_gbps"] / copy_gbps
         if fn is not None and not rec["error"]:
             try:
                 rec["saved_bytes"] = saved_bytes_of(fn, x)
@@ -520,11 +568,14 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
         t = r.get("fwd_bwd_ms") or (r["fwd_ms"] if r["impl"] == "softmax" else None)
         if soft and soft.get("fwd_ms") and t:
             r["softmax_passes"] = t / soft["fwd_ms"]
-    del x, targets, mask, mask4, impls
+    return records
+
+
+def free_memory(device):
+    """Release what a finished shape left behind (its tensors, graphs and compiled code)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -657,13 +708,15 @@ def parse_dtypes(values, quick):
     return [DTYPES[n] for n in dict.fromkeys(out)]
 
 
-def parse_impls(values):
+def parse_impls(values, device):
     if not values:
-        return list(ALL_IMPLS)
+        return [n for n in ALL_IMPLS if device.type == "cuda" or n not in CUDA_ONLY]
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
     bad = [n for n in names if n not in ALL_IMPLS]
     if bad:
         raise SystemExit(f"--impls: unknown {bad}; choose from {list(ALL_IMPLS)}")
+    if device.type != "cuda" and any(n in CUDA_ONLY for n in names):
+        raise SystemExit(f"--impls: {[n for n in names if n in CUDA_ONLY]} need --device cuda")
     return [n for n in ALL_IMPLS if n in names]
 
 
@@ -697,7 +750,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     dtypes = parse_dtypes(args.dtype, args.quick)
-    names = parse_impls(args.impls)
+    names = parse_impls(args.impls, device)
     cuda = device.type == "cuda"
     repeats = args.repeats or (50 if cuda else (10 if args.quick else 20))
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
@@ -747,6 +800,7 @@ def main(argv=None):
             done[0] += len(names)
             continue
         records += run_case(case, dt, names, device, timer, copy_gbps, rec_base, progress)
+        free_memory(device)
         if args.json:  # after every shape, so a run cut short still leaves its rows
             write_json(records, args.json)
     if skipped:
