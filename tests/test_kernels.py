@@ -83,6 +83,10 @@ CASES = {
     "cnum1_7x7": Case(2, 3, 1, 3, 7, 7),
     "uniform_14x14": Case(5, 4, 3, 12, 14, 14),
     "row_1x9": Case(2, 3, 2, 6, 1, 9),
+    # the CPU kernels work on 8 positions at a time: exactly one and exactly two such chunks,
+    # no partial last one (the other maps end in a partial chunk of 1 to 7 positions)
+    "row_1x8": Case(2, 2, 3, 6, 1, 8),
+    "map_4x4": Case(3, 2, 2, 4, 4, 4),
     "col_9x1": Case(2, 2, 4, 8, 9, 1),
     "map_1x1": Case(5, 2, 3, 6, 1, 1),              # groups larger than the map
     "uneven_5x9": Case(2, 3, (1, 4, 2), 7, 5, 9),
