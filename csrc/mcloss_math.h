@@ -122,9 +122,10 @@ MC_HD F apply_mask(F v, T m) {
 template <typename F>
 MC_HD F exp_f32(F x) {
   using O = FloatOps<F>;
-  // NaN goes to -104 here (O::max returns the second operand for a NaN) and is restored at
-  // the end
-  const F xc = O::min(O::max(x, O::splat(-104.0f)), O::splat(0.0f));
+  // Clamped to [-104, 0]. A NaN passes both clamps (O::max and O::min return their second
+  // operand for a NaN) and every step after them, down to p: whatever bits it leaves in the
+  // factor 2^(n+64), NaN times them is NaN, so no final test for NaN is needed.
+  const F xc = O::min(O::splat(0.0f), O::max(O::splat(-104.0f), x));
   const F shifted = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23
   const F n = shifted - 12582912.0f;  // x / ln 2 rounded to the nearest integer
   F r = O::mul_add(n, O::splat(-0.693359375f), xc);
@@ -136,8 +137,7 @@ MC_HD F exp_f32(F x) {
   p = O::mul_add(p, r, O::splat(4.99999911e-1f));
   p = O::mul_add(p, r, O::splat(1.0f));
   p = O::mul_add(p, r, O::splat(1.0f));
-  const F y = p * O::pow2_plus64(shifted) * 5.42101086242752217e-20f;  // 2^-64
-  return O::select(x == x, y, x);
+  return p * O::pow2_plus64(shifted) * 5.42101086242752217e-20f;  // * 2^-64
 }
 
 MC_HD double exp_f64(double x) {
