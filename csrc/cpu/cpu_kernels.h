@@ -278,7 +278,7 @@ struct GroupScan {
         const V p = L::load(e.data() + j * HWp + off) * inv[j];
         const V mv = apply_mask(L::load(v.data() + j * HWp + off),
                                 static_cast<acc>(mask_row[c0 + j]));
-        if (kIndices) {
+        if constexpr (kIndices) {
           const Index jj = L::index(j);
           const Mask take_p = beats(p, best_p);
           best_p = take_p ? p : best_p;

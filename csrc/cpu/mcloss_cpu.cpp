@@ -180,6 +180,17 @@ at::Tensor ccmp_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x,
 
 // ---- the fused loss
 
+// What both fused kernels take about the class groups and the mask.
+template <typename Args>
+void set_groups(Args& a, int64_t K, const at::Tensor& offsets, const at::Tensor& mask,
+                int64_t mask_bstride) {
+  a.K = K;
+  a.offsets = offsets.const_data_ptr<int64_t>();
+  a.max_group = max_group_size(offsets);
+  a.mask = mask.const_data_ptr<scalar_of<Args>>();
+  a.mask_bstride = mask_bstride;
+}
+
 std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cpu(const at::Tensor& x,
                                                        const at::Tensor& offsets,
                                                        const at::Tensor& mask) {
@@ -190,13 +201,8 @@ std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cpu(const at::Tensor& x,
   auto logits = at::empty({x.size(0), K}, x.options().dtype(acc_type_of(x)));
   launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
          [](const auto& t) { return t.mc_loss_forward; }, [&](auto& a) {
-           using scalar_t = scalar_of<decltype(a)>;
            using acc = typename std::decay_t<decltype(a)>::acc_type;
-           a.K = K;
-           a.offsets = offsets.const_data_ptr<int64_t>();
-           a.max_group = max_group_size(offsets);
-           a.mask = mask.const_data_ptr<scalar_t>();
-           a.mask_bstride = mask_bstride;
+           set_groups(a, K, offsets, mask, mask_bstride);
            a.h = h.mutable_data_ptr<acc>();
            a.logits = logits.mutable_data_ptr<acc>();
          });
@@ -218,11 +224,7 @@ at::Tensor mc_loss_backward_cpu(const at::Tensor& grad_h_in, const at::Tensor& g
          [](const auto& t) { return t.mc_loss_backward; }, [&](auto& a) {
            using scalar_t = scalar_of<decltype(a)>;
            using acc = typename std::decay_t<decltype(a)>::acc_type;
-           a.K = K;
-           a.offsets = offsets.const_data_ptr<int64_t>();
-           a.max_group = max_group_size(offsets);
-           a.mask = mask.const_data_ptr<scalar_t>();
-           a.mask_bstride = mask_bstride;
+           set_groups(a, K, offsets, mask, mask_bstride);
            a.grad_h = grad_h.const_data_ptr<acc>();
            a.grad_logits = grad_logits.const_data_ptr<acc>();
            a.out = dx.mutable_data_ptr<scalar_t>();
