@@ -372,10 +372,15 @@ def build_impls(names, case, x, targets, mask, mask4, device):
     cnum = case.cnum  # None = balanced split, also what mc takes
     published = make_published_loss(counts, device)
     impls = {}
+
+    def fused_loss():
+        return mc.mc_loss(x, targets, case.K, cnum, mask=mask, alpha=ALPHA, beta=BETA).loss
+
     if "fused" in names:
-        impls["fused"] = (lambda: mc.mc_loss(x, targets, case.K, cnum, mask=mask,
-                                             alpha=ALPHA, beta=BETA).loss,
-                          mc.backend(device), "")
+        impls["fused"] = (fused_loss, mc.backend(device), "")
+    if "graphed" in names:  # the same step, captured in CUDA graphs by run_case
+        impls["graphed"] = (fused_loss, mc.backend(device),
+                            "fused in a CUDA graph: GPU time without Python/launch overhead")
     if "reference" in names:
         impls["reference"] = (lambda: mc.reference.mc_loss(x, targets, case.K, cnum, mask=mask,
                                                            alpha=ALPHA, beta=BETA).loss,
@@ -436,8 +441,8 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
             try:
                 if name == "eager":
                     v = published(x, targets, mask4)
-                elif name == "compiled":
-                    continue  # checked after its compile, below
+                elif name in ("compiled", "graphed"):
+                    continue  # checked after its compile or capture, below
                 else:
                     v = impls[name][0]()
                 losses[name] = float(v)
@@ -473,14 +478,12 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
             jobs.append(((name, "fwd"), lambda xs=xs: torch.softmax(xs, -1)))
             rows.append((name, rec, None))
             continue
+        fn, backend, note = impls[name]
+        rec = base_record(name, backend, note)
         if name == "graphed":
-            rec = base_record("graphed", mc.backend(device),
-                              "fused in a CUDA graph: GPU time without Python/launch overhead")
             rows.append((name, rec, None))
             try:
-                fused_loss = lambda: mc.mc_loss(x, targets, case.K, case.cnum, mask=mask,  # noqa: E731
-                                                alpha=ALPHA, beta=BETA).loss
-                graphs = capture_graphs(fused_loss, x)
+                graphs = capture_graphs(fn, x)
                 graphs["fwd"][0].replay()
                 sync(device)
                 check_against_fused(name, float(graphs["fwd"][1]), rec)
@@ -490,8 +493,6 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
                 continue
             jobs += [((name, kind), graph.replay) for kind, (graph, _) in graphs.items()]
             continue
-        fn, backend, note = impls[name]
-        rec = base_record(name, backend, note)
         rows.append((name, rec, fn))
         try:
             if name == "compiled":
