@@ -20,6 +20,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define MCLOSS_NS mcloss_avx2
+#define MCLOSS_AVX2 1  // the target pragma does not define __AVX__ and friends
 #include "cpu/cpu_kernels.h"
 #pragma GCC pop_options
 

@@ -14,6 +14,13 @@
 
 #include "mcloss_math.h"
 
+// AVX instructions (max/min, masked loads and stores) where this copy of the kernels is built
+// for AVX2: with -mavx2, or under the `#pragma GCC target("avx2,fma")` of kernels_avx2.cpp,
+// which does not define __AVX__, so that file defines MCLOSS_AVX2 itself.
+#if defined(__x86_64__) && defined(__GNUC__) && (defined(__AVX__) || defined(MCLOSS_AVX2))
+#define MCLOSS_SIMD_AVX 1
+#endif
+
 // Passing 32-byte vectors by value in the baseline (pre-AVX) build changes the calling
 // convention; all of these are inline functions within one translation unit, so it is moot.
 #pragma GCC diagnostic push
@@ -32,21 +39,21 @@ struct FloatOps<f32x8> {
   static f32x8 select(i32x8 m, f32x8 a, f32x8 b) { return m ? a : b; }
   // as ScalarOps: a NaN in a gives b, which is what the x86 max and min instructions do
   static f32x8 max(f32x8 a, f32x8 b) {
-#if defined(__AVX__)
+#if defined(MCLOSS_SIMD_AVX)
     return _mm256_max_ps(a, b);
 #else
     return a > b ? a : b;
 #endif
   }
   static f32x8 min(f32x8 a, f32x8 b) {
-#if defined(__AVX__)
+#if defined(MCLOSS_SIMD_AVX)
     return _mm256_min_ps(a, b);
 #else
     return a < b ? a : b;
 #endif
   }
   static f32x8 mul_add(f32x8 a, f32x8 b, f32x8 c) {
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(MCLOSS_AVX2)
     return _mm256_fmadd_ps(a, b, c);
 #else
     return a * b + c;
@@ -85,7 +92,7 @@ struct Lanes<float> {
   static void store(int32_t* p, Index v) { std::memcpy(p, &v, sizeof v); }
   // the first n (< N) floats at p, and `pad` in the other lanes; reads nothing beyond p + n
   static V load_first(const float* p, int64_t n, float pad) {
-#if defined(__AVX__)
+#if defined(MCLOSS_SIMD_AVX)
     const Mask m = lanes_below(n);
     return m ? V(_mm256_maskload_ps(p, reinterpret_cast<__m256i>(m))) : splat(pad);
 #else
@@ -96,7 +103,7 @@ struct Lanes<float> {
   }
   // the first n (< N) lanes of v to p; writes nothing beyond p + n
   static void store_first(float* p, V v, int64_t n) {
-#if defined(__AVX__)
+#if defined(MCLOSS_SIMD_AVX)
     _mm256_maskstore_ps(p, reinterpret_cast<__m256i>(lanes_below(n)), v);
 #else
     std::memcpy(p, &v, n * sizeof(float));
@@ -128,6 +135,11 @@ struct Lanes<float> {
     return v > o ? v : o;
   }
   static float sum(V v) { return sum_all(v)[0]; }
+  static bool any_equal(V v, float s) {
+    bool any = false;
+    for (int l = 0; l < N; ++l) any |= v[l] == s;
+    return any;
+  }
 };
 
 template <>
@@ -153,6 +165,7 @@ struct Lanes<double> {
   static V sum_all(V v) { return v; }
   static V max_all(V v) { return v; }
   static double sum(V v) { return v; }
+  static bool any_equal(V v, double s) { return v == s; }
 };
 
 }  // namespace MCLOSS_NS
