@@ -116,12 +116,16 @@ MC_HD F apply_mask(F v, T m) {
 // x - max <= 0, so the domain stops at 0 (a larger x is taken as 0). exp(x) = 2^n * exp(r),
 // n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two so that n * ln2_hi
 // is exact), exp(r) by a degree-6 minimax polynomial (relative error < 2e-9 before rounding).
-// 2^n is applied as 2^(n+64), an exact power of two for every n >= -150, then 2^-64: one
-// rounding, so that results down to the subnormal range round correctly. -inf gives 0 (as does
-// anything below -104, where exp is under half the least subnormal); NaN stays NaN.
+// 2^n is applied as 2^-64 * 2^(n+64), 2^(n+64) being an exact power of two for every n >= -150,
+// with the 2^-64 folded into the polynomial's coefficients (exact: a power of two, and every
+// step of the polynomial stays in the normal range), so that the one multiplication by
+// 2^(n+64) is the only rounding outside the polynomial and results down to the subnormal
+// range round correctly. -inf gives 0 (as does anything below -104, where exp is under half
+// the least subnormal); NaN stays NaN.
 template <typename F>
 MC_HD F exp_f32(F x) {
   using O = FloatOps<F>;
+  constexpr float k2m64 = 5.42101086242752217e-20f;  // 2^-64
   // Clamped to [-104, 0]. A NaN passes both clamps (O::max and O::min return their second
   // operand for a NaN) and every step after them, down to p: whatever bits it leaves in the
   // factor 2^(n+64), NaN times them is NaN, so no final test for NaN is needed.
@@ -130,14 +134,15 @@ MC_HD F exp_f32(F x) {
   const F n = shifted - 12582912.0f;  // x / ln 2 rounded to the nearest integer
   F r = O::mul_add(n, O::splat(-0.693359375f), xc);
   r = O::mul_add(n, O::splat(2.12194440e-4f), r);
-  F p = O::splat(1.38368458e-3f);
-  p = O::mul_add(p, r, O::splat(8.37481581e-3f));
-  p = O::mul_add(p, r, O::splat(4.16682251e-2f));
-  p = O::mul_add(p, r, O::splat(1.66664198e-1f));
-  p = O::mul_add(p, r, O::splat(4.99999911e-1f));
-  p = O::mul_add(p, r, O::splat(1.0f));
-  p = O::mul_add(p, r, O::splat(1.0f));
-  return p * O::pow2_plus64(shifted) * 5.42101086242752217e-20f;  // * 2^-64
+  // 2^-64 * exp(r)
+  F p = O::splat(1.38368458e-3f * k2m64);
+  p = O::mul_add(p, r, O::splat(8.37481581e-3f * k2m64));
+  p = O::mul_add(p, r, O::splat(4.16682251e-2f * k2m64));
+  p = O::mul_add(p, r, O::splat(1.66664198e-1f * k2m64));
+  p = O::mul_add(p, r, O::splat(4.99999911e-1f * k2m64));
+  p = O::mul_add(p, r, O::splat(k2m64));
+  p = O::mul_add(p, r, O::splat(k2m64));
+  return p * O::pow2_plus64(shifted);
 }
 
 MC_HD double exp_f64(double x) {
@@ -226,19 +231,27 @@ struct GroupWinners {
 
 // Gradient of one element of a group w.r.t. the features, in the form autograd gives through
 // softmax, CCMP and the mask (so that NaN and Inf reach the same elements as there):
-//   dx[j,k] = p[j,k] * (g[j,k] - S_j)  +  (gl / HW) * m_j * [wm(k) == j]
+//   dx[j,k] = p[j,k] * (g[j,k] - S_j)  +  (gl / HW) * [wm(k) == j] * m_j
 // with g[j,k] = gh where channel j wins the diversity max at k (w(k) == j) and 0 elsewhere, and
 // S_j = sum_k g[j,k] * p[j,k]. A NaN softmax row (all of its p NaN) makes its whole gradient
 // NaN through the factor p, as torch's softmax backward does, whether or not the channel wins
-// anywhere. mc_grad takes the last term's factor (gl / HW) * m_j ready-made, once per channel.
+// anywhere. The last term is (gl / HW) * m_j where channel j wins the masked max and 0 * m_j
+// elsewhere: the same for a 0/1 mask, and NaN over the channel for an infinite or NaN mask
+// value, as autograd's grad * mask gives. Both are taken ready-made, once per channel.
+template <typename T>
+struct LogitGrad {
+  T win, lose;
+  MC_HD LogitGrad(T gl_per_pos, T m) : win(gl_per_pos * m), lose(T(0) * m) {}
+};
+
 template <typename F, typename M>
 MC_HD F div_grad_in(F gh, M wins_prob) {
   return FloatOps<F>::select(wins_prob, gh, F{});
 }
 
 template <typename F, typename M>
-MC_HD F mc_grad(F g_div, F s_div, F p, F gl_per_pos_m, M wins_masked) {
-  return p * (g_div - s_div) + FloatOps<F>::select(wins_masked, gl_per_pos_m, F{});
+MC_HD F mc_grad(F g_div, F s_div, F p, F logit_win, F logit_lose, M wins_masked) {
+  return p * (g_div - s_div) + FloatOps<F>::select(wins_masked, logit_win, logit_lose);
 }
 
 // Clamp a group's channel range into [0, C] so that a malformed offsets tensor that reached a

@@ -165,6 +165,29 @@ def test_mc_loss_many_specials_like_reference(device, dtype):
     assert torch.isnan(fo.loss) and torch.isnan(fg).any()
 
 
+# A float mask is documented as 0/1 but its values are not checked (that would cost a device
+# sync): whatever it holds is multiplied in, as by the reference's x * mask. A NaN or infinite
+# mask value must reach the loss as there (the kernels' fast path for groups without a NaN
+# must not take such a group), and so must a -inf feature in a channel masked to 0.
+@pytest.mark.parametrize("mask_value", ["nan", "+inf", "-inf", "2.5"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_mc_loss_mask_values_beyond_0_1(device, dtype, mask_value):
+    K, n, B, H, W = 4, 3, 3, 5, 6
+    x = separated_features(B, [n] * K, H, W, dtype=dtype, device=device)
+    mask = mc.random_channel_mask(K, n, batch=B, device=device).to(dtype)
+    # not a group's first channel: a scan that lost a NaN would lose it there
+    b, j = random.randrange(B), random.randrange(K) * n + random.randrange(1, n)
+    mask[b, j] = float(mask_value)
+    y = random_targets(B, K, device)
+    (fo, fg), (ro, rg) = loss_and_grads(x, y, K, None, mask)
+    for name in ("loss", "dis", "div", "logits"):
+        like_reference(getattr(fo, name), getattr(ro, name), name, "value", coeff=20.0)
+    like_reference(fg, rg, "gradient", "grad")
+    if mask_value != "2.5":
+        assert not torch.isfinite(fo.logits[b]).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # the primitives
 

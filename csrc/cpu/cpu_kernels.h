@@ -207,20 +207,25 @@ struct GroupScan {
 
   int64_t HW, HWp, chunks;
   std::vector<acc> v, e, inv;  // values, exp(v - M_j), 1 / S_j
+  std::vector<acc> m;          // the group's mask values
+  bool maybe_nan = false;      // the group may hold a NaN p or masked value (see softmax)
   std::vector<typename L::IndexLane> win_p, win_m;  // per position (backward)
   std::vector<acc> g_p;  // per position, gh * the winning p (backward)
 
   GroupScan(int64_t HW_, int64_t max_group)
       : HW(HW_), HWp((HW_ + L::N - 1) / L::N * L::N), chunks(HWp / L::N),
-        v(max_group * HWp), e(max_group * HWp), inv(max_group) {}
+        v(max_group * HWp), e(max_group * HWp), inv(max_group), m(max_group) {}
 
   // v, e and inv for channels [c0, c0 + n) of sample b: the softmax of every channel, with
   // the same p = exp(v - M) * (1 / S) as ChannelSoftmax. A NaN is skipped by the max,
   // harmlessly: exp(NaN - M) makes S, hence every p, NaN, as a +inf max does through inf - inf.
+  // Also notes whether the group can hold a NaN p or masked value (maybe_nan).
   void softmax(const KernelArgs<scalar_t, acc>& a, const MapLayout& lay, int64_t b, int64_t c0,
                int64_t n) {
+    using O = FloatOps<V>;
     const int64_t last = (chunks - 1) * L::N;  // where the last, maybe partial, chunk starts
     const Mask valid = L::lanes_below(HW - last);
+    V lo = L::splat(INFINITY);  // the group's least value, for -inf
     for (int64_t j = 0; j < n; ++j) {
       acc* vj = v.data() + j * HWp;
       acc* ej = e.data() + j * HWp;
@@ -233,18 +238,21 @@ struct GroupScan {
           const V x = L::load(row + off);
           L::store(vj + off, x);
           m = x > m ? x : m;
+          lo = O::min(x, lo);
         }
-        const V x = L::load_first(row + last, HW - last, -INFINITY);
-        L::store(vj + last, x);
-        m = x > m ? x : m;
+        L::store(vj + last, L::load_first(row + last, HW - last, -INFINITY));
       } else {
         load_row(src, lay.sK, HW, vj);
         for (int64_t k = HW; k < HWp; ++k) vj[k] = -INFINITY;
-        for (int64_t off = 0; off < HWp; off += L::N) {
+        for (int64_t off = 0; off < last; off += L::N) {
           const V x = L::load(vj + off);
           m = x > m ? x : m;
+          lo = O::min(x, lo);
         }
       }
+      const V x = L::load(vj + last);  // -inf in the pad lanes
+      m = x > m ? x : m;
+      lo = O::min(valid ? x : L::splat(INFINITY), lo);
       const V M = L::max_all(m);
       V s{};
       for (int64_t off = 0; off < last; off += L::N) {
@@ -260,6 +268,10 @@ struct GroupScan {
       s += ex;
       inv[j] = acc(1) / L::sum(s);
     }
+    // A p is NaN only where its whole row is (a NaN or +inf in x makes S_j NaN); a masked
+    // value only where x is NaN, or +-inf times a mask of 0.
+    maybe_nan = L::any_equal(lo, -INFINITY);
+    for (int64_t j = 0; j < n; ++j) maybe_nan |= is_nan(inv[j]);
   }
 
   // Per chunk of positions, the diversity winner (largest p) and the discriminality winner
@@ -268,27 +280,51 @@ struct GroupScan {
   // only the values are kept, for which the rule reduces to "greater, or NaN" (a later NaN
   // replacing an earlier one changes no value) and no index is tracked; win_* are then 0.
   template <bool kIndices, typename Visit>
-  void winners(const scalar_t* mask_row, int64_t c0, int64_t n, Visit&& visit) const {
+  void winners(const scalar_t* mask_row, int64_t c0, int64_t n, Visit&& visit) {
+    bool nan_possible = maybe_nan;
+    for (int64_t j = 0; j < n; ++j) {
+      m[j] = static_cast<acc>(mask_row[c0 + j]);
+      nan_possible |= !(m[j] - m[j] == acc(0));  // a NaN or infinite mask value (not 0/1)
+    }
+    // Without a NaN, the first-max rule is plain "greater" (and the values a plain max).
+    if (nan_possible) {
+      scan_winners<kIndices, true>(n, visit);
+    } else {
+      scan_winners<kIndices, false>(n, visit);
+    }
+  }
+
+ private:
+  template <bool kIndices, bool kMaybeNaN, typename Visit>
+  void scan_winners(int64_t n, Visit&& visit) const {
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t off = c * L::N;
       V best_p = L::load(e.data() + off) * inv[0];
-      V best_m = apply_mask(L::load(v.data() + off), static_cast<acc>(mask_row[c0]));
+      V best_m = apply_mask(L::load(v.data() + off), m[0]);
       Index at_p{}, at_m{};
       for (int64_t j = 1; j < n; ++j) {
         const V p = L::load(e.data() + j * HWp + off) * inv[j];
-        const V mv = apply_mask(L::load(v.data() + j * HWp + off),
-                                static_cast<acc>(mask_row[c0 + j]));
+        const V mv = apply_mask(L::load(v.data() + j * HWp + off), m[j]);
         if constexpr (kIndices) {
           const Index jj = L::index(j);
-          const Mask take_p = beats(p, best_p);
+          Mask take_p, take_m;
+          if constexpr (kMaybeNaN) {
+            take_p = beats(p, best_p);
+            take_m = beats(mv, best_m);
+          } else {
+            take_p = p > best_p;
+            take_m = mv > best_m;
+          }
           best_p = take_p ? p : best_p;
           at_p = take_p ? jj : at_p;
-          const Mask take_m = beats(mv, best_m);
           best_m = take_m ? mv : best_m;
           at_m = take_m ? jj : at_m;
-        } else {
+        } else if constexpr (kMaybeNaN) {
           best_p = (p > best_p) | is_nan(p) ? p : best_p;
           best_m = (mv > best_m) | is_nan(mv) ? mv : best_m;
+        } else {
+          best_p = FloatOps<V>::max(p, best_p);
+          best_m = FloatOps<V>::max(mv, best_m);
         }
       }
       if (c == chunks - 1) {
@@ -319,7 +355,7 @@ void mc_loss_forward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t 
   }
 }
 
-// dx[j,k] = p[j,k] * (g[j,k] - S_j) + (gl / HW) * m_j * [wm(k) == j]; see mc_grad
+// dx[j,k] = p[j,k] * (g[j,k] - S_j) + (gl / HW) * [wm(k) == j] * m_j; see mc_grad
 template <typename scalar_t, typename acc>
 void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
   using Scan = GroupScan<scalar_t, acc>;
@@ -356,7 +392,8 @@ void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t
         s += L::load(scan.win_p.data() + off) == jj ? L::load(scan.g_p.data() + off) : V{};
       }
       const V s_j = L::splat(L::sum(s));
-      const V gl_m = L::splat(gl_per_pos * static_cast<acc>(mask_row[c0 + j]));
+      const LogitGrad<acc> gl(gl_per_pos, static_cast<acc>(mask_row[c0 + j]));
+      const V gl_win = L::splat(gl.win), gl_lose = L::splat(gl.lose);
       const acc* ej = scan.e.data() + j * scan.HWp;
       scalar_t* out_row = a.out + lay.at(b, c0 + j, 0);
       acc* dst = direct ? reinterpret_cast<acc*>(out_row) : d.data();
@@ -364,7 +401,7 @@ void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t
         const int64_t off = c * L::N;
         const V p = L::load(ej + off) * scan.inv[j];
         const Index at_p = L::load(scan.win_p.data() + off), at_m = L::load(scan.win_m.data() + off);
-        const V dx = mc_grad(div_grad_in(gh, at_p == jj), s_j, p, gl_m, at_m == jj);
+        const V dx = mc_grad(div_grad_in(gh, at_p == jj), s_j, p, gl_win, gl_lose, at_m == jj);
         if (off + L::N <= HW) {
           L::store(dst + off, dx);
         } else {

@@ -302,9 +302,9 @@ __global__ void mc_loss_backward_kernel(const acc_t<scalar_t>* __restrict__ grad
         const int64_t at = lay.at(b, c, k);
         const acc p = ChannelSoftmax<acc>::from(smax[b * C + c], sinv[b * C + c])(static_cast<acc>(x[at]));
         const int64_t j = c - c0;
+        const LogitGrad<acc> gl(gl_per_pos, static_cast<acc>(mask_row[c]));
         dx[at] = static_cast<scalar_t>(mc_grad(div_grad_in(gh, w.prob_at == j), sdiv[b * C + c], p,
-                                               gl_per_pos * static_cast<acc>(mask_row[c]),
-                                               w.masked_at == j));
+                                               gl.win, gl.lose, w.masked_at == j));
       }
     }
   }
