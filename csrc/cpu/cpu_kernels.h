@@ -208,13 +208,16 @@ struct GroupScan {
   int64_t HW, HWp, chunks;
   std::vector<acc> v, e, inv;  // values, exp(v - M_j), 1 / S_j
   std::vector<acc> m;          // the group's mask values
-  bool maybe_nan = false;      // the group may hold a NaN p or masked value (see softmax)
   std::vector<typename L::IndexLane> win_p, win_m;  // per position (backward)
   std::vector<acc> g_p;  // per position, gh * the winning p (backward)
+  bool maybe_nan = false;  // the group may hold a NaN p or masked value (see softmax)
 
-  GroupScan(int64_t HW_, int64_t max_group)
+  // for_backward: also the per-position buffers win_p, win_m and g_p
+  GroupScan(int64_t HW_, int64_t max_group, bool for_backward)
       : HW(HW_), HWp((HW_ + L::N - 1) / L::N * L::N), chunks(HWp / L::N),
-        v(max_group * HWp), e(max_group * HWp), inv(max_group), m(max_group) {}
+        v(max_group * HWp), e(max_group * HWp), inv(max_group), m(max_group),
+        win_p(for_backward ? HWp : 0), win_m(for_backward ? HWp : 0),
+        g_p(for_backward ? HWp : 0) {}
 
   // v, e and inv for channels [c0, c0 + n) of sample b: the softmax of every channel, with
   // the same p = exp(v - M) * (1 / S) as ChannelSoftmax. A NaN is skipped by the max,
@@ -341,7 +344,7 @@ template <typename scalar_t, typename acc>
 void mc_loss_forward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t end) {
   using V = typename GroupScan<scalar_t, acc>::V;
   const MapLayout lay = x_layout(a);
-  GroupScan<scalar_t, acc> scan(a.HW, a.max_group);
+  GroupScan<scalar_t, acc> scan(a.HW, a.max_group, /*for_backward=*/false);
   for (int64_t g = begin; g < end; ++g) {
     const int64_t b = g / a.K, i = g % a.K, c0 = a.offsets[i], n = a.offsets[i + 1] - c0;
     scan.softmax(a, lay, b, c0, n);
@@ -364,10 +367,7 @@ void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t
   using Index = typename Scan::Index;
   const MapLayout lay = x_layout(a);
   const int64_t HW = a.HW;
-  Scan scan(HW, a.max_group);
-  scan.win_p.resize(scan.HWp);
-  scan.win_m.resize(scan.HWp);
-  scan.g_p.resize(scan.HWp);
+  Scan scan(HW, a.max_group, /*for_backward=*/true);
   std::vector<acc> d(scan.HWp);
   // straight into dx where its rows are contiguous rows of acc, else through d
   const bool direct = std::is_same<scalar_t, acc>::value && lay.sK == 1;
