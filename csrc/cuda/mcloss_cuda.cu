@@ -184,93 +184,101 @@ struct GroupScratch {
   void* div;  // acc (B*C), backward only: S_j of mc_grad
 };
 
-template <typename scalar_t, typename acc>
-__device__ __forceinline__ void group_softmax_stats(const scalar_t* x, const MapLayout& lay,
-                                                    int64_t b, int64_t c0, int64_t c1, int64_t C,
-                                                    int64_t HW, acc* smax, acc* sinv, int lane) {
-  for (int64_t c = c0; c < c1; ++c) {
-    const SoftmaxStats<acc> s = row_stats<scalar_t, acc>(x, lay.at(b, c, 0), lay.sK, HW, lane);
-    if (lane == 0) {
-      const ChannelSoftmax<acc> softmax(s);
-      smax[b * C + c] = softmax.max;
-      sinv[b * C + c] = softmax.inv_sum;
-    }
-  }
-  __syncwarp();
-}
+// What both fused kernels read: the features, their class groups and the mask.
+template <typename scalar_t>
+struct FusedArgs {
+  const scalar_t* x;
+  const int64_t* offsets;
+  const scalar_t* mask;  // (C,) or (B, C): mask_bstride 0 or C
+  int64_t mask_bstride;
+  GroupScratch scratch;
+  MapLayout lay;
+  int64_t groups, C, K, HW;  // groups = B * K
+};
 
-// Scan a group's channels at position k: both per-position winners (relative indices).
-template <typename scalar_t, typename acc>
-__device__ __forceinline__ GroupWinners<acc> winners_at(const scalar_t* x, const scalar_t* mask_row,
-                                                        const MapLayout& lay, int64_t b,
-                                                        int64_t c0, int64_t c1, int64_t k,
-                                                        int64_t C, const acc* smax,
-                                                        const acc* sinv) {
-  GroupWinners<acc> w;
-  for (int64_t c = c0; c < c1; ++c) {
-    const acc v = static_cast<acc>(x[lay.at(b, c, k)]);
-    const acc p = ChannelSoftmax<acc>::from(smax[b * C + c], sinv[b * C + c])(v);
-    w.offer(c - c0, p, apply_mask(v, static_cast<acc>(mask_row[c])));
+// One class group (b, i), channels [c0, c1), as its warp walks it.
+template <typename scalar_t>
+struct WarpGroup {
+  using acc = acc_t<scalar_t>;
+  const FusedArgs<scalar_t>& a;
+  int64_t g, b, c0, c1;
+  const scalar_t* mask_row;
+  const acc* smax;  // the softmax statistics of every channel, filled before use
+  const acc* sinv;
+  int lane;
+
+  __device__ __forceinline__ ChannelSoftmax<acc> softmax_of(int64_t c) const {
+    return ChannelSoftmax<acc>::from(smax[b * a.C + c], sinv[b * a.C + c]);
   }
-  return w;
+
+  // Scan the group's channels at position k: both per-position winners (relative indices).
+  __device__ __forceinline__ GroupWinners<acc> winners_at(int64_t k) const {
+    GroupWinners<acc> w;
+    for (int64_t c = c0; c < c1; ++c) {
+      const acc v = static_cast<acc>(a.x[a.lay.at(b, c, k)]);
+      w.offer(c - c0, softmax_of(c)(v), apply_mask(v, static_cast<acc>(mask_row[c])));
+    }
+    return w;
+  }
+};
+
+// Runs body(group) for each class group of this warp (a grid-stride loop over warps), once
+// the group's per-channel softmax statistics are in the scratch.
+template <typename scalar_t, typename Body>
+__device__ __forceinline__ void for_each_group(const FusedArgs<scalar_t>& a, Body&& body) {
+  using acc = acc_t<scalar_t>;
+  acc* smax = static_cast<acc*>(a.scratch.max);
+  acc* sinv = static_cast<acc*>(a.scratch.inv);
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t g = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; g < a.groups;
+       g += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const int64_t b = g / a.K;
+    int64_t c0, c1;
+    group_of(a.offsets, g % a.K, a.C, c0, c1);
+    for (int64_t c = c0; c < c1; ++c) {
+      const SoftmaxStats<acc> s = row_stats<scalar_t, acc>(a.x, a.lay.at(b, c, 0), a.lay.sK, a.HW, lane);
+      if (lane == 0) {
+        const ChannelSoftmax<acc> softmax(s);
+        smax[b * a.C + c] = softmax.max;
+        sinv[b * a.C + c] = softmax.inv_sum;
+      }
+    }
+    __syncwarp();
+    body(WarpGroup<scalar_t>{a, g, b, c0, c1, a.mask + b * a.mask_bstride, smax, sinv, lane});
+  }
 }
 
 template <typename scalar_t>
-__global__ void mc_loss_forward_kernel(const scalar_t* __restrict__ x,
-                                       const int64_t* __restrict__ offsets,
-                                       const scalar_t* __restrict__ mask, int64_t mask_bstride,
-                                       acc_t<scalar_t>* __restrict__ h,
-                                       acc_t<scalar_t>* __restrict__ logits, GroupScratch scratch,
-                                       MapLayout lay, int64_t groups, int64_t C, int64_t K,
-                                       int64_t HW) {
+__global__ void mc_loss_forward_kernel(FusedArgs<scalar_t> a, acc_t<scalar_t>* __restrict__ h,
+                                       acc_t<scalar_t>* __restrict__ logits) {
   using acc = acc_t<scalar_t>;
-  acc* smax = static_cast<acc*>(scratch.max);
-  acc* sinv = static_cast<acc*>(scratch.inv);
-  const int lane = threadIdx.x % kWarp;
-  for (int64_t g = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; g < groups;
-       g += int64_t(gridDim.x) * kWarpsPerBlock) {
-    const int64_t b = g / K, i = g % K;
-    int64_t c0, c1;
-    group_of(offsets, i, C, c0, c1);
-    group_softmax_stats<scalar_t, acc>(x, lay, b, c0, c1, C, HW, smax, sinv, lane);
-    const scalar_t* mask_row = mask + b * mask_bstride;
+  for_each_group(a, [&](const WarpGroup<scalar_t>& grp) {
     acc hs = 0, ls = 0;
-    for (int64_t k = lane; k < HW; k += kWarp) {
-      const GroupWinners<acc> w = winners_at<scalar_t, acc>(x, mask_row, lay, b, c0, c1, k, C, smax, sinv);
+    for (int64_t k = grp.lane; k < a.HW; k += kWarp) {
+      const GroupWinners<acc> w = grp.winners_at(k);
       hs += w.prob;
       ls += w.masked;
     }
     hs = warp_sum(hs);
     ls = warp_sum(ls);
-    if (lane == 0) {
-      h[g] = hs;
-      logits[g] = ls / static_cast<acc>(HW);
+    if (grp.lane == 0) {
+      h[grp.g] = hs;
+      logits[grp.g] = ls / static_cast<acc>(a.HW);
     }
-  }
+  });
 }
 
 template <typename scalar_t>
-__global__ void mc_loss_backward_kernel(const acc_t<scalar_t>* __restrict__ grad_h,
+__global__ void mc_loss_backward_kernel(FusedArgs<scalar_t> a,
+                                        const acc_t<scalar_t>* __restrict__ grad_h,
                                         const acc_t<scalar_t>* __restrict__ grad_logits,
-                                        const scalar_t* __restrict__ x,
-                                        const int64_t* __restrict__ offsets,
-                                        const scalar_t* __restrict__ mask, int64_t mask_bstride,
-                                        scalar_t* __restrict__ dx, GroupScratch scratch,
-                                        MapLayout lay, int64_t groups, int64_t C, int64_t K,
-                                        int64_t HW) {
+                                        scalar_t* __restrict__ dx) {
   using acc = acc_t<scalar_t>;
-  acc* smax = static_cast<acc*>(scratch.max);
-  acc* sinv = static_cast<acc*>(scratch.inv);
-  acc* sdiv = static_cast<acc*>(scratch.div);
-  const int lane = threadIdx.x % kWarp;
-  for (int64_t g = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; g < groups;
-       g += int64_t(gridDim.x) * kWarpsPerBlock) {
-    const int64_t b = g / K, i = g % K;
-    int64_t c0, c1;
-    group_of(offsets, i, C, c0, c1);
-    group_softmax_stats<scalar_t, acc>(x, lay, b, c0, c1, C, HW, smax, sinv, lane);
-    const scalar_t* mask_row = mask + b * mask_bstride;
-    const acc gh = grad_h[g];
+  acc* sdiv = static_cast<acc*>(a.scratch.div);
+  for_each_group(a, [&](const WarpGroup<scalar_t>& grp) {
+    const int64_t b = grp.b, c0 = grp.c0, c1 = grp.c1, C = a.C, HW = a.HW;
+    const int lane = grp.lane;
+    const acc gh = grad_h[grp.g];
     // S_j = sum_k g[j,k] p[j,k] (see mc_grad): the gh * p of the positions channel j wins.
     // One scan of the group per 32 channels: at each step of 32 positions (one per lane),
     // every channel's share is summed across the warp, and lane l keeps channel cb + l's
@@ -283,7 +291,7 @@ __global__ void mc_loss_backward_kernel(const acc_t<scalar_t>* __restrict__ grad
         int64_t won_by = -1;  // the position's diversity winner (a channel index)
         acc share = 0;
         if (k < HW) {
-          const GroupWinners<acc> w = winners_at<scalar_t, acc>(x, mask_row, lay, b, c0, c1, k, C, smax, sinv);
+          const GroupWinners<acc> w = grp.winners_at(k);
           won_by = c0 + w.prob_at;
           share = gh * w.prob;
         }
@@ -295,19 +303,19 @@ __global__ void mc_loss_backward_kernel(const acc_t<scalar_t>* __restrict__ grad
       if (cb + lane < cend) sdiv[b * C + cb + lane] = s_mine;
     }
     __syncwarp();
-    const acc gl_per_pos = grad_logits[g] / static_cast<acc>(HW);
+    const acc gl_per_pos = grad_logits[grp.g] / static_cast<acc>(HW);
     for (int64_t k = lane; k < HW; k += kWarp) {
-      const GroupWinners<acc> w = winners_at<scalar_t, acc>(x, mask_row, lay, b, c0, c1, k, C, smax, sinv);
+      const GroupWinners<acc> w = grp.winners_at(k);
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t at = lay.at(b, c, k);
-        const acc p = ChannelSoftmax<acc>::from(smax[b * C + c], sinv[b * C + c])(static_cast<acc>(x[at]));
+        const int64_t at = a.lay.at(b, c, k);
+        const acc p = grp.softmax_of(c)(static_cast<acc>(a.x[at]));
         const int64_t j = c - c0;
-        const LogitGrad<acc> gl(gl_per_pos, static_cast<acc>(mask_row[c]));
+        const LogitGrad<acc> gl(gl_per_pos, static_cast<acc>(grp.mask_row[c]));
         dx[at] = static_cast<scalar_t>(mc_grad(div_grad_in(gh, w.prob_at == j), sdiv[b * C + c], p,
                                                gl.win, gl.lose, w.masked_at == j));
       }
     }
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------------------
@@ -405,10 +413,18 @@ at::Tensor ccmp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x, co
   return dx;
 }
 
-GroupScratch make_scratch(const at::Tensor& storage, int64_t BC) {
-  char* base = static_cast<char*>(storage.mutable_data_ptr());
-  const int64_t bytes = BC * static_cast<int64_t>(storage.element_size());
-  return GroupScratch{base, base + bytes, base + 2 * bytes};
+// The kernels' view of x, its groups and the mask, with a scratch of `slots` (B, C) arrays of
+// acc (2 forward: softmax max and 1/sum; 3 backward: and S_j).
+template <typename scalar_t>
+FusedArgs<scalar_t> fused_args(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& mask,
+                               int64_t mask_bstride, int64_t K, const at::Tensor& scratch) {
+  const int64_t B = x.size(0), C = x.size(1);
+  char* base = static_cast<char*>(scratch.mutable_data_ptr());
+  const int64_t bytes = B * C * static_cast<int64_t>(scratch.element_size());
+  return FusedArgs<scalar_t>{x.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(),
+                             mask.const_data_ptr<scalar_t>(), mask_bstride,
+                             GroupScratch{base, base + bytes, base + 2 * bytes}, layout_of(x),
+                             B * K, C, K, x.size(2) * x.size(3)};
 }
 
 std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cuda(const at::Tensor& x, const at::Tensor& offsets,
@@ -417,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cuda(const at::Tensor& x, con
   const int64_t K = check_offsets(offsets, x);
   const int64_t mask_bstride = check_mask(mask, x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t B = x.size(0), C = x.size(1);
   auto h = at::empty({B, K}, x.options().dtype(acc_type_of(x)));
   auto logits = at::empty({B, K}, x.options().dtype(acc_type_of(x)));
   if (B == 0) return {h, logits};
@@ -426,9 +442,8 @@ std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cuda(const at::Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_forward_cuda", [&] {
     using acc = acc_t<scalar_t>;
     mc_loss_forward_kernel<scalar_t><<<blocks_for(B * K, kWarpsPerBlock), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(), mask.const_data_ptr<scalar_t>(),
-        mask_bstride, h.mutable_data_ptr<acc>(), logits.mutable_data_ptr<acc>(),
-        make_scratch(scratch, B * C), layout_of(x), B * K, C, K, HW);
+        fused_args<scalar_t>(x, offsets, mask, mask_bstride, K, scratch), h.mutable_data_ptr<acc>(),
+        logits.mutable_data_ptr<acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {h, logits};
@@ -442,7 +457,7 @@ at::Tensor mc_loss_backward_cuda(const at::Tensor& grad_h_in, const at::Tensor& 
   check_group_grad(grad_h_in, x, K, "grad_h");
   check_group_grad(grad_logits_in, x, K, "grad_logits");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t B = x.size(0), C = x.size(1);
   const auto grad_h = grad_h_in.to(acc_type_of(x)).contiguous();
   const auto grad_logits = grad_logits_in.to(acc_type_of(x)).contiguous();
   auto dx = at::empty_like(x);
@@ -452,9 +467,8 @@ at::Tensor mc_loss_backward_cuda(const at::Tensor& grad_h_in, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_backward_cuda", [&] {
     using acc = acc_t<scalar_t>;
     mc_loss_backward_kernel<scalar_t><<<blocks_for(B * K, kWarpsPerBlock), kThreads, 0, stream>>>(
-        grad_h.const_data_ptr<acc>(), grad_logits.const_data_ptr<acc>(), x.const_data_ptr<scalar_t>(),
-        offsets.const_data_ptr<int64_t>(), mask.const_data_ptr<scalar_t>(), mask_bstride,
-        dx.mutable_data_ptr<scalar_t>(), make_scratch(scratch, B * C), layout_of(x), B * K, C, K, HW);
+        fused_args<scalar_t>(x, offsets, mask, mask_bstride, K, scratch), grad_h.const_data_ptr<acc>(),
+        grad_logits.const_data_ptr<acc>(), dx.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dx;
