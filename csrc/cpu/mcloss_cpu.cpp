@@ -56,9 +56,14 @@ template <>
 const auto& table_for<c10::BFloat16>() { return tables().bf16; }
 
 constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
+// What one item (row or group) costs beyond its elements, in elements: its reductions across
+// lanes, setup and loop overhead. Without it, tiny maps (1x1, a few positions) put thousands
+// of groups that each cost far more than their handful of elements into one task.
+constexpr int64_t kItemOverheadElements = 64;
 
 int64_t grain_for(int64_t elements_per_item) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+  return std::max<int64_t>(
+      1, kGrainElements / (std::max<int64_t>(1, elements_per_item) + kItemOverheadElements));
 }
 
 void set_strides(int64_t* dst, const at::Tensor& t) {
