@@ -40,6 +40,13 @@ struct MapLayout {
   MC_HD int64_t at(int64_t b, int64_t c, int64_t k) const { return b * sB + c * sC + k * sK; }
 };
 
+// Whether this copy of the code may use fused multiply-add on the CPU: built with -mfma
+// (__FMA__), or the AVX2+FMA copy of the CPU kernels, whose `#pragma GCC target("avx2,fma")`
+// does not define __FMA__, so kernels_avx2.cpp defines MCLOSS_AVX2 before including us.
+#if defined(__FMA__) || defined(MCLOSS_AVX2)
+#define MCLOSS_HAS_FMA 1
+#endif
+
 // How the shared formulas compute on a type F of floats: F is a scalar (float on the GPU and
 // the CPU, double for fp64) or, in the CPU kernels, a vector of 8 floats (cpu/simd.h adds
 // FloatOps for it). Mask is what a comparison of two F gives (bool for a scalar).
@@ -64,7 +71,7 @@ struct FloatOps<float> : ScalarOps<float> {
   MC_HD static float mul_add(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
     return __fmaf_rn(a, b, c);
-#elif defined(__FMA__)
+#elif defined(MCLOSS_HAS_FMA)
     return __builtin_fmaf(a, b, c);
 #else
     return a * b + c;  // no FMA on baseline x86-64; exp_f32's split of ln 2 keeps it accurate

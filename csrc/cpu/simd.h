@@ -53,7 +53,7 @@ struct FloatOps<f32x8> {
 #endif
   }
   static f32x8 mul_add(f32x8 a, f32x8 b, f32x8 c) {
-#if defined(__FMA__) || defined(MCLOSS_AVX2)
+#if defined(MCLOSS_HAS_FMA)
     return _mm256_fmadd_ps(a, b, c);
 #else
     return a * b + c;
