@@ -468,6 +468,12 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         print(f"ERROR in {name} {case.label()} {dtype}: {rec['error']}", file=sys.stderr)
 
+    def set_bandwidth(rec):
+        # minimal traffic: read x (forward), read x (backward), write dx
+        rec["bw_gbps"] = 3 * x_bytes / (rec["fwd_bwd_ms"] * 1e-3) / 1e9
+        if copy_gbps:
+            rec["bw_share_of_copy"] = rec["bw_gbps"] / copy_gbps
+
     # --- prepare every implementation (compile, check), then time them all side by side
     jobs, rows = [], []
     for name in [n for n in ALL_IMPLS if n in names]:
@@ -533,9 +539,7 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
             elif result is not None:
                 rec[f"{kind}_ms"], rec[f"{kind}_runs"] = result
         if name == "graphed" and rec.get("fwd_bwd_ms"):
-            rec["bw_gbps"] = 3 * x_bytes / (rec["fwd_bwd_ms"] * 1e-3) / 1e9
-            if copy_gbps:
-                rec["bw_share_of_copy"] = rec["bw_gbps"] / copy_gbps
+            set_bandwidth(rec)
         if fn is not None and not rec["error"]:
             try:
                 rec["saved_bytes"] = saved_bytes_of(fn, x)
@@ -549,10 +553,7 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
                     fn().backward()  # x.grad (one feature map) is part of the peak
                     sync(device)
                     rec["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - base
-                    # minimal traffic: read x (forward), read x (backward), write dx
-                    rec["bw_gbps"] = 3 * x_bytes / (rec["fwd_bwd_ms"] * 1e-3) / 1e9
-                    if copy_gbps:
-                        rec["bw_share_of_copy"] = rec["bw_gbps"] / copy_gbps
+                    set_bandwidth(rec)
             except Exception as e:
                 fail(rec, name, e)
             finally:
