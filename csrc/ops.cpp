@@ -23,6 +23,11 @@ TORCH_LIBRARY(mcloss_cuda, m) {
   m.def(
       "mc_loss_backward(Tensor grad_h, Tensor grad_logits, Tensor x, Tensor offsets, "
       "Tensor mask) -> Tensor");
+  // the whole loss: mc_loss_forward, then cross-entropy over the logits and the diversity term
+  // (csrc/mc_loss.h); returns (loss, dis, div, logits), each differentiable
+  m.def(
+      "mc_loss(Tensor x, Tensor targets, Tensor offsets, Tensor mask, float alpha, float beta) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // A plain C extension module: importing it runs the registrations above (and those of the

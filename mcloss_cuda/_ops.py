@@ -21,8 +21,13 @@ except ImportError as e:  # a pure-Python install, or a build for another torch
 
 AVAILABLE = _C is not None
 NAMESPACE = "mcloss_cuda"
-OP_NAMES = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-            "ccmp_backward", "mc_loss_forward", "mc_loss_backward")
+# ops with a CPU and (in a CUDA build) a CUDA kernel each
+KERNEL_OPS = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
+              "ccmp_backward", "mc_loss_forward", "mc_loss_backward")
+# ops built from those and ATen ops, one implementation for every backend
+# (CompositeExplicitAutograd), with their own autograd formula
+COMPOSITE_OPS = ("mc_loss",)
+OP_NAMES = KERNEL_OPS + COMPOSITE_OPS
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
@@ -106,6 +111,14 @@ if AVAILABLE:
     def _(grad_h, grad_logits, x, offsets, mask):
         _one_device(x=x, grad_h=grad_h, grad_logits=grad_logits, offsets=offsets, mask=mask)
         return torch.empty_like(x)
+
+    @torch.library.register_fake("mcloss_cuda::mc_loss")
+    def _(x, targets, offsets, mask, alpha, beta):
+        _one_device(x=x, targets=targets, offsets=offsets, mask=mask)
+        K = offsets.shape[0] - 1
+        acc = acc_dtype(x.dtype)
+        scalar = lambda: x.new_empty((), dtype=acc)  # noqa: E731
+        return scalar(), scalar(), scalar(), x.new_empty((x.shape[0], K), dtype=acc)
 
     # Autograd: csrc/autograd/mcloss_autograd.cpp registers each forward op's backward (one
     # of the backward ops) for the Autograd key, in C++, so that a step runs no Python for it.

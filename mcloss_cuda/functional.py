@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from . import reference
 from ._common import (
+    MCLossOutput,
     accumulate_in,
-    assemble,
     check_coefficients,
     check_features,
     check_mask,
@@ -27,12 +27,6 @@ def _fused(x):
 def _mask_for_kernel(mask, x):
     """The kernels take the mask in the features' dtype, (C,) or (B, C), contiguous."""
     return mask.to(dtype=x.dtype).contiguous()
-
-
-def _sums_and_logits(x, counts, mask):
-    """(h, logits), each (B, K), from one fused pass over x."""
-    return ops.mc_loss_forward(kernel_layout(x), group_tensor(counts, x.device, "offsets"),
-                               _mask_for_kernel(mask, x))
 
 
 def spatial_softmax(x):
@@ -115,5 +109,8 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
         mask = draw_mask(features, counts, drop, per_sample_mask, generator)
     else:
         check_mask(mask, features.shape[0], features.shape[1], features.device)
-    h, logits = _sums_and_logits(features, counts, mask)
-    return assemble(h, logits, targets, counts, alpha, beta)
+    # one op, one autograd node: the fused kernels plus the (B, K) tail that assemble() runs
+    # for the reference, in C++ (csrc/mc_loss.h)
+    x = kernel_layout(features)
+    return MCLossOutput(*ops.mc_loss(x, targets, group_tensor(counts, x.device, "offsets"),
+                                     _mask_for_kernel(mask, x), float(alpha), float(beta)))

@@ -24,13 +24,22 @@ def test_cuda_build_when_asked():
     assert mc.built_with_cuda()
 
 
-@pytest.mark.parametrize("op", _ops.OP_NAMES)
+@pytest.mark.parametrize("op", _ops.KERNEL_OPS)
 def test_every_op_has_cpu_and_cuda_kernels(op):
     if not _ops.AVAILABLE:
         pytest.skip(f"extension not built: {_ops.LOAD_ERROR!r}")
     assert _ops.has_kernel(op, "CPU")
     if mc.built_with_cuda():
         assert _ops.has_kernel(op, "CUDA"), f"{op}: CUDA sources compiled but no CUDA kernel"
+
+
+@pytest.mark.parametrize("op", _ops.COMPOSITE_OPS)
+def test_composite_ops_serve_every_backend_with_their_own_autograd(op):
+    if not _ops.AVAILABLE:
+        pytest.skip(f"extension not built: {_ops.LOAD_ERROR!r}")
+    assert _ops.has_kernel(op, "CompositeExplicitAutograd")
+    assert _ops.has_kernel(op, "Autograd")
+    assert not _ops.has_kernel(op, "CPU") and not _ops.has_kernel(op, "CUDA")
 
 
 def test_backend_names():

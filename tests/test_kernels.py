@@ -39,8 +39,8 @@ from helpers import (DEVICES, GRAD_TOL, VALUE_TOL, apply_layout, child_env, coun
 R = mc.reference
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = [F32, F64, F16, BF16]
-OP_NAMES = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-            "ccmp_backward", "mc_loss_forward", "mc_loss_backward")
+KERNEL_OPS = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
+              "ccmp_backward", "mc_loss_forward", "mc_loss_backward")
 
 # absolute gradient tolerance, as a fraction of the largest |gradient| (a few ulps of it)
 GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2 ** -9, BF16: 2 ** -6}
@@ -467,14 +467,14 @@ def test_public_functions_dispatch_to_fused_ops(device):
 @pytest.mark.skipif(not mc._ops.AVAILABLE, reason="extension not built")
 def test_cuda_build_registers_cuda_kernels_for_every_op():
     # Runs without a GPU: the dispatcher knows the registrations without a device.
-    for op in OP_NAMES:
+    for op in KERNEL_OPS:
         name = f"mcloss_cuda::{op}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
         has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
         assert has_cuda == mc.built_with_cuda(), (
             f"{name}: built_with_cuda()={mc.built_with_cuda()} but CUDA kernel registered: "
             f"{has_cuda}")
-    assert sorted(OP_NAMES) == sorted(mc._ops.OP_NAMES)
+    assert sorted(KERNEL_OPS) == sorted(mc._ops.KERNEL_OPS)
     if os.environ.get("MCLOSS_BACKEND", "").strip().lower() != "reference":
         assert mc.backend("cuda") == ("cuda" if mc.built_with_cuda() else "reference")
         assert mc.backend("cpu") == "cpu"
@@ -482,7 +482,7 @@ def test_cuda_build_registers_cuda_kernels_for_every_op():
 
 @pytest.mark.skipif(not mc._ops.AVAILABLE, reason="extension not built")
 def test_every_op_is_registered():
-    for op in OP_NAMES:
+    for op in mc._ops.OP_NAMES:
         assert hasattr(torch.ops.mcloss_cuda, op), op
 
 

@@ -369,6 +369,7 @@ def build_op_cases():
         ("ccmp_backward", "ops.ccmp_backward(gKHW, x, {O})"),
         ("mc_loss_forward", "ops.mc_loss_forward(x, {O}, mf)"),
         ("mc_loss_backward", "ops.mc_loss_backward(gK, gK, x, {O}, mf)"),
+        ("mc_loss", "ops.mc_loss(x, y, {O}, mf, 1.5, 20.0)"),
     ]
     bad_offsets = [
         ("int32", "off.int()", "TypeError", ("int64", "Int")),
@@ -409,6 +410,7 @@ def build_op_cases():
         ("ccmp_backward", "ops.ccmp_backward(gKHW, {X}, off)"),
         ("mc_loss_forward", "ops.mc_loss_forward({X}, off, mf)"),
         ("mc_loss_backward", "ops.mc_loss_backward(gK, gK, {X}, off, mf)"),
+        ("mc_loss", "ops.mc_loss({X}, y, off, mf, 1.5, 20.0)"),
     ]
     bad_x = [
         ("3d", "x[0]", "ValueError", ("4-D",)),
@@ -431,6 +433,7 @@ def build_op_cases():
         ("channel_mask", "ops.channel_mask(x, {M})"),
         ("mc_loss_forward", "ops.mc_loss_forward(x, off, {M})"),
         ("mc_loss_backward", "ops.mc_loss_backward(gK, gK, x, off, {M})"),
+        ("mc_loss", "ops.mc_loss(x, y, off, {M}, 1.5, 20.0)"),
     ]
     bad_mask = [
         ("length", "torch.ones(C + 1)", "ValueError", ("[13]",)),
@@ -446,6 +449,20 @@ def build_op_cases():
     for oid, tmpl in mask_ops:
         for bid, expr, exc, shows in bad_mask:
             add(f"{oid}-mask-{bid}", tmpl.format(M=expr), exc, "mask", shows)
+
+    # the targets of the whole-loss op
+    for bid, expr, exc, shows in [
+            ("float", "y.float()", "TypeError", ("int64", "Float")),
+            ("int32", "y.int()", "TypeError", ("Int",)),
+            ("2d", "y[None]", "ValueError", ("(3,)", "[1, 3]")),
+            ("batch", "y[:1]", "ValueError", ("[1]",)),
+            ("scalar", "y[0]", "ValueError", ("[]",)),
+            ("too-large", "torch.full_like(y, K)", "ValueError", ("[0, 4)", "got 4")),
+            ("negative", "torch.full_like(y, -1)", "ValueError", ("[0, 4)", "got -1")),
+            ("ignore-index", "torch.full_like(y, -100)", "ValueError", ("got -100",)),
+            ("meta", "y.to('meta')", "ValueError", ("meta",))]:
+        add(f"mc_loss-targets-{bid}", f"ops.mc_loss(x, {expr}, off, mf, 1.5, 20.0)", exc,
+            "targets", shows)
 
     # gradients of the backward ops
     add("mc_loss_backward-grad_h-shape", "ops.mc_loss_backward(torch.ones(B, K + 1), gK, x, off, "
@@ -592,7 +609,7 @@ def test_every_public_function_is_covered():
     assert any(cid.startswith("MCLoss-") for cid in ALL)
     if OP_CASES:
         for op in ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-                   "ccmp_backward", "mc_loss_forward", "mc_loss_backward"):
+                   "ccmp_backward", "mc_loss_forward", "mc_loss_backward", "mc_loss"):
             assert any(cid.startswith(f"ops-{op}-") for cid in ALL), op
 
 

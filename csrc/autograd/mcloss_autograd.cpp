@@ -1,14 +1,18 @@
-// Autograd for the four forward ops, in C++ (registered for the Autograd dispatch key) so that
+// Autograd for the five forward ops, in C++ (registered for the Autograd dispatch key) so that
 // a training step pays no Python for it: each forward redispatches below autograd to the
 // CPU/CUDA kernel and saves only what its hand-written backward op needs. The backward ops
 // themselves have no autograd formula (no double backward).
 //
 // Saved for backward: spatial_softmax its output; channel_mask the (C,) or (B, C) mask; ccmp
-// and mc_loss_forward their inputs (x itself, plus offsets and mask), never anything else of
-// the size of x.
+// and mc_loss_forward their inputs (x itself, plus offsets and mask); mc_loss those inputs,
+// the targets and three small tensors of its cross-entropy; never anything else of the size
+// of x. (The mc_loss forward runs its pieces itself rather than redispatching to the op's
+// composite kernel, to keep what its backward needs.)
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "mc_loss.h"
 
 namespace mcloss {
 namespace autograd {
@@ -109,6 +113,40 @@ class McLossForward : public torch::autograd::Function<McLossForward> {
   }
 };
 
+// The whole loss (csrc/mc_loss.h). Saved: the kernel's inputs as for mc_loss_forward, the
+// targets, and the cross-entropy's (B, K) log-probabilities and its count of targets.
+class McLoss : public torch::autograd::Function<McLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& targets, const at::Tensor& offsets,
+                               const at::Tensor& mask, double alpha, double beta) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [h, logits] = mc_loss_sums(x, targets, offsets, mask);
+    LossTail t = loss_tail(h, logits, targets, offsets, alpha, beta);
+    ctx->save_for_backward({x, targets, offsets, mask, t.log_probs, t.total_weight, t.sizes});
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["beta"] = beta;
+    return {t.loss, t.dis, t.div, logits};
+  }
+  // grads: of loss, dis, div and logits (zeros for an output that took no part)
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd =
+        op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&)>("mcloss_cuda::mc_loss_backward");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &targets = saved[1], &offsets = saved[2], &mask = saved[3];
+    LossTail t;
+    t.log_probs = saved[4];
+    t.total_weight = saved[5];
+    t.sizes = saved[6];
+    const LossTailGrads g =
+        loss_tail_backward(grads[0], grads[1], grads[2], grads[3], t, targets,
+                           ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble());
+    return {bwd.call(g.h, g.logits, x, offsets, mask), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
 }  // namespace autograd
 
@@ -126,6 +164,11 @@ TORCH_LIBRARY_IMPL(mcloss_cuda, Autograd, m) {
            auto out = autograd::McLossForward::apply(x, offsets, mask);
            return std::make_tuple(out[0], out[1]);
          });
+  m.impl("mc_loss", [](const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets,
+                       const at::Tensor& mask, double alpha, double beta) {
+    auto out = autograd::McLoss::apply(x, targets, offsets, mask, alpha, beta);
+    return std::make_tuple(out[0], out[1], out[2], out[3]);
+  });
 }
 
 }  // namespace mcloss
