@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import time
@@ -216,6 +217,11 @@ class Timer:
     CPU: time.perf_counter. CUDA: events around each run plus a synchronize; before each run a
     256 MiB buffer is overwritten (outside the events) so that inputs are not served from the L2
     cache of the previous run: the bandwidth figures then mean DRAM traffic.
+
+    On the CPU each run's minor page faults are counted too: a step whose fresh outputs the
+    allocator has just handed back to the OS pays for zeroed pages in the kernel (sys time),
+    which can move a row's time by tens of percent from one run to the next; the count says
+    when that happened.
     """
 
     def __init__(self, device, warmup, repeats, budget_s, rounds=4):
@@ -225,7 +231,7 @@ class Timer:
         if device.type == "cuda":
             self.flush = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device=device)
 
-    def _once(self, fn) -> float:
+    def _once(self, fn, faults=None) -> float:
         if self.device.type == "cuda":
             self.flush.zero_()
             start = torch.cuda.Event(enable_timing=True)
@@ -235,18 +241,23 @@ class Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        if faults is not None:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        return ms
 
     def median_ms(self, fn) -> Tuple[float, int]:
         result = self.side_by_side([("only", fn)])["only"]
         if isinstance(result, Exception):
             raise result
-        return result
+        return result[:2]
 
     def side_by_side(self, jobs):
-        """{key: (median ms, runs)} for jobs [(key, fn)]; {key: exception} for a job that failed.
+        """{key: (median ms, runs, median page faults per run or None)} for jobs [(key, fn)];
+        {key: exception} for a job that failed.
 
         Each job is warmed up and timed once to size it: as many runs as fit in the budget, at
         least 5 (a median of fewer means little), at most `repeats`. Its runs are then taken in
@@ -256,6 +267,7 @@ class Timer:
         softmax passes) honest.
         """
         times, want, out = {}, {}, {}
+        faults = {key: ([] if self.device.type == "cpu" else None) for key, _ in jobs}
         for key, fn in jobs:
             try:
                 for _ in range(self.warmup):
@@ -279,12 +291,13 @@ class Timer:
                     if r > 0:
                         fn()  # untimed: the previous block was another job's
                         sync(self.device)
-                    times[key] += [self._once(fn) for _ in range(block)]
+                    times[key] += [self._once(fn, faults[key]) for _ in range(block)]
                 except Exception as e:
                     out[key] = e
                     del times[key]
         for key, ts in times.items():
-            out[key] = (statistics.median(ts), len(ts))
+            f = faults[key]
+            out[key] = (statistics.median(ts), len(ts), statistics.median(f) if f else None)
         return out
 
 
@@ -427,7 +440,8 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
         r = dict(rec_base)
         r.update(impl=impl, shape=[B, C, H, W], groups=case.groups, num_classes=case.K,
                  dtype=str(dtype).replace("torch.", ""), backend=backend, case=case.why,
-                 fwd_ms=None, fwd_bwd_ms=None, saved_bytes=None, saved_pct_of_x=None,
+                 fwd_ms=None, fwd_bwd_ms=None, fwd_page_faults=None, fwd_bwd_page_faults=None,
+                 saved_bytes=None, saved_pct_of_x=None,
                  peak_extra_bytes=None, bw_gbps=None, bw_share_of_copy=None,
                  loss=None, loss_abs_diff_vs_fused=None, check="", note=note, error=None,
                  feature_bytes=x_bytes)
@@ -537,7 +551,7 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
                 if not rec["error"]:
                     fail(rec, name, result)
             elif result is not None:
-                rec[f"{kind}_ms"], rec[f"{kind}_runs"] = result
+                rec[f"{kind}_ms"], rec[f"{kind}_runs"], rec[f"{kind}_page_faults"] = result
         if name == "graphed" and rec.get("fwd_bwd_ms"):
             set_bandwidth(rec)
         if fn is not None and not rec["error"]:
@@ -594,6 +608,8 @@ def markdown(records, header_lines, device, skipped):
             "fused speed-up fwd", "fused speed-up fwd+bwd", "saved for bwd MiB (% of x)"]
     if cuda:
         cols += ["peak extra MiB", "BW GB/s (% of copy)"]
+    else:
+        cols += ["page faults / fwd+bwd"]
     cols += ["/ softmax", "check"]
     out = list(header_lines) + ["", "| " + " | ".join(cols) + " |",
                                 "|" + "|".join("---" for _ in cols) + "|"]
@@ -610,6 +626,9 @@ def markdown(records, header_lines, device, skipped):
             row.append("—" if r["bw_gbps"] is None else
                        f"{r['bw_gbps']:.0f}" + ("" if r["bw_share_of_copy"] is None
                                                 else f" ({100 * r['bw_share_of_copy']:.0f}%)"))
+        else:
+            key = "fwd_page_faults" if r["impl"] == "softmax" else "fwd_bwd_page_faults"
+            row.append(_f(r.get(key), "{:.0f}"))
         row.append(_f(r.get("softmax_passes"), "{:.2f}"))
         flags = [r["check"]] if r["check"] else []
         if r.get("note"):
@@ -636,6 +655,11 @@ def markdown(records, header_lines, device, skipped):
                    "allocation during one fwd+bwd above what was allocated before (includes "
                    "x.grad); `BW` = (read x fwd + read x bwd + write dx) / fwd+bwd time, and "
                    "its share of the device-to-device copy bandwidth measured in this run.")
+    if not cuda:
+        out.append("CPU: `page faults` = median minor page faults per timed fwd+bwd (forward "
+                   "for softmax), whole process: fresh pages the OS zeroes because the "
+                   "allocator had returned freed outputs to it; 4 KiB each (about 3,700 per "
+                   "15 MB output).")
     if skipped:
         out.append("Not run (time limit reached): " + ", ".join(skipped))
     return "\n".join(out)
