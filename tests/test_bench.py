@@ -1,5 +1,6 @@
 """benchmarks/bench.py: the side-by-side timer and a short end-to-end run (no timing claims)."""
 
+import gc
 import importlib.util
 import json
 import os
@@ -39,6 +40,7 @@ def test_side_by_side_interleaves_rounds_and_keeps_failures_apart(bench):
     out = timer.side_by_side([("a", job("a")), ("bad", failing), ("b", job("b"))])
 
     assert isinstance(out["bad"], RuntimeError)
+    assert gc.isenabled()  # switched off only while timing
     for key in ("a", "b"):
         median, runs, faults = out[key]
         assert runs == 9 and median >= 0 and faults >= 0
