@@ -1,17 +1,15 @@
 // The mc_loss op: the whole loss in one op, so that a training step records one autograd node
-// for it instead of a dozen small ops and nodes, each with its Python and dispatch cost (on the
-// 2-core CPU that tail took ~0.37 ms a step from Python, forward and backward; a step is
-// 60-100 us faster with it here).
+// for it instead of a dozen small ops and nodes, each with its Python and dispatch cost, and a
+// CUDA step launches four kernels for the loss (two fused passes over x, two small ones for
+// the (B, K) tail) instead of some thirty.
 //
-// Its (B, K)-sized end, from the fused kernel's per-group diversity sums h and logits to
-// (loss, dis, div), runs the very ATen ops, in the same order, that
-// mcloss_cuda._common.assemble runs for the reference:
+// Its (B, K)-sized end, from the fused kernel's per-group diversity sums h and logits:
 //   div = 1 - mean(h / n_i),  dis = cross_entropy(logits, targets),  loss = alpha*dis + beta*div
-// and its backward applies the formulas autograd would apply to them. Device-agnostic: every
-// op here has CPU and CUDA kernels in ATen.
+// as the reference's assemble() (mcloss_cuda/_common.py) computes them with torch ops.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
 namespace mcloss {
@@ -51,49 +49,39 @@ inline void check_targets(const at::Tensor& targets, const at::Tensor& x, const 
   }
 }
 
-// What the forward computes, and what its backward needs besides the kernel's inputs.
+// The tail, through the ops mc_loss_tail and mc_loss_tail_backward (CPU and CUDA kernels on
+// the formulas of mcloss_math.h): loss, dis and div, and lse, every row of logits' max and
+// log-sum-exp (B, 2) (kept, with the logits, for the backward).
 struct LossTail {
-  at::Tensor loss, dis, div;
-  at::Tensor log_probs, total_weight;  // of the cross-entropy (kept for its backward)
-  at::Tensor sizes;                    // n_i, the channel count of every group, in h's dtype
+  at::Tensor loss, dis, div, lse;
 };
 
 inline LossTail loss_tail(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& targets,
                           const at::Tensor& offsets, double alpha, double beta) {
-  LossTail t;
-  t.sizes = at::diff(offsets).to(h.scalar_type());
-  t.div = at::rsub(at::mean(at::div(h, t.sizes)), 1);
-  // cross_entropy as torch composes it: log_softmax over classes, then nll_loss (mean over
-  // the batch, ignore_index -100)
-  t.log_probs = at::_log_softmax(logits, 1, /*half_to_float=*/false);
-  std::tie(t.dis, t.total_weight) =
-      at::nll_loss_forward(t.log_probs, targets, {}, at::Reduction::Mean, -100);
-  t.loss = at::add(at::mul(t.dis, alpha), at::mul(t.div, beta));
-  return t;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mcloss_cuda::mc_loss_tail", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+              double)>();
+  auto [loss, dis, div, lse] = op.call(h, logits, targets, offsets, alpha, beta);
+  return {loss, dis, div, lse};
 }
 
-struct LossTailGrads {
-  at::Tensor h, logits;  // (B, K) each
-};
-
-// Gradients of h and logits given those of the four outputs (loss, dis, div, logits); an
-// unused output's gradient arrives as zeros.
-inline LossTailGrads loss_tail_backward(const at::Tensor& g_loss, const at::Tensor& g_dis,
-                                        const at::Tensor& g_div, const at::Tensor& g_logits,
-                                        const LossTail& t, const at::Tensor& targets,
-                                        double alpha, double beta) {
-  const at::Tensor g_dis_all = at::add(g_dis, at::mul(g_loss, alpha));
-  const at::Tensor g_div_all = at::add(g_div, at::mul(g_loss, beta));
-  const at::Tensor g_log_probs = at::nll_loss_backward(
-      g_dis_all, t.log_probs, targets, {}, at::Reduction::Mean, -100, t.total_weight);
-  LossTailGrads g;
-  g.logits = at::add(g_logits, at::_log_softmax_backward_data(g_log_probs, t.log_probs, 1,
-                                                              t.log_probs.scalar_type()));
-  // through 1 - mean(h / n): -g / (B K), spread over (B, K), then / n_i
-  g.h = at::div(at::div(at::neg(g_div_all), c10::Scalar(t.log_probs.sym_numel()))
-                    .expand_symint(t.log_probs.sym_sizes()),
-                t.sizes);
-  return g;
+// Gradients of h and logits, both (B, K), given those of the four outputs (loss, dis, div,
+// logits); an unused output's gradient arrives as zeros.
+inline std::tuple<at::Tensor, at::Tensor> loss_tail_backward(
+    const at::Tensor& g_loss, const at::Tensor& g_dis, const at::Tensor& g_div,
+    const at::Tensor& g_logits, const at::Tensor& logits, const at::Tensor& lse,
+    const at::Tensor& targets, const at::Tensor& offsets, double alpha, double beta) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mcloss_cuda::mc_loss_tail_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+              double)>();
+  return op.call(g_loss, g_dis, g_div, g_logits, logits, lse, targets, offsets, alpha, beta);
 }
 
 }  // namespace mcloss

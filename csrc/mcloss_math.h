@@ -261,6 +261,74 @@ MC_HD F mc_grad(F g_div, F s_div, F p, F logit_win, F logit_lose, M wins_masked)
   return p * (g_div - s_div) + FloatOps<F>::select(wins_masked, logit_win, logit_lose);
 }
 
+// ---- the (B, K) end of the loss: cross-entropy over the logits, and the diversity term
+
+MC_HD float log_acc(float v) {
+#if defined(__CUDA_ARCH__)
+  return logf(v);
+#else
+  return std::log(v);
+#endif
+}
+MC_HD double log_acc(double v) {
+#if defined(__CUDA_ARCH__)
+  return ::log(v);
+#else
+  return std::log(v);
+#endif
+}
+
+// log softmax of one row of K logits as torch.log_softmax evaluates it, (v - M) - log S, from
+// the row's max M and log S = log sum_i exp(row[i] - M) kept apart: M + log S as one number
+// would lose the low bits of log S to the rounding of a large M. NaN and +-inf behave as in
+// torch: a NaN or +inf in the row makes log S NaN; an all -inf row gives -inf - -inf = NaN.
+template <typename T>
+struct RowLogSoftmax {
+  T max, log_sum;
+  MC_HD RowLogSoftmax(T m, T ls) : max(m), log_sum(ls) {}
+  MC_HD static RowLogSoftmax of(const T* row, int64_t K) {
+    SoftmaxStats<T> s;
+    for (int64_t i = 0; i < K; ++i) s.add(row[i]);
+    return RowLogSoftmax(s.max, log_acc(s.sum));
+  }
+  MC_HD T operator()(T v) const { return (v - max) - log_sum; }
+};
+
+// -log softmax(row)[t]. A class index outside [0, K) (only a direct op call on CUDA can pass
+// one; the checks refuse it everywhere else) gives NaN instead of reading out of bounds.
+template <typename T>
+MC_HD T target_nll(const T* row, const RowLogSoftmax<T>& ls, int64_t t, int64_t K) {
+  return t >= 0 && t < K ? -ls(row[t]) : T(NAN);
+}
+
+// d(-log softmax(row)[t]) / d row[i] = softmax(row)[i] - [i == t], times the row's gradient.
+template <typename T>
+MC_HD T nll_logit_grad(T g_row, T logit, const RowLogSoftmax<T>& ls, bool is_target) {
+  return g_row * (exp_acc(ls(logit)) - (is_target ? T(1) : T(0)));
+}
+
+// loss, dis and div from the two sums over the batch, taken in double: sum_b nll_b and
+// sum_{b,i} h[b,i] / n_i. Means over an empty batch are NaN, as torch's are.
+template <typename T>
+struct TailScalars {
+  T loss, dis, div;
+  MC_HD TailScalars(double nll_sum, double h_over_n_sum, int64_t B, int64_t K, T alpha, T beta)
+      : dis(static_cast<T>(nll_sum / static_cast<double>(B))),
+        div(static_cast<T>(1.0 - h_over_n_sum / (static_cast<double>(B) * static_cast<double>(K)))) {
+    loss = alpha * dis + beta * div;
+  }
+};
+
+// The gradients the backward pass sends into h and the logits, from those of (loss, dis, div):
+// per row of logits g_dis_all / B, per element of h -g_div_all / (B K n_i).
+template <typename T>
+struct TailGradScale {
+  T per_row, per_h;
+  MC_HD TailGradScale(T g_loss, T g_dis, T g_div, T alpha, T beta, int64_t B, int64_t K)
+      : per_row((g_dis + g_loss * alpha) / static_cast<T>(B)),
+        per_h(-(g_div + g_loss * beta) / (static_cast<T>(B) * static_cast<T>(K))) {}
+};
+
 // Clamp a group's channel range into [0, C] so that a malformed offsets tensor that reached a
 // kernel unchecked (CUDA cannot check values without a sync) can never index out of bounds.
 MC_HD void clamp_group(int64_t& c0, int64_t& c1, int64_t C) {

@@ -98,4 +98,54 @@ inline void check_map_grad(const at::Tensor& grad, const at::Tensor& ref, const 
                     grad.sizes());
 }
 
+// The (B, K) tail ops: h and logits (B, K) in the accumulation dtype (float or double) on one
+// device, targets int64 (B,), offsets int64 (K + 1,) there too. Returns (B, K).
+inline std::pair<int64_t, int64_t> check_tail(const at::Tensor& h, const at::Tensor& logits,
+                                              const at::Tensor& targets,
+                                              const at::Tensor& offsets) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "logits: expected a 2-D tensor (B, K), got shape ",
+                    logits.sizes());
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+                   "logits: expected float32 or float64, got ", logits.scalar_type());
+  check_like(h, logits, "h", "logits");
+  TORCH_CHECK_VALUE(h.sizes() == logits.sizes(), "h: expected shape ", logits.sizes(),
+                    " (that of logits), got ", h.sizes());
+  const int64_t B = logits.size(0), K = logits.size(1);
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, "targets: expected int64, got ",
+                   targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == B, "targets: expected shape (", B,
+                    ",), got ", targets.sizes());
+  TORCH_CHECK_VALUE(targets.device() == logits.device(), "targets: expected device ",
+                    logits.device(), ", got ", targets.device());
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, "offsets: expected int64, got ",
+                   offsets.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == K + 1, "offsets: expected shape (",
+                    K + 1, ",), got ", offsets.sizes());
+  TORCH_CHECK_VALUE(offsets.device() == logits.device(), "offsets: expected device ",
+                    logits.device(), ", got ", offsets.device());
+  return {B, K};
+}
+
+// mc_loss_tail_backward's arguments: the gradients of the scalar outputs 0-dim, that of the
+// logits (B, K), lse (B, 2), all in the logits' dtype and on their device. Returns (B, K).
+inline std::pair<int64_t, int64_t> check_tail_backward(
+    const at::Tensor& g_loss, const at::Tensor& g_dis, const at::Tensor& g_div,
+    const at::Tensor& g_logits, const at::Tensor& logits, const at::Tensor& lse,
+    const at::Tensor& targets, const at::Tensor& offsets) {
+  const auto [B, K] = check_tail(logits, logits, targets, offsets);
+  const std::pair<const at::Tensor*, const char*> scalars[] = {
+      {&g_loss, "grad_loss"}, {&g_dis, "grad_dis"}, {&g_div, "grad_div"}};
+  for (const auto& [g, name] : scalars) {
+    check_like(*g, logits, name, "logits");
+    TORCH_CHECK_VALUE(g->dim() == 0, name, ": expected a 0-dim tensor, got shape ", g->sizes());
+  }
+  check_like(g_logits, logits, "grad_logits", "logits");
+  TORCH_CHECK_VALUE(g_logits.sizes() == logits.sizes(), "grad_logits: expected shape ",
+                    logits.sizes(), ", got ", g_logits.sizes());
+  check_like(lse, logits, "lse", "logits");
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == 2,
+                    "lse: expected shape (", B, ", 2), got ", lse.sizes());
+  return {B, K};
+}
+
 }  // namespace mcloss

@@ -23,6 +23,17 @@ TORCH_LIBRARY(mcloss_cuda, m) {
   m.def(
       "mc_loss_backward(Tensor grad_h, Tensor grad_logits, Tensor x, Tensor offsets, "
       "Tensor mask) -> Tensor");
+  // the (B, K) end of the loss, from mc_loss_forward's h and logits: the scalars and, for the
+  // backward, lse (B, 2): every row of logits' max and log sum exp(logit - max) (targets in
+  // [0, K); n_i from offsets)
+  m.def(
+      "mc_loss_tail(Tensor h, Tensor logits, Tensor targets, Tensor offsets, float alpha, "
+      "float beta) -> (Tensor loss, Tensor dis, Tensor div, Tensor lse)");
+  // its backward: the gradients of h and logits from those of (loss, dis, div, logits)
+  m.def(
+      "mc_loss_tail_backward(Tensor grad_loss, Tensor grad_dis, Tensor grad_div, "
+      "Tensor grad_logits, Tensor logits, Tensor lse, Tensor targets, Tensor offsets, "
+      "float alpha, float beta) -> (Tensor grad_h, Tensor grad_logits_in)");
   // the whole loss: mc_loss_forward, then cross-entropy over the logits and the diversity term
   // (csrc/mc_loss.h); returns (loss, dis, div, logits), each differentiable
   m.def(

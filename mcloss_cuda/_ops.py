@@ -23,7 +23,8 @@ AVAILABLE = _C is not None
 NAMESPACE = "mcloss_cuda"
 # ops with a CPU and (in a CUDA build) a CUDA kernel each
 KERNEL_OPS = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-              "ccmp_backward", "mc_loss_forward", "mc_loss_backward")
+              "ccmp_backward", "mc_loss_forward", "mc_loss_backward", "mc_loss_tail",
+              "mc_loss_tail_backward")
 # ops built from those and ATen ops, one implementation for every backend
 # (CompositeExplicitAutograd), with their own autograd formula
 COMPOSITE_OPS = ("mc_loss",)
@@ -111,6 +112,19 @@ if AVAILABLE:
     def _(grad_h, grad_logits, x, offsets, mask):
         _one_device(x=x, grad_h=grad_h, grad_logits=grad_logits, offsets=offsets, mask=mask)
         return torch.empty_like(x)
+
+    @torch.library.register_fake("mcloss_cuda::mc_loss_tail")
+    def _(h, logits, targets, offsets, alpha, beta):
+        _one_device(logits=logits, h=h, targets=targets, offsets=offsets)
+        return (logits.new_empty(()), logits.new_empty(()), logits.new_empty(()),
+                logits.new_empty((logits.shape[0], 2)))
+
+    @torch.library.register_fake("mcloss_cuda::mc_loss_tail_backward")
+    def _(grad_loss, grad_dis, grad_div, grad_logits, logits, lse, targets, offsets, alpha,
+          beta):
+        _one_device(logits=logits, grad_loss=grad_loss, grad_dis=grad_dis, grad_div=grad_div,
+                    grad_logits=grad_logits, lse=lse, targets=targets, offsets=offsets)
+        return logits.new_empty(logits.shape), logits.new_empty(logits.shape)
 
     @torch.library.register_fake("mcloss_cuda::mc_loss")
     def _(x, targets, offsets, mask, alpha, beta):

@@ -40,7 +40,8 @@ R = mc.reference
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = [F32, F64, F16, BF16]
 KERNEL_OPS = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-              "ccmp_backward", "mc_loss_forward", "mc_loss_backward")
+              "ccmp_backward", "mc_loss_forward", "mc_loss_backward", "mc_loss_tail",
+              "mc_loss_tail_backward")
 
 # absolute gradient tolerance, as a fraction of the largest |gradient| (a few ulps of it)
 GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2 ** -9, BF16: 2 ** -6}

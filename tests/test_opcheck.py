@@ -20,7 +20,8 @@ pytestmark = [fused_only,
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 OP_NAMES = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-            "ccmp_backward", "mc_loss_forward", "mc_loss_backward", "mc_loss")
+            "ccmp_backward", "mc_loss_forward", "mc_loss_backward", "mc_loss_tail",
+            "mc_loss_tail_backward", "mc_loss")
 FORWARD_OPS = ("spatial_softmax", "channel_mask", "ccmp", "mc_loss_forward", "mc_loss")
 
 
@@ -77,6 +78,16 @@ def samples(op, device, dtype, shape, channels_last, per_sample, requires_grad):
         "mc_loss_forward": (x, off, mask),
         "mc_loss_backward": (torch.randn(B, K, device=device, dtype=acc),
                              torch.randn(B, K, device=device, dtype=acc), x, off, mask),
+        "mc_loss_tail": (torch.rand(B, K, device=device, dtype=acc),
+                         torch.randn(B, K, device=device, dtype=acc),
+                         torch.randint(0, K, (B,), device=device), off,
+                         float(torch.rand(()) + 0.5), float(torch.rand(()) * 20)),
+        "mc_loss_tail_backward": (*(torch.randn((), device=device, dtype=acc) for _ in range(3)),
+                                  torch.randn(B, K, device=device, dtype=acc),
+                                  torch.randn(B, K, device=device, dtype=acc),
+                                  torch.randn(B, 2, device=device, dtype=acc).abs() + 2,
+                                  torch.randint(0, K, (B,), device=device), off,
+                                  float(torch.rand(()) + 0.5), float(torch.rand(()) * 20)),
         "mc_loss": (x, torch.randint(0, K, (B,), device=device), off, mask,
                     float(torch.rand(()) + 0.5), float(torch.rand(()) * 20)),
     }[op]

@@ -464,6 +464,33 @@ def build_op_cases():
         add(f"mc_loss-targets-{bid}", f"ops.mc_loss(x, {expr}, off, mf, 1.5, 20.0)", exc,
             "targets", shows)
 
+    # the (B, K) tail ops
+    T = "ops.mc_loss_tail({H}, {L}, {Y}, {O}, 1.5, 20.0)"
+    for bid, kw, exc, arg, shows in [
+            ("logits-3d", dict(L="gK[None]"), "ValueError", "logits", ("2-D", "[1, 3, 4]")),
+            ("logits-half", dict(H="gK.half()", L="gK.half()"), "TypeError", "logits",
+             ("Half",)),
+            ("h-shape", dict(H="gK[:, :2]"), "ValueError", "h", ("[3, 2]",)),
+            ("h-dtype", dict(H="gK.double()"), "TypeError", "h", ("Double",)),
+            ("targets-int32", dict(Y="y.int()"), "TypeError", "targets", ("Int",)),
+            ("targets-batch", dict(Y="y[:1]"), "ValueError", "targets", ("[1]",)),
+            ("offsets-length", dict(O="off[:-1]"), "ValueError", "offsets", ("(5,)", "[4]")),
+            ("offsets-int32", dict(O="off.int()"), "TypeError", "offsets", ("Int",))]:
+        args = dict(H="gK", L="gK", Y="y", O="off")
+        args.update(kw)
+        add(f"mc_loss_tail-{bid}", T.format(**args), exc, arg, shows)
+    TB = "ops.mc_loss_tail_backward({G}, g0, g0, {GL}, gK, {LSE}, y, off, 1.5, 20.0)"
+    for bid, kw, exc, arg, shows in [
+            ("grad_loss-shape", dict(G="gK"), "ValueError", "grad_loss", ("0-dim", "[3, 4]")),
+            ("grad_loss-dtype", dict(G="g0.double()"), "TypeError", "grad_loss", ("Double",)),
+            ("grad_logits-shape", dict(GL="gK[:, :2]"), "ValueError", "grad_logits",
+             ("[3, 2]",)),
+            ("lse-shape", dict(LSE="gK"), "ValueError", "lse", ("(3, 2)", "[3, 4]"))]:
+        args = dict(G="g0", GL="gK", LSE="gK[:, :2].contiguous()")
+        args.update(kw)
+        add(f"mc_loss_tail_backward-{bid}",
+            TB.format(**args).replace("g0", "torch.zeros(())"), exc, arg, shows)
+
     # gradients of the backward ops
     add("mc_loss_backward-grad_h-shape", "ops.mc_loss_backward(torch.ones(B, K + 1), gK, x, off, "
         "mf)", "ValueError", "grad_h", ("(3, 4)", "[3, 5]"))
@@ -609,7 +636,8 @@ def test_every_public_function_is_covered():
     assert any(cid.startswith("MCLoss-") for cid in ALL)
     if OP_CASES:
         for op in ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-                   "ccmp_backward", "mc_loss_forward", "mc_loss_backward", "mc_loss"):
+                   "ccmp_backward", "mc_loss_forward", "mc_loss_backward", "mc_loss",
+                   "mc_loss_tail", "mc_loss_tail_backward"):
             assert any(cid.startswith(f"ops-{op}-") for cid in ALL), op
 
 

@@ -5,7 +5,7 @@
 //
 // Saved for backward: spatial_softmax its output; channel_mask the (C,) or (B, C) mask; ccmp
 // and mc_loss_forward their inputs (x itself, plus offsets and mask); mc_loss those inputs,
-// the targets and three small tensors of its cross-entropy; never anything else of the size
+// the targets, the (B, K) logits and their (B, 2) log-softmax statistics; never anything else of the size
 // of x. (The mc_loss forward runs its pieces itself rather than redispatching to the op's
 // composite kernel, to keep what its backward needs.)
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -114,7 +114,7 @@ class McLossForward : public torch::autograd::Function<McLossForward> {
 };
 
 // The whole loss (csrc/mc_loss.h). Saved: the kernel's inputs as for mc_loss_forward, the
-// targets, and the cross-entropy's (B, K) log-probabilities and its count of targets.
+// targets, the logits and their per-row max and log-sum-exp.
 class McLoss : public torch::autograd::Function<McLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
@@ -123,7 +123,7 @@ class McLoss : public torch::autograd::Function<McLoss> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [h, logits] = mc_loss_sums(x, targets, offsets, mask);
     LossTail t = loss_tail(h, logits, targets, offsets, alpha, beta);
-    ctx->save_for_backward({x, targets, offsets, mask, t.log_probs, t.total_weight, t.sizes});
+    ctx->save_for_backward({x, targets, offsets, mask, logits, t.lse});
     ctx->saved_data["alpha"] = alpha;
     ctx->saved_data["beta"] = beta;
     return {t.loss, t.dis, t.div, logits};
@@ -135,15 +135,11 @@ class McLoss : public torch::autograd::Function<McLoss> {
                       const at::Tensor&)>("mcloss_cuda::mc_loss_backward");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &targets = saved[1], &offsets = saved[2], &mask = saved[3];
-    LossTail t;
-    t.log_probs = saved[4];
-    t.total_weight = saved[5];
-    t.sizes = saved[6];
-    const LossTailGrads g =
-        loss_tail_backward(grads[0], grads[1], grads[2], grads[3], t, targets,
-                           ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble());
-    return {bwd.call(g.h, g.logits, x, offsets, mask), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    auto [grad_h, grad_logits] = loss_tail_backward(
+        grads[0], grads[1], grads[2], grads[3], saved[4], saved[5], targets, offsets,
+        ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble());
+    return {bwd.call(grad_h, grad_logits, x, offsets, mask), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

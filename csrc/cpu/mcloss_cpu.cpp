@@ -237,6 +237,76 @@ at::Tensor mc_loss_backward_cpu(const at::Tensor& grad_h_in, const at::Tensor& g
   return dx;
 }
 
+// The (B, K) tail: a few thousand values, one thread, in the fixed order of the loops.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_tail_cpu(
+    const at::Tensor& h_in, const at::Tensor& logits_in, const at::Tensor& targets_in,
+    const at::Tensor& offsets_in, double alpha, double beta) {
+  const auto [B, K] = check_tail(h_in, logits_in, targets_in, offsets_in);
+  const auto h = h_in.contiguous(), logits = logits_in.contiguous();
+  const auto targets = targets_in.contiguous(), offsets = offsets_in.contiguous();
+  auto loss = at::empty({}, logits.options()), dis = at::empty({}, logits.options());
+  auto div = at::empty({}, logits.options()), lse = at::empty({B, 2}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_cpu", [&] {
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
+    const int64_t* tp = targets.const_data_ptr<int64_t>();
+    const int64_t* op = offsets.const_data_ptr<int64_t>();
+    scalar_t* lse_p = lse.mutable_data_ptr<scalar_t>();
+    double nll = 0, h_over_n = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* row = lp + b * K;
+      const auto ls = RowLogSoftmax<scalar_t>::of(row, K);
+      lse_p[2 * b] = ls.max;
+      lse_p[2 * b + 1] = ls.log_sum;
+      nll += target_nll(row, ls, tp[b], K);
+      for (int64_t i = 0; i < K; ++i) {
+        h_over_n += static_cast<double>(hp[b * K + i]) / static_cast<double>(op[i + 1] - op[i]);
+      }
+    }
+    const TailScalars<scalar_t> s(nll, h_over_n, B, K, static_cast<scalar_t>(alpha),
+                                  static_cast<scalar_t>(beta));
+    *loss.mutable_data_ptr<scalar_t>() = s.loss;
+    *dis.mutable_data_ptr<scalar_t>() = s.dis;
+    *div.mutable_data_ptr<scalar_t>() = s.div;
+  });
+  return {loss, dis, div, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> mc_loss_tail_backward_cpu(
+    const at::Tensor& g_loss, const at::Tensor& g_dis, const at::Tensor& g_div,
+    const at::Tensor& g_logits_in, const at::Tensor& logits_in, const at::Tensor& lse_in,
+    const at::Tensor& targets_in, const at::Tensor& offsets_in, double alpha, double beta) {
+  const auto [B, K] =
+      check_tail_backward(g_loss, g_dis, g_div, g_logits_in, logits_in, lse_in, targets_in,
+                          offsets_in);
+  const auto logits = logits_in.contiguous(), g_logits = g_logits_in.contiguous();
+  const auto lse = lse_in.contiguous(), targets = targets_in.contiguous();
+  const auto offsets = offsets_in.contiguous();
+  auto grad_h = at::empty({B, K}, logits.options());
+  auto grad_logits = at::empty({B, K}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_backward_cpu", [&] {
+    const TailGradScale<scalar_t> scale(
+        g_loss.item<scalar_t>(), g_dis.item<scalar_t>(), g_div.item<scalar_t>(),
+        static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), B, K);
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g_logits.const_data_ptr<scalar_t>();
+    const scalar_t* lse_p = lse.const_data_ptr<scalar_t>();
+    const int64_t* tp = targets.const_data_ptr<int64_t>();
+    const int64_t* op = offsets.const_data_ptr<int64_t>();
+    scalar_t* gh = grad_h.mutable_data_ptr<scalar_t>();
+    scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const RowLogSoftmax<scalar_t> ls(lse_p[2 * b], lse_p[2 * b + 1]);
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t e = b * K + i;
+        gl[e] = gp[e] + nll_logit_grad(scale.per_row, lp[e], ls, i == tp[b]);
+        gh[e] = scale.per_h / static_cast<scalar_t>(op[i + 1] - op[i]);
+      }
+    }
+  });
+  return {grad_h, grad_logits};
+}
+
 }  // namespace
 }  // namespace cpu
 
@@ -248,6 +318,8 @@ TORCH_LIBRARY_IMPL(mcloss_cuda, CPU, m) {
   m.impl("ccmp_backward", &cpu::ccmp_backward_cpu);
   m.impl("mc_loss_forward", &cpu::mc_loss_forward_cpu);
   m.impl("mc_loss_backward", &cpu::mc_loss_backward_cpu);
+  m.impl("mc_loss_tail", &cpu::mc_loss_tail_cpu);
+  m.impl("mc_loss_tail_backward", &cpu::mc_loss_tail_backward_cpu);
 }
 
 }  // namespace mcloss

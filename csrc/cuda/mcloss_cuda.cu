@@ -474,6 +474,112 @@ at::Tensor mc_loss_backward_cuda(const at::Tensor& grad_h_in, const at::Tensor& 
   return dx;
 }
 
+// ---- the (B, K) tail: one block sums over the batch (fixed tree, in double); the backward is
+// elementwise and reads the upstream scalar gradients on the device (no host sync)
+
+constexpr int kTailThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kTailThreads)
+    mc_loss_tail_kernel(const T* h, const T* logits, const int64_t* targets, const int64_t* offsets,
+                        int64_t B, int64_t K, T alpha, T beta, T* loss, T* dis, T* div, T* lse) {
+  __shared__ double nll_part[kTailThreads], h_part[kTailThreads];
+  const int tid = threadIdx.x;
+  double nll = 0, h_over_n = 0;
+  for (int64_t b = tid; b < B; b += kTailThreads) {
+    const T* row = logits + b * K;
+    const auto ls = RowLogSoftmax<T>::of(row, K);
+    lse[2 * b] = ls.max;
+    lse[2 * b + 1] = ls.log_sum;
+    nll += target_nll(row, ls, targets[b], K);
+  }
+  for (int64_t e = tid; e < B * K; e += kTailThreads) {
+    const int64_t i = e % K;
+    h_over_n += static_cast<double>(h[e]) / static_cast<double>(offsets[i + 1] - offsets[i]);
+  }
+  nll_part[tid] = nll;
+  h_part[tid] = h_over_n;
+  __syncthreads();
+  for (int s = kTailThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) {
+      nll_part[tid] += nll_part[tid + s];
+      h_part[tid] += h_part[tid + s];
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    const TailScalars<T> r(nll_part[0], h_part[0], B, K, alpha, beta);
+    *loss = r.loss;
+    *dis = r.dis;
+    *div = r.div;
+  }
+}
+
+template <typename T>
+__global__ void mc_loss_tail_backward_kernel(const T* g_loss, const T* g_dis, const T* g_div,
+                                             const T* g_logits, const T* logits, const T* lse,
+                                             const int64_t* targets, const int64_t* offsets,
+                                             int64_t B, int64_t K, T alpha, T beta, T* grad_h,
+                                             T* grad_logits) {
+  const TailGradScale<T> scale(*g_loss, *g_dis, *g_div, alpha, beta, B, K);
+  const int64_t n = B * K;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = e / K, i = e % K;
+    const RowLogSoftmax<T> ls(lse[2 * b], lse[2 * b + 1]);
+    grad_logits[e] = g_logits[e] + nll_logit_grad(scale.per_row, logits[e], ls, i == targets[b]);
+    grad_h[e] = scale.per_h / static_cast<T>(offsets[i + 1] - offsets[i]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_tail_cuda(
+    const at::Tensor& h_in, const at::Tensor& logits_in, const at::Tensor& targets_in,
+    const at::Tensor& offsets_in, double alpha, double beta) {
+  const auto [B, K] = check_tail(h_in, logits_in, targets_in, offsets_in);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const auto h = h_in.contiguous(), logits = logits_in.contiguous();
+  const auto targets = targets_in.contiguous(), offsets = offsets_in.contiguous();
+  auto loss = at::empty({}, logits.options()), dis = at::empty({}, logits.options());
+  auto div = at::empty({}, logits.options()), lse = at::empty({B, 2}, logits.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_cuda", [&] {
+    mc_loss_tail_kernel<scalar_t><<<1, kTailThreads, 0, stream>>>(
+        h.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(),
+        targets.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), B, K,
+        static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), loss.mutable_data_ptr<scalar_t>(),
+        dis.mutable_data_ptr<scalar_t>(), div.mutable_data_ptr<scalar_t>(),
+        lse.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, dis, div, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> mc_loss_tail_backward_cuda(
+    const at::Tensor& g_loss, const at::Tensor& g_dis, const at::Tensor& g_div,
+    const at::Tensor& g_logits_in, const at::Tensor& logits_in, const at::Tensor& lse_in,
+    const at::Tensor& targets_in, const at::Tensor& offsets_in, double alpha, double beta) {
+  const auto [B, K] = check_tail_backward(g_loss, g_dis, g_div, g_logits_in, logits_in, lse_in,
+                                          targets_in, offsets_in);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const auto logits = logits_in.contiguous(), g_logits = g_logits_in.contiguous();
+  const auto lse = lse_in.contiguous(), targets = targets_in.contiguous();
+  const auto offsets = offsets_in.contiguous();
+  auto grad_h = at::empty({B, K}, logits.options());
+  auto grad_logits = at::empty({B, K}, logits.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_backward_cuda", [&] {
+    mc_loss_tail_backward_kernel<scalar_t><<<blocks_for(B * K, 256), 256, 0, stream>>>(
+        g_loss.const_data_ptr<scalar_t>(), g_dis.const_data_ptr<scalar_t>(),
+        g_div.const_data_ptr<scalar_t>(), g_logits.const_data_ptr<scalar_t>(),
+        logits.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(),
+        targets.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), B, K,
+        static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta),
+        grad_h.mutable_data_ptr<scalar_t>(), grad_logits.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_h, grad_logits};
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -485,6 +591,8 @@ TORCH_LIBRARY_IMPL(mcloss_cuda, CUDA, m) {
   m.impl("ccmp_backward", &cuda::ccmp_backward_cuda);
   m.impl("mc_loss_forward", &cuda::mc_loss_forward_cuda);
   m.impl("mc_loss_backward", &cuda::mc_loss_backward_cuda);
+  m.impl("mc_loss_tail", &cuda::mc_loss_tail_cuda);
+  m.impl("mc_loss_tail_backward", &cuda::mc_loss_tail_backward_cuda);
 }
 
 }  // namespace mcloss
