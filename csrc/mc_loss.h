@@ -1,7 +1,7 @@
 // The mc_loss op: the whole loss in one op, so that a training step records one autograd node
 // for it instead of a dozen small ops and nodes, each with its Python and dispatch cost, and a
 // CUDA step launches four kernels for the loss (two fused passes over x, two small ones for
-// the (B, K) tail) instead of some thirty.
+// the (B, K) tail) instead of one per ATen op of the tail besides the two fused ones.
 //
 // Its (B, K)-sized end, from the fused kernel's per-group diversity sums h and logits:
 //   div = 1 - mean(h / n_i),  dis = cross_entropy(logits, targets),  loss = alpha*dis + beta*div
@@ -10,44 +10,14 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/util/Exception.h>
 
 namespace mcloss {
 
-// mc_loss_forward's (h, logits) for x, with x, offsets and mask checked by that op and the
-// targets here: the start of the loss op, shared by its CompositeExplicitAutograd kernel
+// mc_loss_forward's (h, logits) for x (which checks x, offsets and mask; the tail op checks the
+// targets): the start of the loss op, shared by its CompositeExplicitAutograd kernel
 // (mc_loss.cpp) and its autograd formula.
-std::tuple<at::Tensor, at::Tensor> mc_loss_sums(const at::Tensor& x, const at::Tensor& targets,
-                                                const at::Tensor& offsets, const at::Tensor& mask);
-
-// Whether t's values can be read on the host: a CPU tensor that is not a stand-in traced by
-// torch.compile or opcheck (a fake or functional tensor, whose sizes may be symbolic too).
-inline bool values_on_host(const at::Tensor& t) {
-  return t.device().is_cpu() &&
-         !t.key_set().has_any(c10::DispatchKeySet(
-             {c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
-}
-
-// targets: int64 (B,) class indices in [0, K), on x's device. The values are checked where
-// reading them is free (CPU); on CUDA a bad one ends in nll_loss's device-side assert.
-inline void check_targets(const at::Tensor& targets, const at::Tensor& x, const c10::SymInt& K) {
-  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong,
-                   "targets: expected dtype int64 (class indices), got ", targets.scalar_type());
-  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.sym_size(0) == x.sym_size(0),
-                    "targets: expected shape (", x.sym_size(0), ",) to match the batch of x, got ",
-                    targets.sym_sizes());
-  TORCH_CHECK_VALUE(targets.device() == x.device(), "targets: expected device ", x.device(),
-                    ", got ", targets.device());
-  if (values_on_host(targets)) {
-    const at::Tensor t = targets.contiguous();
-    const int64_t* v = t.const_data_ptr<int64_t>();
-    const int64_t num_classes = K.expect_int();
-    for (int64_t b = 0; b < t.numel(); ++b) {
-      TORCH_CHECK_VALUE(v[b] >= 0 && v[b] < num_classes, "targets: class indices must lie in [0, ",
-                        num_classes, "), got ", v[b], " at ", b);
-    }
-  }
-}
+std::tuple<at::Tensor, at::Tensor> mc_loss_sums(const at::Tensor& x, const at::Tensor& offsets,
+                                                const at::Tensor& mask);
 
 // The tail, through the ops mc_loss_tail and mc_loss_tail_backward (CPU and CUDA kernels on
 // the formulas of mcloss_math.h): loss, dis and div, and lse, every row of logits' max and

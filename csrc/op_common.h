@@ -98,25 +98,38 @@ inline void check_map_grad(const at::Tensor& grad, const at::Tensor& ref, const 
                     grad.sizes());
 }
 
-// The (B, K) tail ops: h and logits (B, K) in the accumulation dtype (float or double) on one
-// device, targets int64 (B,), offsets int64 (K + 1,) there too. Returns (B, K).
-inline std::pair<int64_t, int64_t> check_tail(const at::Tensor& h, const at::Tensor& logits,
-                                              const at::Tensor& targets,
-                                              const at::Tensor& offsets) {
+// targets: int64 (B,) class indices, on the logits' device. With `values`, each must lie in
+// [0, K): checked where reading them is free (CPU); on CUDA the tail kernel turns a bad one
+// into NaN and the Python API's device-side assert reports it.
+inline void check_targets(const at::Tensor& targets, const at::Tensor& logits, bool values) {
+  const int64_t B = logits.size(0), K = logits.size(1);
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong,
+                   "targets: expected dtype int64 (class indices), got ", targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == B, "targets: expected shape (", B,
+                    ",), one class index per sample, got ", targets.sizes());
+  TORCH_CHECK_VALUE(targets.device() == logits.device(), "targets: expected device ",
+                    logits.device(), ", got ", targets.device());
+  if (values && targets.is_cpu()) {
+    const at::Tensor t = targets.contiguous();
+    const int64_t* v = t.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK_VALUE(v[b] >= 0 && v[b] < K, "targets: class indices must lie in [0, ", K,
+                        "), got ", v[b], " at ", b);
+    }
+  }
+}
+
+// What both tail ops take: logits (B, K) in the accumulation dtype (float or double), targets
+// (see check_targets) and offsets int64 (K + 1,) on the logits' device. Returns (B, K).
+inline std::pair<int64_t, int64_t> check_logits(const at::Tensor& logits,
+                                                const at::Tensor& targets,
+                                                const at::Tensor& offsets, bool target_values) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits: expected a 2-D tensor (B, K), got shape ",
                     logits.sizes());
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
                    "logits: expected float32 or float64, got ", logits.scalar_type());
-  check_like(h, logits, "h", "logits");
-  TORCH_CHECK_VALUE(h.sizes() == logits.sizes(), "h: expected shape ", logits.sizes(),
-                    " (that of logits), got ", h.sizes());
   const int64_t B = logits.size(0), K = logits.size(1);
-  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, "targets: expected int64, got ",
-                   targets.scalar_type());
-  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == B, "targets: expected shape (", B,
-                    ",), got ", targets.sizes());
-  TORCH_CHECK_VALUE(targets.device() == logits.device(), "targets: expected device ",
-                    logits.device(), ", got ", targets.device());
+  check_targets(targets, logits, target_values);
   TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, "offsets: expected int64, got ",
                    offsets.scalar_type());
   TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == K + 1, "offsets: expected shape (",
@@ -126,13 +139,25 @@ inline std::pair<int64_t, int64_t> check_tail(const at::Tensor& h, const at::Ten
   return {B, K};
 }
 
+// mc_loss_tail's arguments: h like the logits, and the target values (checked once, here;
+// the backward gets the same targets). Returns (B, K).
+inline std::pair<int64_t, int64_t> check_tail(const at::Tensor& h, const at::Tensor& logits,
+                                              const at::Tensor& targets,
+                                              const at::Tensor& offsets) {
+  const auto shape = check_logits(logits, targets, offsets, /*target_values=*/true);
+  check_like(h, logits, "h", "logits");
+  TORCH_CHECK_VALUE(h.sizes() == logits.sizes(), "h: expected shape ", logits.sizes(),
+                    " (that of logits), got ", h.sizes());
+  return shape;
+}
+
 // mc_loss_tail_backward's arguments: the gradients of the scalar outputs 0-dim, that of the
 // logits (B, K), lse (B, 2), all in the logits' dtype and on their device. Returns (B, K).
 inline std::pair<int64_t, int64_t> check_tail_backward(
     const at::Tensor& g_loss, const at::Tensor& g_dis, const at::Tensor& g_div,
     const at::Tensor& g_logits, const at::Tensor& logits, const at::Tensor& lse,
     const at::Tensor& targets, const at::Tensor& offsets) {
-  const auto [B, K] = check_tail(logits, logits, targets, offsets);
+  const auto [B, K] = check_logits(logits, targets, offsets, /*target_values=*/false);
   const std::pair<const at::Tensor*, const char*> scalars[] = {
       {&g_loss, "grad_loss"}, {&g_dis, "grad_dis"}, {&g_div, "grad_div"}};
   for (const auto& [g, name] : scalars) {

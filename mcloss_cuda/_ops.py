@@ -113,9 +113,19 @@ if AVAILABLE:
         _one_device(x=x, grad_h=grad_h, grad_logits=grad_logits, offsets=offsets, mask=mask)
         return torch.empty_like(x)
 
+    def _check_targets(targets, logits):
+        # what check_targets (csrc/op_common.h) says of them before any value is read, so that
+        # a traced call fails where the real one would
+        if targets.dtype != torch.int64:
+            raise TypeError(f"targets: expected dtype int64 (class indices), got {targets.dtype}")
+        if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+            raise ValueError(f"targets: expected shape ({logits.shape[0]},), one class index per "
+                             f"sample, got {list(targets.shape)}")
+
     @torch.library.register_fake("mcloss_cuda::mc_loss_tail")
     def _(h, logits, targets, offsets, alpha, beta):
         _one_device(logits=logits, h=h, targets=targets, offsets=offsets)
+        _check_targets(targets, logits)
         return (logits.new_empty(()), logits.new_empty(()), logits.new_empty(()),
                 logits.new_empty((logits.shape[0], 2)))
 
@@ -124,6 +134,7 @@ if AVAILABLE:
           beta):
         _one_device(logits=logits, grad_loss=grad_loss, grad_dis=grad_dis, grad_div=grad_div,
                     grad_logits=grad_logits, lse=lse, targets=targets, offsets=offsets)
+        _check_targets(targets, logits)
         return logits.new_empty(logits.shape), logits.new_empty(logits.shape)
 
     @torch.library.register_fake("mcloss_cuda::mc_loss")

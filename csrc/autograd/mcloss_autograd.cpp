@@ -121,7 +121,7 @@ class McLoss : public torch::autograd::Function<McLoss> {
                                const at::Tensor& targets, const at::Tensor& offsets,
                                const at::Tensor& mask, double alpha, double beta) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [h, logits] = mc_loss_sums(x, targets, offsets, mask);
+    auto [h, logits] = mc_loss_sums(x, offsets, mask);
     LossTail t = loss_tail(h, logits, targets, offsets, alpha, beta);
     ctx->save_for_backward({x, targets, offsets, mask, logits, t.lse});
     ctx->saved_data["alpha"] = alpha;
