@@ -301,10 +301,23 @@ MC_HD T target_nll(const T* row, const RowLogSoftmax<T>& ls, int64_t t, int64_t 
   return t >= 0 && t < K ? -ls(row[t]) : T(NAN);
 }
 
-// d(-log softmax(row)[t]) / d row[i] = softmax(row)[i] - [i == t], times the row's gradient.
+// d(-log softmax(row)[t]) / d row[i] = softmax(row)[i] - [i == t], times the row's gradient;
+// NaN over the row for a class index t outside [0, K), as target_nll gives for the loss.
 template <typename T>
-MC_HD T nll_logit_grad(T g_row, T logit, const RowLogSoftmax<T>& ls, bool is_target) {
-  return g_row * (exp_acc(ls(logit)) - (is_target ? T(1) : T(0)));
+MC_HD T nll_logit_grad(T g_row, T logit, const RowLogSoftmax<T>& ls, int64_t i, int64_t t,
+                       int64_t K) {
+  if (t < 0 || t >= K) return T(NAN);
+  return g_row * (exp_acc(ls(logit)) - (i == t ? T(1) : T(0)));
+}
+
+// n_i = offsets[i + 1] - offsets[i] as a divisor. Offsets that are not a partition (only a
+// direct op call can pass them to a kernel unchecked) give NaN for an empty or reversed group
+// rather than a division by zero or a negative count; the difference is taken unsigned, which
+// cannot overflow.
+template <typename T>
+MC_HD T group_size(const int64_t* offsets, int64_t i) {
+  const int64_t lo = offsets[i], hi = offsets[i + 1];
+  return hi > lo ? static_cast<T>(static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo)) : T(NAN);
 }
 
 // loss, dis and div from the two sums over the batch, taken in double: sum_b nll_b and
@@ -328,12 +341,5 @@ struct TailGradScale {
       : per_row((g_dis + g_loss * alpha) / static_cast<T>(B)),
         per_h(-(g_div + g_loss * beta) / (static_cast<T>(B) * static_cast<T>(K))) {}
 };
-
-// Clamp a group's channel range into [0, C] so that a malformed offsets tensor that reached a
-// kernel unchecked (CUDA cannot check values without a sync) can never index out of bounds.
-MC_HD void clamp_group(int64_t& c0, int64_t& c1, int64_t C) {
-  c0 = c0 < 0 ? 0 : (c0 > C ? C : c0);
-  c1 = c1 < c0 ? c0 : (c1 > C ? C : c1);
-}
 
 }  // namespace MCLOSS_NS

@@ -26,6 +26,12 @@ inline MapLayout layout_of(const at::Tensor& t) {
   return MapLayout{C * HW, HW, 1};
 }
 
+// Who answers for the values of offsets and targets: Host, read and checked here (the CPU
+// ops); Kernel, left to the kernels, which give NaN for values they cannot use (the CUDA ops,
+// which cannot read them without a device sync, and the tail's backward, whose targets the
+// forward checked).
+enum class ValueChecks { Host, Kernel };
+
 inline void check_map(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 4, name, ": expected a 4-D tensor (B, C, H, W), got ", x.dim(),
                     "-D of shape ", x.sizes());
@@ -45,9 +51,9 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* n
                    ref.scalar_type(), " (that of ", ref_name, "), got ", t.scalar_type());
 }
 
-// offsets: int64 (K + 1,), group i is channels [offsets[i], offsets[i+1]). Values are checked
-// where reading them is free (CPU); CUDA kernels clamp every group into [0, C] instead.
-inline int64_t check_offsets(const at::Tensor& offsets, const at::Tensor& x) {
+// offsets: int64 (K + 1,), group i is channels [offsets[i], offsets[i+1]); the groups must
+// partition [0, C), each non-empty (values checked as `values` says).
+inline int64_t check_offsets(const at::Tensor& offsets, const at::Tensor& x, ValueChecks values) {
   TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) >= 2,
                     "offsets: expected a 1-D tensor of K + 1 >= 2 group boundaries, got shape ",
                     offsets.sizes());
@@ -57,7 +63,7 @@ inline int64_t check_offsets(const at::Tensor& offsets, const at::Tensor& x) {
                     ", got ", offsets.device());
   TORCH_CHECK_VALUE(offsets.is_contiguous(), "offsets: expected a contiguous tensor");
   const int64_t K = offsets.size(0) - 1;
-  if (offsets.device().is_cpu()) {
+  if (values == ValueChecks::Host) {
     const int64_t* o = offsets.data_ptr<int64_t>();
     TORCH_CHECK_VALUE(o[0] == 0 && o[K] == x.size(1), "offsets: expected to start at 0 and end at C=",
                       x.size(1), ", got ", o[0], " and ", o[K]);
@@ -98,10 +104,11 @@ inline void check_map_grad(const at::Tensor& grad, const at::Tensor& ref, const 
                     grad.sizes());
 }
 
-// targets: int64 (B,) class indices, on the logits' device. With `values`, each must lie in
-// [0, K): checked where reading them is free (CPU); on CUDA the tail kernel turns a bad one
-// into NaN and the Python API's device-side assert reports it.
-inline void check_targets(const at::Tensor& targets, const at::Tensor& logits, bool values) {
+// targets: int64 (B,) class indices in [0, K), on the logits' device. Left to the kernels, a
+// bad one gives NaN in the loss and that sample's gradient (on CUDA the Python API's
+// device-side assert reports it too).
+inline void check_targets(const at::Tensor& targets, const at::Tensor& logits,
+                          ValueChecks values) {
   const int64_t B = logits.size(0), K = logits.size(1);
   TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong,
                    "targets: expected dtype int64 (class indices), got ", targets.scalar_type());
@@ -109,7 +116,7 @@ inline void check_targets(const at::Tensor& targets, const at::Tensor& logits, b
                     ",), one class index per sample, got ", targets.sizes());
   TORCH_CHECK_VALUE(targets.device() == logits.device(), "targets: expected device ",
                     logits.device(), ", got ", targets.device());
-  if (values && targets.is_cpu()) {
+  if (values == ValueChecks::Host) {
     const at::Tensor t = targets.contiguous();
     const int64_t* v = t.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
@@ -123,13 +130,13 @@ inline void check_targets(const at::Tensor& targets, const at::Tensor& logits, b
 // (see check_targets) and offsets int64 (K + 1,) on the logits' device. Returns (B, K).
 inline std::pair<int64_t, int64_t> check_logits(const at::Tensor& logits,
                                                 const at::Tensor& targets,
-                                                const at::Tensor& offsets, bool target_values) {
+                                                const at::Tensor& offsets, ValueChecks values) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits: expected a 2-D tensor (B, K), got shape ",
                     logits.sizes());
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
                    "logits: expected float32 or float64, got ", logits.scalar_type());
   const int64_t B = logits.size(0), K = logits.size(1);
-  check_targets(targets, logits, target_values);
+  check_targets(targets, logits, values);
   TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, "offsets: expected int64, got ",
                    offsets.scalar_type());
   TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == K + 1, "offsets: expected shape (",
@@ -139,12 +146,12 @@ inline std::pair<int64_t, int64_t> check_logits(const at::Tensor& logits,
   return {B, K};
 }
 
-// mc_loss_tail's arguments: h like the logits, and the target values (checked once, here;
+// mc_loss_tail's arguments: h like the logits, and the targets (their values as `values` says;
 // the backward gets the same targets). Returns (B, K).
 inline std::pair<int64_t, int64_t> check_tail(const at::Tensor& h, const at::Tensor& logits,
                                               const at::Tensor& targets,
-                                              const at::Tensor& offsets) {
-  const auto shape = check_logits(logits, targets, offsets, /*target_values=*/true);
+                                              const at::Tensor& offsets, ValueChecks values) {
+  const auto shape = check_logits(logits, targets, offsets, values);
   check_like(h, logits, "h", "logits");
   TORCH_CHECK_VALUE(h.sizes() == logits.sizes(), "h: expected shape ", logits.sizes(),
                     " (that of logits), got ", h.sizes());
@@ -157,7 +164,7 @@ inline std::pair<int64_t, int64_t> check_tail_backward(
     const at::Tensor& g_loss, const at::Tensor& g_dis, const at::Tensor& g_div,
     const at::Tensor& g_logits, const at::Tensor& logits, const at::Tensor& lse,
     const at::Tensor& targets, const at::Tensor& offsets) {
-  const auto [B, K] = check_logits(logits, targets, offsets, /*target_values=*/false);
+  const auto [B, K] = check_logits(logits, targets, offsets, ValueChecks::Kernel);
   const std::pair<const at::Tensor*, const char*> scalars[] = {
       {&g_loss, "grad_loss"}, {&g_dis, "grad_dis"}, {&g_div, "grad_div"}};
   for (const auto& [g, name] : scalars) {

@@ -566,7 +566,7 @@ def build_cuda_cases():
             "ValueError", "grad_h", ("cpu",))
         add("ops-spatial_softmax_backward-grad-cpu", "ops.spatial_softmax_backward(gx.cpu(), x)",
             "ValueError", "grad", ("cpu",))
-        # bad offset values on CUDA are clamped by the kernels, never read out of bounds
+        # bad offset values on CUDA: NaN outputs from the kernels' own check, never a fault
         for bid, expr in (("end-past-C", "torch.tensor([0, 3, 6, 9, 100], device=dev)"),
                           ("negative", "torch.tensor([0, -50, 6, 9, 12], device=dev)"),
                           ("huge", "torch.tensor([0, 2**40, 6, 9, 12], device=dev)")):

@@ -150,7 +150,7 @@ at::Tensor channel_mask_cpu(const at::Tensor& x, const at::Tensor& mask) {
 
 at::Tensor ccmp_cpu(const at::Tensor& x, const at::Tensor& offsets) {
   check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x);
+  const int64_t K = check_offsets(offsets, x, ValueChecks::Host);
   auto out = at::empty({x.size(0), K, x.size(2), x.size(3)},
                        x.options().memory_format(format_of(x)));
   launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
@@ -167,7 +167,7 @@ at::Tensor ccmp_cpu(const at::Tensor& x, const at::Tensor& offsets) {
 at::Tensor ccmp_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x,
                              const at::Tensor& offsets) {
   check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x);
+  const int64_t K = check_offsets(offsets, x, ValueChecks::Host);
   check_map_grad(grad_in, x, "x", {x.size(0), K, x.size(2), x.size(3)});
   const auto grad = grad_in.contiguous(format_of(x));
   auto dx = at::empty_like(x);
@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cpu(const at::Tensor& x,
                                                        const at::Tensor& offsets,
                                                        const at::Tensor& mask) {
   check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x);
+  const int64_t K = check_offsets(offsets, x, ValueChecks::Host);
   const int64_t mask_bstride = check_mask(mask, x);
   auto h = at::empty({x.size(0), K}, x.options().dtype(acc_type_of(x)));
   auto logits = at::empty({x.size(0), K}, x.options().dtype(acc_type_of(x)));
@@ -218,7 +218,7 @@ at::Tensor mc_loss_backward_cpu(const at::Tensor& grad_h_in, const at::Tensor& g
                                 const at::Tensor& x, const at::Tensor& offsets,
                                 const at::Tensor& mask) {
   check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x);
+  const int64_t K = check_offsets(offsets, x, ValueChecks::Host);
   const int64_t mask_bstride = check_mask(mask, x);
   check_group_grad(grad_h_in, x, K, "grad_h");
   check_group_grad(grad_logits_in, x, K, "grad_logits");
@@ -241,7 +241,7 @@ at::Tensor mc_loss_backward_cpu(const at::Tensor& grad_h_in, const at::Tensor& g
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_tail_cpu(
     const at::Tensor& h_in, const at::Tensor& logits_in, const at::Tensor& targets_in,
     const at::Tensor& offsets_in, double alpha, double beta) {
-  const auto [B, K] = check_tail(h_in, logits_in, targets_in, offsets_in);
+  const auto [B, K] = check_tail(h_in, logits_in, targets_in, offsets_in, ValueChecks::Host);
   const auto h = h_in.contiguous(), logits = logits_in.contiguous();
   const auto targets = targets_in.contiguous(), offsets = offsets_in.contiguous();
   auto loss = at::empty({}, logits.options()), dis = at::empty({}, logits.options());
@@ -260,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_tail_cpu(
       lse_p[2 * b + 1] = ls.log_sum;
       nll += target_nll(row, ls, tp[b], K);
       for (int64_t i = 0; i < K; ++i) {
-        h_over_n += static_cast<double>(hp[b * K + i]) / static_cast<double>(op[i + 1] - op[i]);
+        h_over_n += static_cast<double>(hp[b * K + i]) / group_size<double>(op, i);
       }
     }
     const TailScalars<scalar_t> s(nll, h_over_n, B, K, static_cast<scalar_t>(alpha),
@@ -299,8 +299,8 @@ std::tuple<at::Tensor, at::Tensor> mc_loss_tail_backward_cpu(
       const RowLogSoftmax<scalar_t> ls(lse_p[2 * b], lse_p[2 * b + 1]);
       for (int64_t i = 0; i < K; ++i) {
         const int64_t e = b * K + i;
-        gl[e] = gp[e] + nll_logit_grad(scale.per_row, lp[e], ls, i == tp[b]);
-        gh[e] = scale.per_h / static_cast<scalar_t>(op[i + 1] - op[i]);
+        gl[e] = gp[e] + nll_logit_grad(scale.per_row, lp[e], ls, i, tp[b], K);
+        gh[e] = scale.per_h / group_size<scalar_t>(op, i);
       }
     }
   });

@@ -57,6 +57,25 @@ __device__ __forceinline__ SoftmaxStats<acc> row_stats(const scalar_t* x, int64_
   return warp_merge(s);
 }
 
+// Whether offsets[0..K] partition [0, C) into K non-empty groups, as the CPU ops check on the
+// host: a CUDA host wrapper cannot read the values without a device sync, so every block of a
+// kernel that takes offsets checks them (all its threads take part; blocks are 1-D) before
+// reading a group, and writes NaN over its share of every output when they are not.
+__device__ __forceinline__ bool offsets_partition(const int64_t* offsets, int64_t K, int64_t C) {
+  int ok = threadIdx.x == 0 ? (offsets[0] == 0 && offsets[K] == C) : 1;
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) ok &= offsets[i] < offsets[i + 1];
+  return __syncthreads_and(ok) != 0;
+}
+
+// NaN over out[0, n), this block's share of a grid-stride split.
+template <typename T>
+__device__ void fill_nan(T* out, int64_t n) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    out[e] = static_cast<T>(NAN);
+  }
+}
+
 // ---- spatial softmax: one warp per (b, c) row
 
 template <typename scalar_t>
@@ -116,11 +135,11 @@ __global__ void channel_mask_kernel(const scalar_t* __restrict__ x, const scalar
 
 // ---- CCMP: one thread per output position (b, i, k)
 
-__device__ __forceinline__ void group_of(const int64_t* offsets, int64_t i, int64_t C, int64_t& c0,
+// (after offsets_partition)
+__device__ __forceinline__ void group_of(const int64_t* offsets, int64_t i, int64_t& c0,
                                          int64_t& c1) {
   c0 = offsets[i];
   c1 = offsets[i + 1];
-  clamp_group(c0, c1, C);
 }
 
 template <typename scalar_t>
@@ -128,12 +147,12 @@ __global__ void ccmp_kernel(const scalar_t* __restrict__ x, const int64_t* __res
                             scalar_t* __restrict__ out, MapLayout lay, MapLayout out_lay,
                             int64_t total, int64_t C, int64_t K, int64_t HW) {
   using acc = acc_t<scalar_t>;
+  if (!offsets_partition(offsets, K, C)) return fill_nan(out, total);
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t k = t % HW, g = t / HW, b = g / K, i = g % K;
     int64_t c0, c1;
-    group_of(offsets, i, C, c0, c1);
-    if (c1 <= c0) continue;  // only a malformed offsets tensor gets here
+    group_of(offsets, i, c0, c1);
     acc best = static_cast<acc>(x[lay.at(b, c0, k)]);
     for (int64_t c = c0 + 1; c < c1; ++c) {
       const acc v = static_cast<acc>(x[lay.at(b, c, k)]);
@@ -150,12 +169,12 @@ __global__ void ccmp_backward_kernel(const scalar_t* __restrict__ grad,
                                      scalar_t* __restrict__ dx, MapLayout lay, MapLayout g_lay,
                                      int64_t total, int64_t C, int64_t K, int64_t HW) {
   using acc = acc_t<scalar_t>;
+  if (!offsets_partition(offsets, K, C)) return fill_nan(dx, total / K * C);
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t k = t % HW, g = t / HW, b = g / K, i = g % K;
     int64_t c0, c1;
-    group_of(offsets, i, C, c0, c1);
-    if (c1 <= c0) continue;
+    group_of(offsets, i, c0, c1);
     acc best = static_cast<acc>(x[lay.at(b, c0, k)]);
     int64_t at_best = c0;
     for (int64_t c = c0 + 1; c < c1; ++c) {
@@ -234,7 +253,7 @@ __device__ __forceinline__ void for_each_group(const FusedArgs<scalar_t>& a, Bod
        g += int64_t(gridDim.x) * kWarpsPerBlock) {
     const int64_t b = g / a.K;
     int64_t c0, c1;
-    group_of(a.offsets, g % a.K, a.C, c0, c1);
+    group_of(a.offsets, g % a.K, c0, c1);
     for (int64_t c = c0; c < c1; ++c) {
       const SoftmaxStats<acc> s = row_stats<scalar_t, acc>(a.x, a.lay.at(b, c, 0), a.lay.sK, a.HW, lane);
       if (lane == 0) {
@@ -252,6 +271,10 @@ template <typename scalar_t>
 __global__ void mc_loss_forward_kernel(FusedArgs<scalar_t> a, acc_t<scalar_t>* __restrict__ h,
                                        acc_t<scalar_t>* __restrict__ logits) {
   using acc = acc_t<scalar_t>;
+  if (!offsets_partition(a.offsets, a.K, a.C)) {
+    fill_nan(h, a.groups);
+    return fill_nan(logits, a.groups);
+  }
   for_each_group(a, [&](const WarpGroup<scalar_t>& grp) {
     acc hs = 0, ls = 0;
     for (int64_t k = grp.lane; k < a.HW; k += kWarp) {
@@ -274,6 +297,7 @@ __global__ void mc_loss_backward_kernel(FusedArgs<scalar_t> a,
                                         const acc_t<scalar_t>* __restrict__ grad_logits,
                                         scalar_t* __restrict__ dx) {
   using acc = acc_t<scalar_t>;
+  if (!offsets_partition(a.offsets, a.K, a.C)) return fill_nan(dx, a.groups / a.K * a.C * a.HW);
   acc* sdiv = static_cast<acc*>(a.scratch.div);
   for_each_group(a, [&](const WarpGroup<scalar_t>& grp) {
     const int64_t b = grp.b, c0 = grp.c0, c1 = grp.c1, C = a.C, HW = a.HW;
@@ -377,7 +401,7 @@ at::Tensor channel_mask_cuda(const at::Tensor& x, const at::Tensor& mask) {
 
 at::Tensor ccmp_cuda(const at::Tensor& x, const at::Tensor& offsets) {
   check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x);
+  const int64_t K = check_offsets(offsets, x, ValueChecks::Kernel);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({x.size(0), K, x.size(2), x.size(3)}, x.options().memory_format(format_of(x)));
   const int64_t HW = x.size(2) * x.size(3), total = x.size(0) * K * HW;
@@ -394,12 +418,12 @@ at::Tensor ccmp_cuda(const at::Tensor& x, const at::Tensor& offsets) {
 
 at::Tensor ccmp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& offsets) {
   check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x);
+  const int64_t K = check_offsets(offsets, x, ValueChecks::Kernel);
   check_map_grad(grad_in, x, "x", {x.size(0), K, x.size(2), x.size(3)});
   const c10::cuda::CUDAGuard guard(x.device());
   const auto grad = grad_in.contiguous(format_of(x));
-  // dx starts empty: the groups partition the channels, so every element is written (offsets
-  // values are validated in Python before they reach a CUDA kernel).
+  // dx starts empty: every element is written, the groups partitioning the channels (or NaN
+  // everywhere when the offsets do not)
   auto dx = at::empty_like(x);
   const int64_t HW = x.size(2) * x.size(3), total = x.size(0) * K * HW;
   if (total == 0) return dx;
@@ -430,7 +454,7 @@ FusedArgs<scalar_t> fused_args(const at::Tensor& x, const at::Tensor& offsets, c
 std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cuda(const at::Tensor& x, const at::Tensor& offsets,
                                                         const at::Tensor& mask) {
   check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x);
+  const int64_t K = check_offsets(offsets, x, ValueChecks::Kernel);
   const int64_t mask_bstride = check_mask(mask, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), C = x.size(1);
@@ -452,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cuda(const at::Tensor& x, con
 at::Tensor mc_loss_backward_cuda(const at::Tensor& grad_h_in, const at::Tensor& grad_logits_in,
                                  const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& mask) {
   check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x);
+  const int64_t K = check_offsets(offsets, x, ValueChecks::Kernel);
   const int64_t mask_bstride = check_mask(mask, x);
   check_group_grad(grad_h_in, x, K, "grad_h");
   check_group_grad(grad_logits_in, x, K, "grad_logits");
@@ -495,7 +519,7 @@ __global__ void __launch_bounds__(kTailThreads)
   }
   for (int64_t e = tid; e < B * K; e += kTailThreads) {
     const int64_t i = e % K;
-    h_over_n += static_cast<double>(h[e]) / static_cast<double>(offsets[i + 1] - offsets[i]);
+    h_over_n += static_cast<double>(h[e]) / group_size<double>(offsets, i);
   }
   nll_part[tid] = nll;
   h_part[tid] = h_over_n;
@@ -527,15 +551,15 @@ __global__ void mc_loss_tail_backward_kernel(const T* g_loss, const T* g_dis, co
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = e / K, i = e % K;
     const RowLogSoftmax<T> ls(lse[2 * b], lse[2 * b + 1]);
-    grad_logits[e] = g_logits[e] + nll_logit_grad(scale.per_row, logits[e], ls, i == targets[b]);
-    grad_h[e] = scale.per_h / static_cast<T>(offsets[i + 1] - offsets[i]);
+    grad_logits[e] = g_logits[e] + nll_logit_grad(scale.per_row, logits[e], ls, i, targets[b], K);
+    grad_h[e] = scale.per_h / group_size<T>(offsets, i);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_tail_cuda(
     const at::Tensor& h_in, const at::Tensor& logits_in, const at::Tensor& targets_in,
     const at::Tensor& offsets_in, double alpha, double beta) {
-  const auto [B, K] = check_tail(h_in, logits_in, targets_in, offsets_in);
+  const auto [B, K] = check_tail(h_in, logits_in, targets_in, offsets_in, ValueChecks::Kernel);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto h = h_in.contiguous(), logits = logits_in.contiguous();
   const auto targets = targets_in.contiguous(), offsets = offsets_in.contiguous();
