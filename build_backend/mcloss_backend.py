@@ -40,7 +40,8 @@ def _is_pip_build_env(path):
 
 
 def _pip_isolated():
-    return any(_is_pip_build_env(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return any(_is_pip_build_env(p) for p in entries if p)
 
 
 def _environment_without_isolation():

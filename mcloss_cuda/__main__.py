@@ -74,8 +74,9 @@ def _extension():
     if info is None:
         _line("build info", "none (mcloss_cuda/_build_info.py is written by a build)")
         return
-    _line("built as", f"mcloss_cuda {info.get('VERSION')}, MCLOSS_BUILD={info.get('BUILD_MODE')}, "
-                      f"{'C++ and CUDA' if info.get('WITH_CUDA') else 'C++ only'}")
+    kernels = "C++ and CUDA" if info.get("WITH_CUDA") else "C++ only"
+    _line("built as", f"mcloss_cuda {info.get('VERSION')}, "
+                      f"MCLOSS_BUILD={info.get('BUILD_MODE')}, {kernels}")
     same = info.get("TORCH_VERSION") == torch.__version__
     _line("built against torch", f"{info.get('TORCH_VERSION')} ({info.get('TORCH_PATH')})"
                                  + ("" if same else f"  <- NOT the running torch {torch.__version__}"))
