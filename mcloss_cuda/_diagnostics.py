@@ -7,6 +7,7 @@ compiled for) and by ``python -m mcloss_cuda``. The facts of the build come from
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import warnings
@@ -36,7 +37,7 @@ def explain_load_error(error):
     info = build_info()
     built_torch = info and info.get("TORCH_VERSION")
     text = str(error)
-    if isinstance(error, ModuleNotFoundError) and error.name == "mcloss_cuda._C":
+    if importlib.util.find_spec(f"{__package__}._C") is None:
         return ("the compiled extension mcloss_cuda._C is not there (a copy of the sources that "
                 "was never built, or a build that compiled nothing)",
                 f"build it: `{REBUILD}` from the source tree (`pip install -v .` shows the "
