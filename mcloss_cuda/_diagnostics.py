@@ -38,6 +38,12 @@ def explain_load_error(error):
     built_torch = info and info.get("TORCH_VERSION")
     text = str(error)
     if importlib.util.find_spec(f"{__package__}._C") is None:
+        tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.exists(os.path.join(tree, "setup.py")):
+            return (f"this is the unbuilt source tree at {tree} (Python looks in the current "
+                    "directory first), which has no compiled extension",
+                    "run from another directory to use the installed copy, or build in place "
+                    "with `python setup.py build_ext --inplace`")
         return ("the compiled extension mcloss_cuda._C is not there (a copy of the sources that "
                 "was never built, or a build that compiled nothing)",
                 f"build it: `{REBUILD}` from the source tree (`pip install -v .` shows the "
