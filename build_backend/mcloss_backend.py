@@ -98,8 +98,7 @@ def _use_target_torch():
     if target["origin"] is None:
         if here is None or os.environ.get("MCLOSS_TORCH_PYTHON") or _pip_isolated():
             raise SystemExit(_no_torch(target["python"]))
-        # torch reachable here but not from a clean start of the interpreter: a build without
-        # isolation that found torch through PYTHONPATH, which the target sees too
+        # not isolated, so this process is the target interpreter itself: its torch is the one
         return here.origin
     if here is None:
         sys.path.append(target["site"])
@@ -112,8 +111,8 @@ def _use_target_torch():
         raise SystemExit(
             f"mcloss_cuda: the build would use the torch at {here and here.origin}, but "
             f"{target['python']} runs the one at {target['origin']}; the extension must be "
-            "built against the latter. Remove torch from the build requirements, or build "
-            "with `pip install --no-build-isolation .`.")
+            "built against the latter: build with that interpreter, without torch among the "
+            "build requirements.")
     return here.origin
 
 
