@@ -154,6 +154,7 @@ IMPORT_AND_RUN = textwrap.dedent("""
     print(json.dumps({
         "warnings": [str(w.message) for w in caught if "mcloss_cuda" in str(w.message)],
         "file": mc.__file__, "backend": mc.backend("cpu"),
+        "extension": getattr(mc._ops._C, "__file__", None),
         "finite": bool(torch.isfinite(out.loss)) and bool(torch.isfinite(x.grad).all())}))
 """)
 
@@ -173,6 +174,8 @@ def test_an_extension_that_cannot_load_warns_once_and_falls_back(tmp_path, how, 
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["file"].startswith(str(site)), got["file"]
+    if got["extension"] and not got["extension"].startswith(str(site)):
+        pytest.skip(f"an editable install's import hook loads {got['extension']}")
     assert got["backend"] == "reference" and got["finite"]
     assert len(got["warnings"]) == 1, got["warnings"]
     assert why in got["warnings"][0]
