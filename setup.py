@@ -1,7 +1,10 @@
 """Build mcloss_cuda and its extension module ``mcloss_cuda._C``.
 
-The extension is compiled against the torch that is already installed, so build without
-isolation: ``pip install --no-build-isolation .``
+The extension must be compiled against the torch it will run with, the one installed in the
+target environment. ``pip install .`` runs this file through the in-tree build backend
+(build_backend/mcloss_backend.py), which puts that torch on the path of pip's isolated build;
+``pip install --no-build-isolation .`` finds it directly. Only the build commands import torch:
+metadata and sdist runs do not need it.
 
 ``MCLOSS_BUILD`` picks what is compiled:
   auto (default)  CUDA sources too when torch is a CUDA build and a CUDA toolkit is found
@@ -13,74 +16,95 @@ sm_80 and sm_90 (plus PTX for newer GPUs).
 """
 
 import glob
+import importlib.util
 import os
 import re
-import shutil
+import sys
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = os.path.join(HERE, "mcloss_cuda", "_build_info.py")
 
 
-def _is_toolkit_root(path):
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and (
-        glob.glob(os.path.join(path, "lib64", "libcudart.so*"))
-        or glob.glob(os.path.join(path, "lib", "libcudart.so*"))
-        or glob.glob(os.path.join(path, "targets", "*", "lib", "libcudart.so*"))
-    )
+def _version():
+    with open(os.path.join(HERE, "mcloss_cuda", "_version.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
-def _toolkit_candidates():
-    """Places a CUDA toolkit may live, best guess first.
-
-    torch guesses the root as the parent of the folder holding the first ``nvcc`` on PATH. That
-    is wrong when that ``nvcc`` is a symlink or a wrapper script (``exec /opt/cuda-x/bin/nvcc``),
-    and the link then fails with ``cannot find -lcudart``; so we follow links and read wrappers.
-    """
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            yield os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        yield os.path.dirname(os.path.dirname(real))
-        try:
-            with open(real, "rb") as f:
-                head = f.read(4096)
-        except OSError:
-            head = b""
-        if head.startswith(b"#!"):
-            for m in re.finditer(rb"(/[^\s'\"]+)/bin/nvcc\b", head):
-                yield m.group(1).decode()
-    yield "/usr/local/cuda"
-    yield from sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    yield "/opt/cuda"
+def _load_toolkit_module():
+    # by path: importing the package would import torch and the extension
+    spec = importlib.util.spec_from_file_location(
+        "_mcloss_toolkit", os.path.join(HERE, "mcloss_cuda", "_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _find_cuda_toolkit():
-    for root in _toolkit_candidates():
-        if _is_toolkit_root(root):
-            return os.path.realpath(root)
-    return None
+toolkit = _load_toolkit_module()
+
+
+def _builds_extension():
+    """Whether this setup.py run compiles; metadata and sdist runs need no torch."""
+    building = {"build", "build_ext", "bdist_wheel", "bdist_egg", "bdist", "install",
+                "develop", "editable_wheel"}
+    return bool(building.intersection(sys.argv[1:]))
 
 
 def _configure():
     mode = os.environ.get("MCLOSS_BUILD", "auto").strip().lower()
     if mode not in ("auto", "cuda", "cpu"):
         raise SystemExit(f"MCLOSS_BUILD must be auto, cuda or cpu, got {mode!r}")
-    toolkit = _find_cuda_toolkit() if mode != "cpu" else None
-    if toolkit:
+    toolkit_root = toolkit.find_cuda_toolkit() if mode != "cpu" else None
+    if toolkit_root:
         # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
-        os.environ["CUDA_HOME"] = toolkit
+        os.environ["CUDA_HOME"] = toolkit_root
     import torch
 
-    with_cuda = mode != "cpu" and torch.version.cuda is not None and toolkit is not None
+    with_cuda = mode != "cpu" and torch.version.cuda is not None and toolkit_root is not None
     if mode == "cuda" and not with_cuda:
         why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit found"
         raise SystemExit(f"MCLOSS_BUILD=cuda but {why}; set CUDA_HOME to the toolkit root")
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-    return with_cuda
+    return mode, with_cuda
+
+
+def _cuda_archs():
+    """What nvcc will be asked to emit, as torch derives it: ["sm_80", "sm_90", "compute_90"]."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    archs = set()
+    for flag in _get_cuda_arch_flags():
+        archs.update(m.group(1) for m in re.finditer(r"code=((?:sm|compute)_\w+)", flag))
+    return sorted(archs, key=lambda a: (a.startswith("compute"), a))
+
+
+def _write_build_info(mode, with_cuda):
+    """mcloss_cuda/_build_info.py: what this build was made with, for the load-failure warning
+    and ``python -m mcloss_cuda`` (a bug report needs "built against X, running Y")."""
+    import torch
+
+    info = {
+        "VERSION": _version(),
+        "BUILD_MODE": mode,
+        "WITH_CUDA": with_cuda,
+        "TORCH_VERSION": torch.__version__,
+        "TORCH_PATH": os.path.dirname(torch.__file__),
+        "TORCH_CUDA": torch.version.cuda,
+        "TORCH_CXX11_ABI": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        "PYTHON": sys.version.split()[0],
+        "CXX": toolkit.cxx_version(),
+        "CUDA_HOME": os.environ.get("CUDA_HOME") if with_cuda else None,
+        "NVCC": toolkit.nvcc_version(os.environ.get("CUDA_HOME")) if with_cuda else None,
+        "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+        "CUDA_ARCHS": _cuda_archs() if with_cuda else [],
+    }
+    lines = ["# Generated by setup.py when the extension is built; not in git.\n"]
+    lines += [f"{key} = {value!r}\n" for key, value in info.items()]
+    with open(BUILD_INFO, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    return info
 
 
 def _torch_uses_openmp():
@@ -133,19 +157,28 @@ def _extensions(with_cuda):
 
 
 def main():
-    with_cuda = _configure()  # first: it sets CUDA_HOME, which cpp_extension reads on import
-    from torch.utils.cpp_extension import BuildExtension
+    ext_modules, cmdclass = [], {}
+    if _builds_extension():
+        mode, with_cuda = _configure()  # first: it sets CUDA_HOME, read by cpp_extension on import
+        from torch.utils.cpp_extension import BuildExtension
 
-    print(f"mcloss_cuda: building {'C++ and CUDA' if with_cuda else 'C++ (CPU only)'} kernels"
-          + (f", CUDA_HOME={os.environ['CUDA_HOME']}, arch={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}"
-             if with_cuda else ""))
+        info = _write_build_info(mode, with_cuda)
+        print(f"mcloss_cuda {info['VERSION']}: building "
+              f"{'C++ and CUDA' if with_cuda else 'C++ (CPU only)'} kernels against torch "
+              f"{info['TORCH_VERSION']} ({info['TORCH_PATH']})"
+              + (f", CUDA_HOME={info['CUDA_HOME']} ({info['NVCC']}), "
+                 f"arch={' '.join(info['CUDA_ARCHS'])}" if with_cuda else ""), flush=True)
+        ext_modules = _extensions(with_cuda)
+        cmdclass = {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
     setup(
         name="mcloss_cuda",
-        version="0.1.0",
+        version=_version(),
         description="Mutual-Channel Loss (MC-Loss) with fused C++/CUDA kernels for PyTorch",
+        long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+        long_description_content_type="text/markdown",
         packages=find_packages(include=["mcloss_cuda", "mcloss_cuda.*"]),
-        ext_modules=_extensions(with_cuda),
-        cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
         python_requires=">=3.9",
         install_requires=["torch>=2.4"],
         extras_require={"test": ["pytest", "hypothesis", "numpy", "matplotlib"],

@@ -53,7 +53,7 @@ ALL_IMPLS = ("fused", "graphed", "reference", "eager", "compiled", "softmax")
 CUDA_ONLY = ("graphed",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
-ALPHA, BETA = 1.5, 20.0  # the published CUB-200 weights (SPEC defaults)
+ALPHA, BETA = 1.5, 20.0  # the published CUB-200 weights (the defaults, docs/spec.md)
 
 # Tolerance on the scalar loss when checking fused against the other implementations.
 # eager/compiled run the published ops in the input dtype (a bf16 softmax rounds every
@@ -131,7 +131,7 @@ CPU_HALF_MAX_NUMEL = 4_000_000
 
 
 # ----------------------------------------------------------------------------------------------
-# the published formulation, written fresh (see SPEC.md and the source notes)
+# the published formulation, written fresh from the formulas of docs/spec.md
 
 
 def host_mask_published(batch: int, counts: Sequence[int]) -> torch.Tensor:
@@ -141,7 +141,7 @@ def host_mask_published(batch: int, counts: Sequence[int]) -> torch.Tensor:
     bar = []
     if len(set(counts)) == 1:
         n = counts[0]
-        foo = [1] * (n - n // 2) + [0] * (n // 2)  # drop floor(n/2), as SPEC's default
+        foo = [1] * (n - n // 2) + [0] * (n // 2)  # drop floor(n/2), as the package's default
         for _ in counts:
             random.shuffle(foo)
             bar += foo
@@ -439,7 +439,7 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
     x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
     x.requires_grad_(True)
     targets = torch.randint(0, case.K, (B,), generator=gen).to(device)
-    # one mask from the package's sampler (SPEC: drop floor(n_i/2) per group, shared by the
+    # one mask from the package's sampler (docs/spec.md: drop floor(n_i/2) per group, shared by the
     # batch); fused and reference take it as (C,) bool, compiled as the published (B, C, 1, 1)
     torch.manual_seed(4321)
     mask = mc.random_channel_mask(case.K, case.counts, device=device)

@@ -5,10 +5,12 @@
     loss = F.cross_entropy(classifier_logits, targets) + out.loss
 
 ``mc.backend(device)`` says which implementation runs there; ``MCLOSS_BACKEND=reference``
-forces the pure-PyTorch path (``mc.reference``) everywhere.
+forces the pure-PyTorch path (``mc.reference``) everywhere. ``python -m mcloss_cuda`` prints
+what a bug report needs. The contract: docs/spec.md.
 """
 
 from . import reference
+from ._version import __version__
 from ._common import MCLossOutput, random_channel_mask
 from ._ops import backend, built_with_cuda
 from .functional import (
@@ -21,8 +23,6 @@ from .functional import (
 )
 from .loss import MCLoss
 from .maps import channel_attention_maps
-
-__version__ = "0.1.0"
 
 __all__ = [
     "MCLoss", "MCLossOutput", "backend", "built_with_cuda", "ccmp", "channel_attention_maps",

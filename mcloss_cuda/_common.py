@@ -345,7 +345,7 @@ def draw_mask(x, counts, drop, per_sample_mask, generator):
 
 
 def accumulate_in(x):
-    """fp16/bf16 are computed in fp32 (SPEC: fp32 accumulation); fp32 and fp64 as they are."""
+    """fp16/bf16 are computed in fp32 (docs/spec.md, Numerics); fp32 and fp64 as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 

@@ -11,13 +11,16 @@ import os
 
 import torch
 
+from . import _diagnostics
+
 try:
     from . import _C  # noqa: F401  (registers the ops with the dispatcher)
 
     LOAD_ERROR = None
-except ImportError as e:  # a pure-Python install, or a build for another torch
+except (ImportError, OSError) as e:  # never built, built for another torch, a missing library
     _C = None
     LOAD_ERROR = e
+    _diagnostics.warn_load_failure(e)  # once, saying why and what fixes it
 
 AVAILABLE = _C is not None
 NAMESPACE = "mcloss_cuda"
@@ -51,7 +54,8 @@ def backend(device) -> str:
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda" and has_kernel("mc_loss_forward", "CUDA"):
-        return "cuda"
+        # the reference where the device's architecture was not compiled for
+        return "cuda" if _diagnostics.cuda_device_ok(device) else "reference"
     return "reference"
 
 

@@ -1,5 +1,5 @@
 """MC-Loss in plain PyTorch: the fallback where the extension is absent, and the oracle every
-kernel is tested against. Written to be read: each function is the formula of SPEC.md.
+kernel is tested against. Written to be read: each function is the formula of docs/spec.md.
 
 Shapes: x is (B, C, H, W); the C channels form K consecutive groups of n_i channels.
 fp16/bf16 inputs are computed in fp32; gradients flow back in the input's dtype.
@@ -50,7 +50,7 @@ def _group_max(x, counts):
     """Cross-channel max pooling: (B, C, H, W) -> (B, K, H, W), the max over each group.
 
     ``Tensor.max(dim)`` returns the first index among equal maxima (and the first NaN), so its
-    gradient goes whole to the lowest-index channel attaining the max, as SPEC.md asks.
+    gradient goes whole to the lowest-index channel attaining the max, as docs/spec.md says.
     """
     B, C, H, W = x.shape
     K = len(counts)

@@ -1,4 +1,4 @@
-"""Tests of the public contract of SPEC.md: names and signatures, MCLossOutput, MCLoss,
+"""Tests of the public contract of docs/spec.md: names and signatures, MCLossOutput, MCLoss,
 backend selection, the random channel mask and its seeding, and the dtype policy.
 
 Random inputs are fresh every run: each test seeds torch from the OS entropy pool and prints
@@ -22,7 +22,7 @@ NO = P.empty
 
 
 # ----------------------------------------------------------------------------------------------
-# names and signatures, written out from SPEC.md's contract: (name, kind, default)
+# names and signatures, written out from docs/spec.md's contract: (name, kind, default)
 
 SPEC_SIGNATURES = {
     "mc_loss": [("features", POS, NO), ("targets", POS, NO), ("num_classes", POS, NO),
@@ -41,8 +41,8 @@ SPEC_SIGNATURES = {
 MCLOSS_INIT = [("num_classes", POS, NO), ("cnum", POS, None), ("alpha", POS, 1.5),
                ("beta", POS, 20.0), ("drop", POS, None), ("per_sample_mask", POS, False)]
 MCLOSS_FORWARD = [("features", POS, NO), ("targets", POS, NO), ("mask", POS, None)]
-# SPEC: mc.reference holds the pure-PyTorch versions of the functions (backend and the module
-# wrapper are about dispatch, not about numbers)
+# docs/spec.md: mc.reference holds the pure-PyTorch versions of the functions (backend and the
+# module wrapper are about dispatch, not about numbers)
 REFERENCE_NAMES = ["mc_loss", "spatial_softmax", "channel_mask", "ccmp", "diversity_loss",
                    "discriminality_logits", "random_channel_mask"]
 

@@ -319,7 +319,7 @@ def test_mc_loss(device, dtype, case, layout, bwd):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_negative_groups_masked_channels_count_as_zero(device, dtype):
-    # every kept value negative: a masked channel (value 0) wins the masked max (SPEC)
+    # every kept value negative: a masked channel (value 0) wins the masked max (docs/spec.md)
     case = Case(2, 3, 3, 9, 4, 5)
     x = (-make_features(case, dtype, device, for_grad=False).abs() - 0.5).detach()
     x.requires_grad_()

@@ -365,7 +365,7 @@ def test_matches_published_coefficients_layouts(impl, device, channels_last):
 
 
 def slow_mc_loss(x, y, counts, mask, alpha=1.5, beta=20.0):
-    """MC-Loss with one plain-PyTorch pass per class group (SPEC.md, formula by formula)."""
+    """MC-Loss with one plain-PyTorch pass per class group (docs/spec.md, formula by formula)."""
     B = x.shape[0]
     m = mask.to(x.dtype)
     m = m.expand(B, -1) if m.dim() == 1 else m
