@@ -301,10 +301,13 @@ def test_the_backend_finds_the_target_torch_from_an_isolated_build(tmp_path):
 
 
 def source_files():
-    for folder, dirs, files in os.walk(os.path.join(ROOT, "csrc")):
-        for name in files:
-            if name.endswith((".h", ".cuh", ".cpp", ".cu")):
-                yield os.path.relpath(os.path.join(folder, name), ROOT)
+    # the extension's sources, and the CUDA emulator the tests build them with
+    for top in ("csrc", "tools"):
+        for folder, dirs, files in os.walk(os.path.join(ROOT, top)):
+            for name in files:
+                if name.endswith((".h", ".cuh", ".cpp", ".cu")) or top == "tools" and \
+                        name.endswith(".py"):
+                    yield os.path.relpath(os.path.join(folder, name), ROOT)
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "csrc")), reason="not a source tree")
@@ -325,7 +328,7 @@ def test_the_sdist_carries_every_source_and_header(tmp_path):
         "setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "docs/spec.md",
         "build_backend/mcloss_backend.py", "mcloss_cuda/__init__.py", "mcloss_cuda/_version.py",
         "mcloss_cuda/_toolkit.py"}
-    assert "csrc/ops.cpp" in wanted
+    assert "csrc/ops.cpp" in wanted and "tools/cuemu/cuemu.h" in wanted
     assert not wanted - members, sorted(wanted - members)
     assert "mcloss_cuda/_build_info.py" not in members  # written by each build for itself
     assert not [m for m in members if m.endswith(".so")]
