@@ -121,7 +121,10 @@ _cuda_device_ok: dict = {}
 
 
 def cuda_device_ok(device):
-    """Whether the compiled CUDA kernels can run on ``device``; warns once per device if not."""
+    """Whether the compiled CUDA kernels can run on ``device``; warns once per device if not.
+    Without a usable GPU there is nothing to run on, and nothing to warn about: True."""
+    if not torch.cuda.is_available():
+        return True
     index = device.index if device.index is not None else torch.cuda.current_device()
     ok = _cuda_device_ok.get(index)
     if ok is not None:

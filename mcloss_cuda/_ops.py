@@ -7,8 +7,6 @@ csrc/autograd wires each forward op to its hand-written backward op.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import _diagnostics
@@ -49,7 +47,7 @@ def backend(device) -> str:
     if isinstance(device, torch.Tensor):
         device = device.device
     device = torch.device(device)
-    if os.environ.get("MCLOSS_BACKEND", "").strip().lower() == "reference" or not AVAILABLE:
+    if _diagnostics.reference_forced() or not AVAILABLE:
         return "reference"
     if device.type == "cpu":
         return "cpu"

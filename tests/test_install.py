@@ -208,9 +208,21 @@ def test_arch_rules(archs, capability, runs):
     assert _diagnostics.arch_runs_on(archs, capability) is runs
 
 
+def test_without_a_gpu_the_cuda_backend_needs_no_device():
+    # a CUDA build on a machine without a GPU (CI's): asking must not initialise CUDA
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert _diagnostics.cuda_device_ok(torch.device("cuda")) is True
+    expected = "cuda" if _ops.has_kernel("mc_loss_forward", "CUDA") else "reference"
+    if _diagnostics.reference_forced():
+        expected = "reference"
+    assert mc.backend("cuda") == expected
+
+
 def test_a_gpu_arch_not_compiled_for_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(_diagnostics, "_cuda_device_ok", {})
     monkeypatch.setattr(_diagnostics, "compiled_archs", lambda: ["sm_80", "sm_90"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Old GPU")
     monkeypatch.delenv("MCLOSS_BACKEND", raising=False)
