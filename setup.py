@@ -108,8 +108,6 @@ def _write_build_info(mode, with_cuda):
 
 
 def _torch_uses_openmp():
-    import sys
-
     import torch
 
     return sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info() \

@@ -5,7 +5,8 @@ torch among them, pip would download a second torch into that environment (whate
 the index has) and the extension would be compiled against it, then fail to load next to the
 torch it is installed with. So torch is not a build requirement: before compiling, the hooks
 ask the interpreter pip installs for (``sys.executable``, run without pip's isolation) where
-its torch lives, and add that directory at the end of the build's ``sys.path``.
+its torch lives, and add that directory (and the rest of its ``sys.path``) at the end of the
+build's ``sys.path``.
 
 ``MCLOSS_TORCH_PYTHON=/path/to/python`` builds against that interpreter's torch instead.
 """
@@ -31,6 +32,7 @@ print(json.dumps({
     "origin": spec.origin if found else None,
     "site": os.path.dirname(os.path.dirname(spec.origin)) if found else None,
     "scripts": sysconfig.get_path("scripts"),
+    "path": [p for p in sys.path if p],
 }))
 """
 
@@ -101,7 +103,11 @@ def _use_target_torch():
         # not isolated, so this process is the target interpreter itself: its torch is the one
         return here.origin
     if here is None:
-        sys.path.append(target["site"])
+        # every directory of the target's sys.path, after the build's own: torch's
+        # dependencies may live in another one (a --system-site-packages venv, dist-packages)
+        for entry in [target["site"], *target.get("path", [])]:
+            if entry not in sys.path:
+                sys.path.append(entry)
         # that environment's scripts too, for its ninja (torch builds serially without one)
         os.environ["PATH"] = os.pathsep.join(
             [p for p in (os.environ.get("PATH"), target["scripts"]) if p])

@@ -108,6 +108,9 @@ def _environment():
 
 
 def _cpu_isa():
+    # what csrc/cpu/mcloss_cpu.cpp's use_avx2() picks: AVX2+FMA kernels exist for x86-64 only
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"portable C++ ({platform.machine()})"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = next((line.split(":", 1)[1].split() for line in f
