@@ -18,12 +18,7 @@ sys.path.insert(0, str(CUEMU))
 import build as cuemu_build  # noqa: E402
 
 SCHEDULES = ["forward", "reverse", "random"]
-VARIANT_FLAGS = {
-    "plain": ["-O1"],
-    "asan": ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-             "-fsanitize=bounds-strict", "-fno-sanitize-recover=all"],
-    "tsan": ["-O1", "-fsanitize=thread"],
-}
+VARIANT_FLAGS = cuemu_build.VARIANTS  # the flags the project's emulated builds use
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +122,32 @@ def test_launch_rewrite(text, expected):
     assert cuemu_build.rewrite_launches(text)[0] == expected
 
 
+def test_launch_rewrite_leaves_comments_and_strings():
+    text = '// as in k<<<grid, 256>>>\nconst char* s = "a<<<b>>>(";\nk<<<1, 2>>>(x);'
+    out, names = cuemu_build.rewrite_launches(text)
+    assert out == ('// as in k<<<grid, 256>>>\nconst char* s = "a<<<b>>>(";\n'
+                   '::cuemu::launcher("k", k, 1, 2)(x);') and names == ["k"]
+
+
 def test_dynamic_shared_rewrite():
-    text, _ = cuemu_build.emulated_source(
-        "extern __shared__ float buf[];\nTORCH_LIBRARY_IMPL(mcloss_cuda, CUDA, m) {}")
+    text, names = cuemu_build.emulated_source(
+        "__global__ void k() {\n  extern __shared__ float buf[];\n"
+        "  extern __shared__ __align__(16) unsigned char raw[];\n}\n"
+        "void f() { k<<<1, 32, 128>>>(); }\nTORCH_LIBRARY_IMPL(mcloss_cuda, CUDA, m) {}")
     assert "float* const buf = static_cast<float*>(::cuemu::dynamic_shared());" in text
-    assert "TORCH_LIBRARY_IMPL(mcloss_cuda, CPU," in text
+    assert "unsigned char* const raw = static_cast<unsigned char*>(" in text
+    assert "TORCH_LIBRARY_IMPL(mcloss_cuda, CPU," in text and names == ["k"]
+    with pytest.raises(ValueError, match="namespace scope"):
+        cuemu_build.emulated_source("extern __shared__ float g[];", register_for_cpu=False)
+    with pytest.raises(ValueError, match="register for CPU"):
+        cuemu_build.emulated_source("void f() { k<<<1, 32>>>(); }")
+
+
+def test_host_headers_skip_conditional_and_device_side_includes(tmp_path):
+    (tmp_path / "local.h").write_text("#pragma once\n#include <c10/util/Half.h>\n")
+    cu = tmp_path / "k.cu"
+    cu.write_text('#include <ATen/core/Tensor.h>\n#include <ATen/cuda/CUDAContext.h>\n'
+                  '#include <c10/cuda/CUDAGuard.h>\n// #include <torch/nothing.h>\n'
+                  '#ifdef USE_ROCM\n#include <ATen/hip/HIPContext.h>\n#endif\n'
+                  '#include "local.h"\n')
+    assert cuemu_build.host_headers(cu, [tmp_path]) == ["ATen/core/Tensor.h", "c10/util/Half.h"]

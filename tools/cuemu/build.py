@@ -88,6 +88,36 @@ def compiler() -> str:
 # source rewriting
 
 
+def code_only(text: str) -> str:
+    """``text`` with comments and string and character literals blanked (same length, newlines
+    kept), so that searches for code see only code."""
+    out, i, n = list(text), 0, len(text)
+
+    def blank(a, b):
+        for j in range(a, b):
+            if out[j] != "\n":
+                out[j] = " "
+
+    while i < n:
+        if text.startswith("//", i):
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+        elif text[i] in "\"'":
+            j = i + 1
+            while j < n and text[j] != text[i] and text[j] != "\n":
+                j += 2 if text[j] == "\\" else 1
+            j = min(j + 1, n)
+        else:
+            i += 1
+            continue
+        blank(i, j)
+        i = j
+    return "".join(out)
+
+
 def _matching_open(text: str, close: int) -> int:
     """Index of the '<' that opens the template argument list closed by text[close] == '>'."""
     depth = 0
@@ -104,14 +134,16 @@ def _matching_open(text: str, close: int) -> int:
 def rewrite_launches(text: str) -> tuple[str, list[str]]:
     """``name<T...><<<config>>>(`` -> ``::cuemu::launcher("name", name<T...>, config)(``.
 
-    Returns the new text and the names of the kernels launched, in order."""
+    Returns the new text and the names of the kernels launched, in order. Comments and string
+    literals are left alone."""
+    code = code_only(text)
     out, names, pos = [], [], 0
     while True:
-        start = text.find("<<<", pos)
+        start = code.find("<<<", pos)
         if start < 0:
             out.append(text[pos:])
             return "".join(out), names
-        end = text.find(">>>", start)
+        end = code.find(">>>", start)
         if end < 0:
             raise ValueError("<<< without >>>")
         j = start
@@ -138,8 +170,8 @@ def rewrite_launches(text: str) -> tuple[str, list[str]]:
 
 
 _EXTERN_SHARED = re.compile(
-    r"extern\s+__shared__\s+(?:(alignas\s*\(\s*\w+\s*\))\s+)?([A-Za-z_][\w:<>, ]*?)\s+"
-    r"([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+    r"extern\s+__shared__\s+(?:(?:alignas|__align__)\s*\([^)]*\)\s+)?([A-Za-z_][\w:<>, ]*?)\s+"
+    r"(?:(?:alignas|__align__)\s*\([^)]*\)\s+)?([A-Za-z_]\w*)\s*\[\s*\]\s*;")
 _CUDA_IMPL = re.compile(r"TORCH_LIBRARY_IMPL\(\s*mcloss_cuda\s*,\s*CUDA\s*,")
 
 
@@ -148,10 +180,18 @@ def emulated_source(text: str, register_for_cpu: bool = True) -> tuple[str, list
     of the kernels it launches. ``register_for_cpu``: the file registers ops (a project .cu),
     which must then be for CPU."""
     text, names = rewrite_launches(text)
-    # dynamic shared memory: a pointer to the block's buffer, sized by the launch
-    text = _EXTERN_SHARED.sub(
-        lambda m: f"{m.group(2)}* const {m.group(3)} = "
-                  f"static_cast<{m.group(2)}*>(::cuemu::dynamic_shared());", text)
+    # dynamic shared memory: a pointer to the block's buffer, sized by the launch; inside a
+    # function only (at namespace scope it would be read when the library loads)
+    code = code_only(text)
+
+    def pointer(m):
+        if code[:m.start()].count("{") == code[:m.start()].count("}"):
+            raise ValueError(f"extern __shared__ {m.group(2)} at namespace scope: declare it in "
+                             "the kernel for the emulator")
+        return (f"{m.group(1)}* const {m.group(2)} = "
+                f"static_cast<{m.group(1)}*>(::cuemu::dynamic_shared());")
+
+    text = _EXTERN_SHARED.sub(pointer, text)
     if register_for_cpu:
         text, n = _CUDA_IMPL.subn("TORCH_LIBRARY_IMPL(mcloss_cuda, CPU,", text)
         if n == 0 and names:
@@ -159,17 +199,43 @@ def emulated_source(text: str, register_for_cpu: bool = True) -> tuple[str, list
     return text, names
 
 
-_INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.M)
+_INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]')
+_IF = re.compile(r"^\s*#\s*if")
+_ENDIF = re.compile(r"^\s*#\s*endif")
+# CUDA-side headers: from stub/ (where one exists), included with the project's code
+_DEVICE_HEADERS = ("c10/cuda/", "ATen/cuda/")
+
+
+def _unconditional_includes(text: str):
+    """(kind, name) of the #includes outside comments and outside #if blocks."""
+    depth = 0
+    code_lines = code_only(text).splitlines()
+    directives = [c.split() for c in code_lines if c.strip()][:2]
+    # an include guard (#ifndef X / #define X) encloses the whole file: it is no condition
+    guard = len(directives) == 2 and directives[0][:1] == ["#ifndef"] and \
+        directives[1][:2] == ["#define", directives[0][1] if len(directives[0]) > 1 else ""]
+    for line, code in zip(text.splitlines(), code_lines):
+        if guard and _IF.match(code):
+            guard = False
+        elif _IF.match(code):
+            depth += 1
+        elif _ENDIF.match(code):
+            depth -= 1
+        elif depth == 0 and re.match(r"\s*#\s*include\b", code):
+            m = _INCLUDE.match(line)  # (the name of a quoted include is blanked in `code`)
+            if m:
+                yield m.group(1), m.group(2)
 
 
 def host_headers(path: Path, include_dirs, seen=None) -> list[str]:
-    """The ATen, c10 and torch headers (not c10/cuda) that ``path`` and the project headers it
-    includes pull in, in the order first met."""
+    """The ATen, c10 and torch headers (not the CUDA-side ones) that ``path`` and the project
+    headers it includes pull in unconditionally, in the order first met."""
     seen = set() if seen is None else seen
     found = []
-    for kind, name in _INCLUDE.findall(path.read_text()):
+    for kind, name in _unconditional_includes(path.read_text()):
         if kind == "<":
-            if name.split("/")[0] in ("ATen", "c10", "torch") and not name.startswith("c10/cuda/"):
+            if name.split("/")[0] in ("ATen", "c10", "torch") and \
+                    not name.startswith(_DEVICE_HEADERS):
                 found.append(name)
             continue
         for d in [path.parent, *include_dirs]:
