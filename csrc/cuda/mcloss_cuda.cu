@@ -58,9 +58,11 @@ __device__ __forceinline__ SoftmaxStats<acc> row_stats(const scalar_t* x, int64_
 }
 
 // Whether offsets[0..K] partition [0, C) into K non-empty groups, as the CPU ops check on the
-// host: a CUDA host wrapper cannot read the values without a device sync, so every block of a
-// kernel that takes offsets checks them (all its threads take part; blocks are 1-D) before
-// reading a group, and writes NaN over its share of every output when they are not.
+// host: a CUDA host wrapper cannot read the values without a device sync, so every block of the
+// kernels that walk the groups (ccmp and the fused loss) checks them (all its threads take part;
+// blocks are 1-D) before reading a group, and writes NaN over its share of every output when
+// they are not. The tail kernels only divide by the group sizes: group_size gives NaN for an
+// empty or reversed group.
 __device__ __forceinline__ bool offsets_partition(const int64_t* offsets, int64_t K, int64_t C) {
   int ok = threadIdx.x == 0 ? (offsets[0] == 0 && offsets[K] == C) : 1;
   for (int64_t i = threadIdx.x; i < K; i += blockDim.x) ok &= offsets[i] < offsets[i + 1];
