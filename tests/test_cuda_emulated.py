@@ -89,8 +89,10 @@ def run_child(name, lib, tmp, extra_args=()):
     preload = cuemu_build.sanitizer_preload(variant)
     if preload:
         env["LD_PRELOAD"] = preload
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--maxfail=25",
-           *extra_args, *args]
+    # --capture=sys: a sanitizer's report is written to file descriptor 2 by a process that
+    # then exits at once; pytest's default fd capture would swallow it
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
+           "--maxfail=25", *extra_args, *args]
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=TIMEOUT)

@@ -11,6 +11,7 @@ mutant has missed it.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import tempfile
@@ -73,22 +74,23 @@ def mutant(m: Mutation, root: Path) -> Path:
     return copy
 
 
-SANITIZER_REPORTS = ("SUMMARY: ThreadSanitizer:", "SUMMARY: AddressSanitizer:",
-                     "runtime error:", "WARNING: ThreadSanitizer:", "ERROR: AddressSanitizer:")
-
-
 def first_failure(out: str) -> str:
-    """What a failed run reported first: a sanitizer's summary line, else pytest's."""
+    """What a failed run reported first: a sanitizer's report (with the first frames of its
+    stacks: the racing or faulting lines), else pytest's first failure."""
     lines = out.splitlines()
-    for marker in SANITIZER_REPORTS:
-        for line in lines:
-            if marker in line:
-                return line.strip()[:140]
+    for i, line in enumerate(lines):
+        if "WARNING: ThreadSanitizer:" in line or "ERROR: AddressSanitizer:" in line:
+            frames = [m.group(1) for x in lines[i:i + 40] if x.lstrip().startswith("#0 ")
+                      for m in [re.search(r"(\S+\.(?:cu|h|cpp):\d+)", x)] if m][:2]
+            what = line.split("Sanitizer: ")[-1].split(" (pid")[0].split(" on address")[0]
+            return f"{what} at {', '.join(frames)}"[:200]
+        if "runtime error:" in line:
+            return line.strip()[:200]
     for line in lines:
         if line.startswith(("FAILED", "ERROR")):
-            return line.split(" - ")[0][:140]
+            return line.split(" - ")[0][:160]
     tail = [line for line in lines if line.strip()]
-    return tail[-1][:140] if tail else ""
+    return tail[-1][:160] if tail else ""
 
 
 def main(names):
