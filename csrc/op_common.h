@@ -104,21 +104,20 @@ inline void check_map_grad(const at::Tensor& grad, const at::Tensor& ref, const 
                     grad.sizes());
 }
 
-// targets: int64 (B,) class indices in [0, K), on the logits' device. Left to the kernels, a
-// bad one gives NaN in the loss and that sample's gradient (on CUDA the Python API's
-// device-side assert reports it too).
-inline void check_targets(const at::Tensor& targets, const at::Tensor& logits,
+// targets: int64 (B,) class indices in [0, K), on x's device. Left to the kernels (CUDA), a
+// bad one gives NaN in the loss and then a device-side trap, as cross_entropy's assert does.
+inline void check_targets(const at::Tensor& targets, const at::Tensor& x, int64_t K,
                           ValueChecks values) {
-  const int64_t B = logits.size(0), K = logits.size(1);
+  const int64_t B = x.size(0);
   TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong,
                    "targets: expected dtype int64 (class indices), got ", targets.scalar_type());
   TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == B, "targets: expected shape (", B,
                     ",), one class index per sample, got ", targets.sizes());
-  TORCH_CHECK_VALUE(targets.device() == logits.device(), "targets: expected device ",
-                    logits.device(), ", got ", targets.device());
+  TORCH_CHECK_VALUE(targets.device() == x.device(), "targets: expected device ", x.device(),
+                    ", got ", targets.device());
+  TORCH_CHECK_VALUE(targets.is_contiguous(), "targets: expected a contiguous tensor");
   if (values == ValueChecks::Host) {
-    const at::Tensor t = targets.contiguous();
-    const int64_t* v = t.const_data_ptr<int64_t>();
+    const int64_t* v = targets.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK_VALUE(v[b] >= 0 && v[b] < K, "targets: class indices must lie in [0, ", K,
                         "), got ", v[b], " at ", b);
@@ -126,58 +125,88 @@ inline void check_targets(const at::Tensor& targets, const at::Tensor& logits,
   }
 }
 
-// What both tail ops take: logits (B, K) in the accumulation dtype (float or double), targets
-// (see check_targets) and offsets int64 (K + 1,) on the logits' device. Returns (B, K).
-inline std::pair<int64_t, int64_t> check_logits(const at::Tensor& logits,
-                                                const at::Tensor& targets,
-                                                const at::Tensor& offsets, ValueChecks values) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits: expected a 2-D tensor (B, K), got shape ",
-                    logits.sizes());
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
-                   "logits: expected float32 or float64, got ", logits.scalar_type());
-  const int64_t B = logits.size(0), K = logits.size(1);
-  check_targets(targets, logits, values);
-  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, "offsets: expected int64, got ",
-                   offsets.scalar_type());
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == K + 1, "offsets: expected shape (",
-                    K + 1, ",), got ", offsets.sizes());
-  TORCH_CHECK_VALUE(offsets.device() == logits.device(), "offsets: expected device ",
-                    logits.device(), ", got ", offsets.device());
-  return {B, K};
+inline at::ScalarType acc_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// mc_loss_tail's arguments: h like the logits, and the targets (their values as `values` says;
-// the backward gets the same targets). Returns (B, K).
-inline std::pair<int64_t, int64_t> check_tail(const at::Tensor& h, const at::Tensor& logits,
-                                              const at::Tensor& targets,
-                                              const at::Tensor& offsets, ValueChecks values) {
-  const auto shape = check_logits(logits, targets, offsets, values);
-  check_like(h, logits, "h", "logits");
-  TORCH_CHECK_VALUE(h.sizes() == logits.sizes(), "h: expected shape ", logits.sizes(),
-                    " (that of logits), got ", h.sizes());
-  return shape;
+// The arguments of the mc_loss ops, checked once for both backends.
+struct LossShape {
+  int64_t B, C, K, HW, max_group;
+  bool draw;             // no mask given: the op draws one
+  bool mask_is_bool;     // a given mask's dtype: bool, else x's
+  int64_t mask_rows;     // rows of the mask given or drawn: 1, or B per sample
+  int64_t mask_bstride;  // 0 (one row for the batch) or C
+};
+
+inline LossShape check_loss(const at::Tensor& x, const at::Tensor& targets,
+                            const at::Tensor& offsets, int64_t max_group,
+                            const std::optional<at::Tensor>& mask, bool per_sample_mask,
+                            ValueChecks values) {
+  check_map(x, "x");
+  const int64_t K = check_offsets(offsets, x, values);
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK_VALUE(max_group >= 1 && max_group <= C, "max_group: expected the largest group's "
+                    "size, in [1, C=", C, "], got ", max_group);
+  if (values == ValueChecks::Host) {
+    const int64_t* o = offsets.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < K; ++i) {
+      TORCH_CHECK_VALUE(o[i + 1] - o[i] <= max_group, "max_group: ", max_group,
+                        " is smaller than group ", i, " (", o[i + 1] - o[i], " channels)");
+    }
+  }
+  check_targets(targets, x, K, values);
+  LossShape s{B, C, K, x.size(2) * x.size(3), max_group, !mask.has_value(), false,
+              per_sample_mask ? B : 1, 0};
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK_VALUE(m.device() == x.device(), "mask: expected device ", x.device(),
+                      " (that of x), got ", m.device());
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == x.scalar_type(),
+                     "mask: expected bool or ", x.scalar_type(), " (that of x), got ",
+                     m.scalar_type());
+    const bool shared = m.dim() == 1 && m.size(0) == C;
+    const bool per_sample = m.dim() == 2 && m.size(0) == B && m.size(1) == C;
+    TORCH_CHECK_VALUE(shared || per_sample, "mask: expected shape (", C, ",) or (", B, ", ", C,
+                      "), got ", m.sizes());
+    TORCH_CHECK_VALUE(m.is_contiguous(), "mask: expected a contiguous tensor");
+    s.mask_is_bool = m.scalar_type() == at::kBool;
+    s.mask_rows = shared ? 1 : B;
+  }
+  s.mask_bstride = s.mask_rows == 1 ? 0 : C;
+  return s;
 }
 
-// mc_loss_tail_backward's arguments: the gradients of the scalar outputs 0-dim, that of the
-// logits (B, K), lse (B, 2), all in the logits' dtype and on their device. Returns (B, K).
-inline std::pair<int64_t, int64_t> check_tail_backward(
-    const at::Tensor& g_loss, const at::Tensor& g_dis, const at::Tensor& g_div,
-    const at::Tensor& g_logits, const at::Tensor& logits, const at::Tensor& lse,
-    const at::Tensor& targets, const at::Tensor& offsets) {
-  const auto [B, K] = check_logits(logits, targets, offsets, ValueChecks::Kernel);
-  const std::pair<const at::Tensor*, const char*> scalars[] = {
+// mc_loss_backward's arguments: those of the forward (the mask it used), its logits and lse,
+// and the gradients of its outputs, each undefined (zero) or in the accumulation dtype.
+inline LossShape check_loss_backward(const std::optional<at::Tensor>& g_loss,
+                                     const std::optional<at::Tensor>& g_dis,
+                                     const std::optional<at::Tensor>& g_div,
+                                     const std::optional<at::Tensor>& g_logits,
+                                     const at::Tensor& x, const at::Tensor& targets,
+                                     const at::Tensor& offsets, int64_t max_group,
+                                     const at::Tensor& mask, const at::Tensor& logits,
+                                     const at::Tensor& lse, ValueChecks values) {
+  const LossShape s = check_loss(x, targets, offsets, max_group, mask, false, values);
+  const auto acc = acc_type_of(x);
+  auto check_acc = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(),
+                      " (that of x), got ", t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", acc, ", got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ",
+                      t.sizes());
+  };
+  const std::pair<const std::optional<at::Tensor>*, const char*> scalars[] = {
       {&g_loss, "grad_loss"}, {&g_dis, "grad_dis"}, {&g_div, "grad_div"}};
   for (const auto& [g, name] : scalars) {
-    check_like(*g, logits, name, "logits");
-    TORCH_CHECK_VALUE(g->dim() == 0, name, ": expected a 0-dim tensor, got shape ", g->sizes());
+    if (g->has_value() && (*g)->defined()) check_acc(**g, name, {});
   }
-  check_like(g_logits, logits, "grad_logits", "logits");
-  TORCH_CHECK_VALUE(g_logits.sizes() == logits.sizes(), "grad_logits: expected shape ",
-                    logits.sizes(), ", got ", g_logits.sizes());
-  check_like(lse, logits, "lse", "logits");
-  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == 2,
-                    "lse: expected shape (", B, ", 2), got ", lse.sizes());
-  return {B, K};
+  if (g_logits.has_value() && g_logits->defined()) {
+    check_acc(*g_logits, "grad_logits", {s.B, s.K});
+  }
+  check_acc(logits, "logits", {s.B, s.K});
+  check_acc(lse, "lse", {s.B, 2});
+  return s;
 }
 
 }  // namespace mcloss

@@ -2,7 +2,8 @@
 // csrc/autograd their autograd formulas, and mcloss_cuda/_ops.py the fake (meta) implementations.
 //
 //   offsets: int64 (K + 1,) group boundaries; group i is channels [offsets[i], offsets[i+1]).
-//   mask:    (C,) or (B, C) in the features' dtype, multiplied into the features (CWA).
+//   mask:    (C,) or (B, C), multiplied into the features (CWA): x's dtype for channel_mask,
+//            bool or x's dtype for mc_loss.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -16,29 +17,25 @@ TORCH_LIBRARY(mcloss_cuda, m) {
   // the first channel attaining its group's max, recomputed from x
   m.def("ccmp(Tensor x, Tensor offsets) -> Tensor");
   m.def("ccmp_backward(Tensor grad, Tensor x, Tensor offsets) -> Tensor");
-  // one pass over x: per (b, i) the diversity sum h = sum_k max_j softmax(x[b,j])[k] and the
-  // logit mean_k max_j mask[b,j] * x[b,j,k], both (B, K) in fp32 (fp64 for fp64 x)
-  m.def("mc_loss_forward(Tensor x, Tensor offsets, Tensor mask) -> (Tensor, Tensor)");
-  // one pass over x writing dx, given the gradients of h and of the logits
+  // The whole loss of (B, C, H, W) features in one op, its backward in another (one autograd
+  // node; each a CPU and a CUDA kernel). offsets as above; max_group >= every group's size
+  // (sizes the GPU's tiles without reading offsets on the host). mask None: the op draws it,
+  // per group d = drop (>= 0) or floor(n_i * drop_fraction) channels dropped, one row (C,) or,
+  // per_sample_mask, (B, C), from generator (or the device's default), and returns it as
+  // drawn_mask (bool, True = kept; (0,) when a mask is given). Given: bool or x's dtype, (C,) or
+  // (B, C). loss, dis, div 0-dim and logits (B, K) as mcloss_cuda.mc_loss; lse (B, 2): every row
+  // of logits' max and log sum exp(logit - max), kept for the backward. Accumulation dtype
+  // (fp64 for fp64 x, else fp32) for all but drawn_mask.
   m.def(
-      "mc_loss_backward(Tensor grad_h, Tensor grad_logits, Tensor x, Tensor offsets, "
-      "Tensor mask) -> Tensor");
-  // the (B, K) end of the loss, from mc_loss_forward's h and logits: the scalars and, for the
-  // backward, lse (B, 2): every row of logits' max and log sum exp(logit - max) (targets in
-  // [0, K); n_i from offsets)
+      "mc_loss(Tensor x, Tensor targets, Tensor offsets, int max_group, Tensor? mask, int drop, "
+      "float drop_fraction, bool per_sample_mask, Generator? generator, float alpha, float beta) "
+      "-> (Tensor loss, Tensor dis, Tensor div, Tensor logits, Tensor lse, Tensor drawn_mask)");
+  // dx from the gradients of (loss, dis, div, logits) (None: zero); mask: the one the forward
+  // used (given or drawn)
   m.def(
-      "mc_loss_tail(Tensor h, Tensor logits, Tensor targets, Tensor offsets, float alpha, "
-      "float beta) -> (Tensor loss, Tensor dis, Tensor div, Tensor lse)");
-  // its backward: the gradients of h and logits from those of (loss, dis, div, logits)
-  m.def(
-      "mc_loss_tail_backward(Tensor grad_loss, Tensor grad_dis, Tensor grad_div, "
-      "Tensor grad_logits, Tensor logits, Tensor lse, Tensor targets, Tensor offsets, "
-      "float alpha, float beta) -> (Tensor grad_h, Tensor grad_logits_in)");
-  // the whole loss: mc_loss_forward, then cross-entropy over the logits and the diversity term
-  // (csrc/mc_loss.h); returns (loss, dis, div, logits), each differentiable
-  m.def(
-      "mc_loss(Tensor x, Tensor targets, Tensor offsets, Tensor mask, float alpha, float beta) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "mc_loss_backward(Tensor? grad_loss, Tensor? grad_dis, Tensor? grad_div, "
+      "Tensor? grad_logits, Tensor x, Tensor targets, Tensor offsets, int max_group, Tensor mask, "
+      "Tensor logits, Tensor lse, float alpha, float beta) -> Tensor");
 }
 
 // A plain C extension module: importing it runs the registrations above (and those of the

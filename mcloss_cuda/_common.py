@@ -110,13 +110,15 @@ def resolve_counts(num_classes: int, cnum: CnumLike, channels: int) -> Tuple[int
     return tuple(int(n) for n in counts)
 
 
-def check_targets(targets, batch: int, num_classes: int, device: torch.device):
+def check_targets(targets, batch: int, num_classes: int, device: torch.device,
+                  kernel_checks: bool = False):
     """Shape, dtype and device always; the [0, K) range where it costs no host sync.
 
     On the CPU the range is checked here. On CUDA, reading the values back would stall the
-    stream every step, so the range check runs on the device (``torch._assert_async``): a bad
-    target ends in a device-side assert at the next synchronisation, as torch's own
-    ``cross_entropy`` does. ``MCLOSS_SYNC_CHECKS=1`` pays the sync for a clear ValueError.
+    stream every step, so the range check runs on the device: in the fused loss kernels
+    (``kernel_checks``), else with ``torch._assert_async``; either way a bad target ends in a
+    device-side error at the next synchronisation, as torch's own ``cross_entropy`` does.
+    ``MCLOSS_SYNC_CHECKS=1`` pays the sync for a clear ValueError.
     """
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
@@ -140,7 +142,7 @@ def check_targets(targets, batch: int, num_classes: int, device: torch.device):
         if lo < 0 or hi >= num_classes:
             raise ValueError(
                 f"targets: class indices must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
-    else:
+    elif not kernel_checks:
         torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
                             f"targets: class indices must lie in [0, {num_classes})")
 
@@ -314,12 +316,7 @@ def random_channel_mask(num_classes, cnum, *, batch=None, drop=None, generator=N
 def _draw_keep(counts, drop, batch, generator, device):
     """random_channel_mask for counts that are already checked."""
     drops = resolve_drop(drop, counts)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator: expected None or a torch.Generator, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(
-            f"generator: expected a generator for device {device}, got one for {generator.device}")
+    check_generator(generator, device)
     K, nmax = len(counts), max(counts)
     rows = 1 if batch is None else int(batch)
     scores = torch.rand((rows, K, nmax), generator=generator, device=device)
@@ -337,6 +334,15 @@ def _draw_keep(counts, drop, batch, generator, device):
     if not uniform:
         keep = keep[:, group_tensor(counts, device, "valid_flat")]
     return keep[0] if batch is None else keep
+
+
+def check_generator(generator, device):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator: expected None or a torch.Generator, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator: expected a generator for device {device}, got one for {generator.device}")
 
 
 def draw_mask(x, counts, drop, per_sample_mask, generator):

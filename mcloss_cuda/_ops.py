@@ -22,14 +22,11 @@ except (ImportError, OSError) as e:  # never built, built for another torch, a m
 
 AVAILABLE = _C is not None
 NAMESPACE = "mcloss_cuda"
-# ops with a CPU and (in a CUDA build) a CUDA kernel each
+# ops with a CPU and (in a CUDA build) a CUDA kernel each; every one is either a backward op
+# or has an autograd formula
 KERNEL_OPS = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-              "ccmp_backward", "mc_loss_forward", "mc_loss_backward", "mc_loss_tail",
-              "mc_loss_tail_backward")
-# ops built from those and ATen ops, one implementation for every backend
-# (CompositeExplicitAutograd), with their own autograd formula
-COMPOSITE_OPS = ("mc_loss",)
-OP_NAMES = KERNEL_OPS + COMPOSITE_OPS
+              "ccmp_backward", "mc_loss", "mc_loss_backward")
+OP_NAMES = KERNEL_OPS
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
@@ -51,7 +48,7 @@ def backend(device) -> str:
         return "reference"
     if device.type == "cpu":
         return "cpu"
-    if device.type == "cuda" and has_kernel("mc_loss_forward", "CUDA"):
+    if device.type == "cuda" and has_kernel("mc_loss", "CUDA"):
         # the reference where the device's architecture was not compiled for
         return "cuda" if _diagnostics.cuda_device_ok(device) else "reference"
     return "reference"
@@ -103,49 +100,41 @@ if AVAILABLE:
         _one_device(x=x, grad=grad, offsets=offsets)
         return torch.empty_like(x)
 
-    @torch.library.register_fake("mcloss_cuda::mc_loss_forward")
-    def _(x, offsets, mask):
-        _one_device(x=x, offsets=offsets, mask=mask)
-        K = offsets.shape[0] - 1
-        acc = acc_dtype(x.dtype)
-        return x.new_empty((x.shape[0], K), dtype=acc), x.new_empty((x.shape[0], K), dtype=acc)
-
-    @torch.library.register_fake("mcloss_cuda::mc_loss_backward")
-    def _(grad_h, grad_logits, x, offsets, mask):
-        _one_device(x=x, grad_h=grad_h, grad_logits=grad_logits, offsets=offsets, mask=mask)
-        return torch.empty_like(x)
-
-    def _check_targets(targets, logits):
+    def _check_targets(targets, x):
         # what check_targets (csrc/op_common.h) says of them before any value is read, so that
         # a traced call fails where the real one would
         if targets.dtype != torch.int64:
             raise TypeError(f"targets: expected dtype int64 (class indices), got {targets.dtype}")
-        if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
-            raise ValueError(f"targets: expected shape ({logits.shape[0]},), one class index per "
+        if targets.dim() != 1 or targets.shape[0] != x.shape[0]:
+            raise ValueError(f"targets: expected shape ({x.shape[0]},), one class index per "
                              f"sample, got {list(targets.shape)}")
 
-    @torch.library.register_fake("mcloss_cuda::mc_loss_tail")
-    def _(h, logits, targets, offsets, alpha, beta):
-        _one_device(logits=logits, h=h, targets=targets, offsets=offsets)
-        _check_targets(targets, logits)
-        return (logits.new_empty(()), logits.new_empty(()), logits.new_empty(()),
-                logits.new_empty((logits.shape[0], 2)))
-
-    @torch.library.register_fake("mcloss_cuda::mc_loss_tail_backward")
-    def _(grad_loss, grad_dis, grad_div, grad_logits, logits, lse, targets, offsets, alpha,
-          beta):
-        _one_device(logits=logits, grad_loss=grad_loss, grad_dis=grad_dis, grad_div=grad_div,
-                    grad_logits=grad_logits, lse=lse, targets=targets, offsets=offsets)
-        _check_targets(targets, logits)
-        return logits.new_empty(logits.shape), logits.new_empty(logits.shape)
-
     @torch.library.register_fake("mcloss_cuda::mc_loss")
-    def _(x, targets, offsets, mask, alpha, beta):
-        _one_device(x=x, targets=targets, offsets=offsets, mask=mask)
-        K = offsets.shape[0] - 1
+    def _(x, targets, offsets, max_group, mask, drop, drop_fraction, per_sample_mask, generator,
+          alpha, beta):
+        _one_device(x=x, targets=targets, offsets=offsets,
+                    **({} if mask is None else {"mask": mask}))
+        _check_targets(targets, x)
+        B, C, K = x.shape[0], x.shape[1], offsets.shape[0] - 1
         acc = acc_dtype(x.dtype)
         scalar = lambda: x.new_empty((), dtype=acc)  # noqa: E731
-        return scalar(), scalar(), scalar(), x.new_empty((x.shape[0], K), dtype=acc)
+        if mask is None:
+            drawn = x.new_empty((B, C) if per_sample_mask else (C,), dtype=torch.bool)
+        else:
+            drawn = x.new_empty((0,), dtype=torch.bool)
+        return (scalar(), scalar(), scalar(), x.new_empty((B, K), dtype=acc),
+                x.new_empty((B, 2), dtype=acc), drawn)
+
+    @torch.library.register_fake("mcloss_cuda::mc_loss_backward")
+    def _(grad_loss, grad_dis, grad_div, grad_logits, x, targets, offsets, max_group, mask,
+          logits, lse, alpha, beta):
+        grads = {name: g for name, g in (("grad_loss", grad_loss), ("grad_dis", grad_dis),
+                                         ("grad_div", grad_div), ("grad_logits", grad_logits))
+                 if g is not None}
+        _one_device(x=x, targets=targets, offsets=offsets, mask=mask, logits=logits, lse=lse,
+                    **grads)
+        _check_targets(targets, x)
+        return torch.empty_like(x)
 
     # Autograd: csrc/autograd/mcloss_autograd.cpp registers each forward op's backward (one
     # of the backward ops) for the Autograd key, in C++, so that a step runs no Python for it.

@@ -3,6 +3,8 @@ features' device (see ``backend``), else the pure-PyTorch reference."""
 
 from __future__ import annotations
 
+import torch
+
 from . import reference
 from ._common import (
     MCLossOutput,
@@ -10,18 +12,24 @@ from ._common import (
     check_coefficients,
     check_features,
     check_mask,
+    check_generator,
     check_targets,
     counts_for_ccmp,
     diversity_from_sums,
-    draw_mask,
     group_tensor,
     resolve_counts,
+    resolve_drop,
 )
 from ._ops import backend, kernel_layout, ops
 
 
 def _fused(x):
     return backend(x.device) != "reference"
+
+
+def _mask_for_loss(mask, x):
+    """The loss op reads a bool mask as it is, any other in the features' dtype."""
+    return mask.contiguous() if mask.dtype == torch.bool else mask.to(dtype=x.dtype).contiguous()
 
 
 def _mask_for_kernel(mask, x):
@@ -103,14 +111,19 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
         return reference.mc_loss(features, targets, num_classes, counts, mask=mask, alpha=alpha,
                                  beta=beta, drop=drop, per_sample_mask=per_sample_mask,
                                  generator=generator)
-    check_targets(targets, features.shape[0], len(counts), features.device)
+    check_targets(targets, features.shape[0], len(counts), features.device, kernel_checks=True)
     check_coefficients(alpha, beta)
+    drops = resolve_drop(drop, counts)  # checked here; the kernels draw with it
     if mask is None:
-        mask = draw_mask(features, counts, drop, per_sample_mask, generator)
+        check_generator(generator, features.device)
     else:
         check_mask(mask, features.shape[0], features.shape[1], features.device)
-    # one op, one autograd node: the fused kernels plus the (B, K) tail that assemble() runs
-    # for the reference, in C++ (csrc/mc_loss.h)
+        mask = _mask_for_loss(mask, features)
+    # one op, one autograd node: the fused kernels, the mask drawn inside them when none is
+    # given, and the (B, K) tail (csrc/ops.cpp)
     x = kernel_layout(features)
-    return MCLossOutput(*ops.mc_loss(x, targets, group_tensor(counts, x.device, "offsets"),
-                                     _mask_for_kernel(mask, x), float(alpha), float(beta)))
+    loss, dis, div, logits, _, _ = ops.mc_loss(
+        x, targets, group_tensor(counts, x.device, "offsets"), max(counts), mask,
+        -1 if drop is None else drops[0], 0.5, bool(per_sample_mask), generator, float(alpha),
+        float(beta))
+    return MCLossOutput(loss, dis, div, logits)

@@ -1,18 +1,14 @@
-// Autograd for the five forward ops, in C++ (registered for the Autograd dispatch key) so that
+// Autograd for the four forward ops, in C++ (registered for the Autograd dispatch key) so that
 // a training step pays no Python for it: each forward redispatches below autograd to the
 // CPU/CUDA kernel and saves only what its hand-written backward op needs. The backward ops
 // themselves have no autograd formula (no double backward).
 //
 // Saved for backward: spatial_softmax its output; channel_mask the (C,) or (B, C) mask; ccmp
-// and mc_loss_forward their inputs (x itself, plus offsets and mask); mc_loss those inputs,
-// the targets, the (B, K) logits and their (B, 2) log-softmax statistics; never anything else of the size
-// of x. (The mc_loss forward runs its pieces itself rather than redispatching to the op's
-// composite kernel, to keep what its backward needs.)
+// its inputs (x itself and offsets); mc_loss x, offsets, the mask it used, the targets, the
+// (B, K) logits and their (B, 2) log-softmax statistics; never anything else of the size of x.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
-
-#include "mc_loss.h"
 
 namespace mcloss {
 namespace autograd {
@@ -88,58 +84,58 @@ class Ccmp : public torch::autograd::Function<Ccmp> {
   }
 };
 
-class McLossForward : public torch::autograd::Function<McLossForward> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& offsets,
-                               const at::Tensor& mask) {
-    static const auto fwd =
-        op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&)>("mcloss_cuda::mc_loss_forward");
-    at::AutoDispatchBelowADInplaceOrView below;
-    // Only x (plus the tiny offsets and mask) is kept: the backward kernel recomputes the
-    // softmax statistics and the per-position winners instead of storing them.
-    ctx->save_for_backward({x, offsets, mask});
-    auto [h, logits] = fwd.call(x, offsets, mask);
-    return {h, logits};
-  }
-  // An output that took no part in the loss arrives as zeros (materialised grads).
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd =
-        op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&)>("mcloss_cuda::mc_loss_backward");
-    const auto saved = ctx->get_saved_variables();
-    return {bwd.call(grads[0], grads[1], saved[0], saved[1], saved[2]), at::Tensor(),
-            at::Tensor()};
-  }
-};
-
-// The whole loss (csrc/mc_loss.h). Saved: the kernel's inputs as for mc_loss_forward, the
-// targets, the logits and their per-row max and log-sum-exp.
+// The whole loss: one node. Saved: x, the targets, offsets and the mask it used (given, or the
+// drawn one it returns), its logits and their (B, 2) log-softmax statistics. Gradients are not
+// materialised: an output that took no part reaches the backward op as None, with no fill.
 class McLoss : public torch::autograd::Function<McLoss> {
  public:
+  using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                               at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, int64_t,
+                                           const std::optional<at::Tensor>&, int64_t, double,
+                                           bool, std::optional<at::Generator>, double, double);
+  using BackwardOp = at::Tensor(const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, double, double);
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
                                const at::Tensor& targets, const at::Tensor& offsets,
-                               const at::Tensor& mask, double alpha, double beta) {
+                               int64_t max_group, const std::optional<at::Tensor>& mask,
+                               int64_t drop, double drop_fraction, bool per_sample_mask,
+                               std::optional<at::Generator> generator, double alpha,
+                               double beta) {
+    static const auto fwd = op<ForwardOp>("mcloss_cuda::mc_loss");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [h, logits] = mc_loss_sums(x, offsets, mask);
-    LossTail t = loss_tail(h, logits, targets, offsets, alpha, beta);
-    ctx->save_for_backward({x, targets, offsets, mask, logits, t.lse});
+    auto [loss, dis, div, logits, lse, drawn] = fwd.call(
+        x, targets, offsets, max_group, mask, drop, drop_fraction, per_sample_mask,
+        std::move(generator), alpha, beta);
+    ctx->save_for_backward({x, targets, offsets, mask.has_value() ? *mask : drawn, logits, lse});
+    ctx->saved_data["max_group"] = max_group;
     ctx->saved_data["alpha"] = alpha;
     ctx->saved_data["beta"] = beta;
-    return {t.loss, t.dis, t.div, logits};
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({lse, drawn});
+    return {loss, dis, div, logits, lse, drawn};
   }
-  // grads: of loss, dis, div and logits (zeros for an output that took no part)
+  // grads: of loss, dis, div and logits (undefined for an output that took no part), then of
+  // lse and drawn_mask (never defined)
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto bwd =
-        op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&)>("mcloss_cuda::mc_loss_backward");
+    static const auto bwd = op<BackwardOp>("mcloss_cuda::mc_loss_backward");
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &targets = saved[1], &offsets = saved[2], &mask = saved[3];
-    auto [grad_h, grad_logits] = loss_tail_backward(
-        grads[0], grads[1], grads[2], grads[3], saved[4], saved[5], targets, offsets,
+    auto grad = [&](int i) -> std::optional<at::Tensor> {
+      if (!grads[i].defined()) return std::nullopt;
+      return grads[i];
+    };
+    const at::Tensor dx = bwd.call(
+        grad(0), grad(1), grad(2), grad(3), saved[0], saved[1], saved[2],
+        ctx->saved_data["max_group"].toInt(), saved[3], saved[4], saved[5],
         ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble());
-    return {bwd.call(grad_h, grad_logits, x, offsets, mask), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+    variable_list out(11);
+    out[0] = dx;
+    return out;
   }
 };
 
@@ -155,15 +151,13 @@ TORCH_LIBRARY_IMPL(mcloss_cuda, Autograd, m) {
   m.impl("ccmp", [](const at::Tensor& x, const at::Tensor& offsets) {
     return autograd::Ccmp::apply(x, offsets);
   });
-  m.impl("mc_loss_forward",
-         [](const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& mask) {
-           auto out = autograd::McLossForward::apply(x, offsets, mask);
-           return std::make_tuple(out[0], out[1]);
-         });
   m.impl("mc_loss", [](const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets,
-                       const at::Tensor& mask, double alpha, double beta) {
-    auto out = autograd::McLoss::apply(x, targets, offsets, mask, alpha, beta);
-    return std::make_tuple(out[0], out[1], out[2], out[3]);
+                       int64_t max_group, const std::optional<at::Tensor>& mask, int64_t drop,
+                       double drop_fraction, bool per_sample_mask,
+                       std::optional<at::Generator> generator, double alpha, double beta) {
+    auto out = autograd::McLoss::apply(x, targets, offsets, max_group, mask, drop, drop_fraction,
+                                       per_sample_mask, std::move(generator), alpha, beta);
+    return std::make_tuple(out[0], out[1], out[2], out[3], out[4], out[5]);
   });
 }
 

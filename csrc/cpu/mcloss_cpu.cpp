@@ -1,6 +1,7 @@
 // CPU implementations of the ops: check the arguments, lay out the outputs, and run the
 // kernels of cpu_kernels.h over channel rows or class groups with at::parallel_for, using the
 // AVX2+FMA build of the kernels where the CPU has it (MCLOSS_CPU_ISA=default forces baseline).
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -10,6 +11,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 #include "cpu/cpu_kernels.h"
 #include "op_common.h"
@@ -76,10 +79,6 @@ void set_strides(int64_t* dst, const at::Tensor& t) {
 template <typename Args>
 using scalar_of = typename std::decay_t<Args>::scalar_type;
 
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Runs `pick(table)` over [0, items) in parallel with the arguments `fill` sets up.
 template <typename Pick, typename Fill>
 void launch(const at::Tensor& x, int64_t items, int64_t elements_per_item, Pick pick, Fill fill) {
@@ -96,13 +95,6 @@ void launch(const at::Tensor& x, int64_t items, int64_t elements_per_item, Pick 
     at::parallel_for(0, items, grain_for(elements_per_item),
                      [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
   });
-}
-
-int64_t max_group_size(const at::Tensor& offsets) {
-  const int64_t* o = offsets.const_data_ptr<int64_t>();
-  int64_t m = 0;
-  for (int64_t i = 0; i + 1 < offsets.size(0); ++i) m = std::max(m, o[i + 1] - o[i]);
-  return m;
 }
 
 // ---- spatial softmax
@@ -185,65 +177,74 @@ at::Tensor ccmp_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x,
 
 // ---- the fused loss
 
-// What both fused kernels take about the class groups and the mask.
+// What both fused kernels take about the class groups and the mask (its values in x's dtype).
 template <typename Args>
-void set_groups(Args& a, int64_t K, const at::Tensor& offsets, const at::Tensor& mask,
-                int64_t mask_bstride) {
-  a.K = K;
+void set_groups(Args& a, const LossShape& s, const at::Tensor& offsets, const at::Tensor& mask) {
+  a.K = s.K;
   a.offsets = offsets.const_data_ptr<int64_t>();
-  a.max_group = max_group_size(offsets);
+  a.max_group = s.max_group;
   a.mask = mask.const_data_ptr<scalar_of<Args>>();
-  a.mask_bstride = mask_bstride;
+  a.mask_bstride = s.mask_bstride;
 }
 
-std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cpu(const at::Tensor& x,
-                                                       const at::Tensor& offsets,
-                                                       const at::Tensor& mask) {
-  check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x, ValueChecks::Host);
-  const int64_t mask_bstride = check_mask(mask, x);
-  auto h = at::empty({x.size(0), K}, x.options().dtype(acc_type_of(x)));
-  auto logits = at::empty({x.size(0), K}, x.options().dtype(acc_type_of(x)));
-  launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
-         [](const auto& t) { return t.mc_loss_forward; }, [&](auto& a) {
+// The kernels multiply by the mask in x's dtype.
+at::Tensor mask_values(const at::Tensor& mask, const at::Tensor& x) {
+  return mask.to(x.scalar_type()).contiguous();
+}
+
+// seed and offset of a mask draw, from the CPU generator (the emulated CUDA build's stand-in
+// for the CUDA generator takes them the same way, so both draw the same mask).
+std::pair<uint64_t, uint64_t> philox_seed_offset(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
+      generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  const uint64_t seed = gen->random64();
+  return {seed, gen->random64()};
+}
+
+// The channel mask (mask_rows, C), True = kept: the draw of mcloss_math.h, group by group.
+at::Tensor draw_mask(const LossShape& s, const at::Tensor& offsets, int64_t drop,
+                     double drop_fraction, bool per_sample_mask,
+                     const std::optional<at::Generator>& generator, const at::Tensor& x) {
+  const auto [seed, offset] = philox_seed_offset(generator);
+  // (C,) for one row shared by the batch, as a given mask would be; (B, C) per sample
+  auto keep = per_sample_mask
+                  ? at::empty({s.B, s.C}, x.options().dtype(at::kBool))
+                  : at::empty({s.C}, x.options().dtype(at::kBool));
+  bool* out = keep.mutable_data_ptr<bool>();
+  const int64_t* o = offsets.const_data_ptr<int64_t>();
+  std::vector<uint64_t> keys(static_cast<size_t>(s.max_group));
+  for (int64_t r = 0; r < s.mask_rows; ++r) {
+    for (int64_t i = 0; i < s.K; ++i) {
+      const int64_t c0 = o[i], n = o[i + 1] - o[i];
+      const int64_t d = dropped_in_group(n, drop, drop_fraction);
+      for (int64_t j = 0; j < n; ++j) keys[j] = channel_key(seed, offset, r * s.C + c0 + j);
+      for (int64_t j = 0; j < n; ++j) out[r * s.C + c0 + j] = channel_kept(keys.data(), n, j, d);
+    }
+  }
+  return keep;
+}
+
+// Per group (b, i): the diversity sum h and the logit, one pass over x.
+std::pair<at::Tensor, at::Tensor> group_sums(const at::Tensor& x, const LossShape& s,
+                                             const at::Tensor& offsets, const at::Tensor& mask) {
+  auto h = at::empty({s.B, s.K}, x.options().dtype(acc_type_of(x)));
+  auto logits = at::empty({s.B, s.K}, x.options().dtype(acc_type_of(x)));
+  launch(x, s.B * s.K, s.C / s.K * s.HW, [](const auto& t) { return t.mc_loss_forward; },
+         [&](auto& a) {
            using acc = typename std::decay_t<decltype(a)>::acc_type;
-           set_groups(a, K, offsets, mask, mask_bstride);
+           set_groups(a, s, offsets, mask);
            a.h = h.mutable_data_ptr<acc>();
            a.logits = logits.mutable_data_ptr<acc>();
          });
   return {h, logits};
 }
 
-at::Tensor mc_loss_backward_cpu(const at::Tensor& grad_h_in, const at::Tensor& grad_logits_in,
-                                const at::Tensor& x, const at::Tensor& offsets,
-                                const at::Tensor& mask) {
-  check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x, ValueChecks::Host);
-  const int64_t mask_bstride = check_mask(mask, x);
-  check_group_grad(grad_h_in, x, K, "grad_h");
-  check_group_grad(grad_logits_in, x, K, "grad_logits");
-  const auto grad_h = grad_h_in.to(acc_type_of(x)).contiguous();
-  const auto grad_logits = grad_logits_in.to(acc_type_of(x)).contiguous();
-  auto dx = at::empty_like(x);
-  launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
-         [](const auto& t) { return t.mc_loss_backward; }, [&](auto& a) {
-           using scalar_t = scalar_of<decltype(a)>;
-           using acc = typename std::decay_t<decltype(a)>::acc_type;
-           set_groups(a, K, offsets, mask, mask_bstride);
-           a.grad_h = grad_h.const_data_ptr<acc>();
-           a.grad_logits = grad_logits.const_data_ptr<acc>();
-           a.out = dx.mutable_data_ptr<scalar_t>();
-         });
-  return dx;
-}
-
 // The (B, K) tail: a few thousand values, one thread, in the fixed order of the loops.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_tail_cpu(
-    const at::Tensor& h_in, const at::Tensor& logits_in, const at::Tensor& targets_in,
-    const at::Tensor& offsets_in, double alpha, double beta) {
-  const auto [B, K] = check_tail(h_in, logits_in, targets_in, offsets_in, ValueChecks::Host);
-  const auto h = h_in.contiguous(), logits = logits_in.contiguous();
-  const auto targets = targets_in.contiguous(), offsets = offsets_in.contiguous();
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_tail(
+    const at::Tensor& h, const at::Tensor& logits, const at::Tensor& targets,
+    const at::Tensor& offsets, const LossShape& s, double alpha, double beta) {
+  const int64_t B = s.B, K = s.K;
   auto loss = at::empty({}, logits.options()), dis = at::empty({}, logits.options());
   auto div = at::empty({}, logits.options()), lse = at::empty({B, 2}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_cpu", [&] {
@@ -263,33 +264,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_tail_cpu(
         h_over_n += static_cast<double>(hp[b * K + i]) / group_size<double>(op, i);
       }
     }
-    const TailScalars<scalar_t> s(nll, h_over_n, B, K, static_cast<scalar_t>(alpha),
+    const TailScalars<scalar_t> r(nll, h_over_n, B, K, static_cast<scalar_t>(alpha),
                                   static_cast<scalar_t>(beta));
-    *loss.mutable_data_ptr<scalar_t>() = s.loss;
-    *dis.mutable_data_ptr<scalar_t>() = s.dis;
-    *div.mutable_data_ptr<scalar_t>() = s.div;
+    *loss.mutable_data_ptr<scalar_t>() = r.loss;
+    *dis.mutable_data_ptr<scalar_t>() = r.dis;
+    *div.mutable_data_ptr<scalar_t>() = r.div;
   });
   return {loss, dis, div, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> mc_loss_tail_backward_cpu(
-    const at::Tensor& g_loss, const at::Tensor& g_dis, const at::Tensor& g_div,
-    const at::Tensor& g_logits_in, const at::Tensor& logits_in, const at::Tensor& lse_in,
-    const at::Tensor& targets_in, const at::Tensor& offsets_in, double alpha, double beta) {
-  const auto [B, K] =
-      check_tail_backward(g_loss, g_dis, g_div, g_logits_in, logits_in, lse_in, targets_in,
-                          offsets_in);
-  const auto logits = logits_in.contiguous(), g_logits = g_logits_in.contiguous();
-  const auto lse = lse_in.contiguous(), targets = targets_in.contiguous();
-  const auto offsets = offsets_in.contiguous();
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_cpu(
+    const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets, int64_t max_group,
+    const std::optional<at::Tensor>& mask, int64_t drop, double drop_fraction,
+    bool per_sample_mask, std::optional<at::Generator> generator, double alpha, double beta) {
+  const LossShape s =
+      check_loss(x, targets, offsets, max_group, mask, per_sample_mask, ValueChecks::Host);
+  const at::Tensor drawn = s.draw
+                               ? draw_mask(s, offsets, drop, drop_fraction, per_sample_mask, generator, x)
+                               : at::empty({0}, x.options().dtype(at::kBool));
+  const auto [h, logits] = group_sums(x, s, offsets, mask_values(s.draw ? drawn : *mask, x));
+  auto [loss, dis, div, lse] = loss_tail(h, logits, targets, offsets, s, alpha, beta);
+  return {loss, dis, div, logits, lse, drawn};
+}
+
+template <typename T>
+T value_or_zero(const std::optional<at::Tensor>& g) {
+  return g.has_value() && g->defined() ? g->item<T>() : T(0);
+}
+
+at::Tensor mc_loss_backward_cpu(const std::optional<at::Tensor>& g_loss,
+                                const std::optional<at::Tensor>& g_dis,
+                                const std::optional<at::Tensor>& g_div,
+                                const std::optional<at::Tensor>& g_logits_in, const at::Tensor& x,
+                                const at::Tensor& targets, const at::Tensor& offsets,
+                                int64_t max_group, const at::Tensor& mask,
+                                const at::Tensor& logits_in, const at::Tensor& lse_in,
+                                double alpha, double beta) {
+  const LossShape s = check_loss_backward(g_loss, g_dis, g_div, g_logits_in, x, targets, offsets,
+                                          max_group, mask, logits_in, lse_in, ValueChecks::Host);
+  const int64_t B = s.B, K = s.K;
+  const auto logits = logits_in.contiguous(), lse = lse_in.contiguous();
+  const bool has_g_logits = g_logits_in.has_value() && g_logits_in->defined();
+  const at::Tensor g_logits = has_g_logits ? g_logits_in->contiguous() : at::Tensor();
+  // the gradients of h and the logits: the tail's backward
   auto grad_h = at::empty({B, K}, logits.options());
   auto grad_logits = at::empty({B, K}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_backward_cpu", [&] {
     const TailGradScale<scalar_t> scale(
-        g_loss.item<scalar_t>(), g_dis.item<scalar_t>(), g_div.item<scalar_t>(),
-        static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), B, K);
+        value_or_zero<scalar_t>(g_loss), value_or_zero<scalar_t>(g_dis),
+        value_or_zero<scalar_t>(g_div), static_cast<scalar_t>(alpha),
+        static_cast<scalar_t>(beta), B, K);
     const scalar_t* lp = logits.const_data_ptr<scalar_t>();
-    const scalar_t* gp = g_logits.const_data_ptr<scalar_t>();
+    const scalar_t* gp = has_g_logits ? g_logits.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* lse_p = lse.const_data_ptr<scalar_t>();
     const int64_t* tp = targets.const_data_ptr<int64_t>();
     const int64_t* op = offsets.const_data_ptr<int64_t>();
@@ -299,12 +325,23 @@ std::tuple<at::Tensor, at::Tensor> mc_loss_tail_backward_cpu(
       const RowLogSoftmax<scalar_t> ls(lse_p[2 * b], lse_p[2 * b + 1]);
       for (int64_t i = 0; i < K; ++i) {
         const int64_t e = b * K + i;
-        gl[e] = gp[e] + nll_logit_grad(scale.per_row, lp[e], ls, i, tp[b], K);
+        gl[e] = (gp ? gp[e] : scalar_t(0)) + nll_logit_grad(scale.per_row, lp[e], ls, i, tp[b], K);
         gh[e] = scale.per_h / group_size<scalar_t>(op, i);
       }
     }
   });
-  return {grad_h, grad_logits};
+  const at::Tensor m = mask_values(mask, x);
+  auto dx = at::empty_like(x);
+  launch(x, B * K, s.C / K * s.HW, [](const auto& t) { return t.mc_loss_backward; },
+         [&](auto& a) {
+           using scalar_t = scalar_of<decltype(a)>;
+           using acc = typename std::decay_t<decltype(a)>::acc_type;
+           set_groups(a, s, offsets, m);
+           a.grad_h = grad_h.const_data_ptr<acc>();
+           a.grad_logits = grad_logits.const_data_ptr<acc>();
+           a.out = dx.mutable_data_ptr<scalar_t>();
+         });
+  return dx;
 }
 
 }  // namespace
@@ -316,10 +353,8 @@ TORCH_LIBRARY_IMPL(mcloss_cuda, CPU, m) {
   m.impl("channel_mask", &cpu::channel_mask_cpu);
   m.impl("ccmp", &cpu::ccmp_cpu);
   m.impl("ccmp_backward", &cpu::ccmp_backward_cpu);
-  m.impl("mc_loss_forward", &cpu::mc_loss_forward_cpu);
+  m.impl("mc_loss", &cpu::mc_loss_cpu);
   m.impl("mc_loss_backward", &cpu::mc_loss_backward_cpu);
-  m.impl("mc_loss_tail", &cpu::mc_loss_tail_cpu);
-  m.impl("mc_loss_tail_backward", &cpu::mc_loss_tail_backward_cpu);
 }
 
 }  // namespace mcloss

@@ -8,6 +8,8 @@
 // architectures and torch/extension.h would multiply the build time.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
+#include <tuple>
 
 #include "op_common.h"
 
@@ -191,95 +195,510 @@ __global__ void ccmp_backward_kernel(const scalar_t* __restrict__ grad,
   }
 }
 
-// ---- the fused loss: one warp per class group (b, i)
+// ---- the fused loss
 //
-// The per-channel softmax statistics (max, 1/sum), and in the backward each channel's S_j
-// (see mc_grad), go through a small (B, C) scratch in global memory (L1-resident while
-// the warp works; __syncwarp orders the writes before the reads). Nothing of size B*C*HW is
-// stored: per-position winners are recomputed where they are needed (the backward reads a
-// group three times: the statistics, one scan per 32 channels for S_j, and the dx writes).
+// Forward: one kernel computes every group's diversity sum h and logit, a second (one block)
+// the (B, K) tail; backward: one kernel computes the tail's gradients for its groups and then
+// dx. With the mask drawn inside (Philox, seed and offset from torch's generator) a training
+// step launches three kernels.
+//
+// Tiles (the usual path): a block takes a tile, consecutive whole groups of one batch row,
+// reads it once from global memory into shared memory (16-byte loads for contiguous maps,
+// coalesced rows for channels_last) and does everything else there: per-channel softmax
+// statistics (a warp per channel), the per-position winners, the group sums (a warp per group,
+// fixed order) and, backward, each channel's S_j (a warp per channel over the winners kept per
+// position) and dx, written once (16-byte stores). A group that does not fit in shared memory
+// goes to the stream kernels: a warp per group, the features read from global memory once per
+// pass, the statistics in a (B, C) scratch.
 
-struct GroupScratch {
-  void* max;  // acc (B*C)
-  void* inv;  // acc (B*C)
-  void* div;  // acc (B*C), backward only: S_j of mc_grad
+constexpr int kTileThreads = 256;
+constexpr int kTileWarps = kTileThreads / kWarp;
+
+// Whether a block's view of the groups is sound: offsets partition [0, C) into non-empty
+// groups of at most max_group channels (what sized the tiles). Every thread of the block takes
+// part (the kernels are 1-D).
+__device__ __forceinline__ bool groups_ok(const int64_t* offsets, int64_t K, int64_t C,
+                                          int64_t max_group) {
+  int ok = threadIdx.x == 0 ? (offsets[0] == 0 && offsets[K] == C) : 1;
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+    const int64_t lo = offsets[i], hi = offsets[i + 1];
+    // (the size taken unsigned: hi - lo of two int64 can overflow, the unsigned one cannot)
+    ok &= lo < hi && static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) <=
+                         static_cast<uint64_t>(max_group);
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
+// A class index outside [0, K): NaN has been written where it was used; stop the kernel, as
+// cross_entropy's device-side assert does (a launch failure at the next synchronisation; the
+// Python API says which value with MCLOSS_SYNC_CHECKS=1). No printf: its argument buffer would
+// put local memory into every fused kernel.
+__device__ __forceinline__ void trap_if_bad_target(int64_t t, int64_t K) {
+  if (t < 0 || t >= K) __trap();
+}
+
+// Where each channel's mask value comes from: a given mask (bool or x's dtype, row stride 0 or
+// C), or the draw of mcloss_math.h, whose mask the forward also writes out.
+struct MaskSource {
+  const void* values;  // null: draw
+  bool is_bool;
+  int64_t bstride;
+  at::PhiloxCudaState philox;
+  int64_t drop;
+  double drop_fraction;
+  bool per_sample;  // drawn: a row per sample, else one for the batch
+  bool* drawn;      // drawn: (rows, C), the mask used
+  int64_t rows;
+
+  __device__ __forceinline__ bool draws() const { return values == nullptr; }
+  template <typename scalar_t, typename acc>
+  __device__ __forceinline__ acc given(int64_t b, int64_t c) const {
+    const int64_t at = b * bstride + c;
+    return is_bool ? static_cast<acc>(static_cast<const bool*>(values)[at])
+                   : static_cast<acc>(static_cast<const scalar_t*>(values)[at]);
+  }
+  __device__ __forceinline__ int64_t row_of(int64_t b) const { return per_sample ? b : 0; }
+  // whether this block writes the drawn values of batch row b (one writer per mask row)
+  __device__ __forceinline__ bool writes(int64_t b) const {
+    return drawn != nullptr && (per_sample || b == 0);
+  }
 };
 
-// What both fused kernels read: the features, their class groups and the mask.
+// What both fused passes read.
 template <typename scalar_t>
-struct FusedArgs {
+struct LossParams {
   const scalar_t* x;
-  const int64_t* offsets;
-  const scalar_t* mask;  // (C,) or (B, C): mask_bstride 0 or C
-  int64_t mask_bstride;
-  GroupScratch scratch;
   MapLayout lay;
-  int64_t groups, C, K, HW;  // groups = B * K
+  const int64_t* offsets;
+  const int64_t* targets;
+  MaskSource mask;
+  int64_t B, C, K, HW, max_group;
 };
 
-// One class group (b, i), channels [c0, c1), as its warp walks it.
+// What the backward takes from upstream: the gradients of loss, dis and div (0-dim, or null
+// for zero), of the logits (B, K, or null), and the forward's logits and lse.
+template <typename acc>
+struct UpstreamGrads {
+  const acc *g_loss, *g_dis, *g_div, *g_logits, *logits, *lse;
+  acc alpha, beta;
+};
+
+// The gradients the tail sends to group (b, i): of its h (gh) and its logit (gl).
+template <typename acc>
+__device__ __forceinline__ void group_grads(const UpstreamGrads<acc>& u,
+                                            const TailGradScale<acc>& scale,
+                                            const int64_t* offsets, const int64_t* targets,
+                                            int64_t b, int64_t i, int64_t K, acc& gh, acc& gl) {
+  const int64_t e = b * K + i, t = targets[b];
+  const RowLogSoftmax<acc> ls(u.lse[2 * b], u.lse[2 * b + 1]);
+  gh = scale.per_h / group_size<acc>(offsets, i);
+  gl = (u.g_logits ? u.g_logits[e] : acc(0)) + nll_logit_grad(scale.per_row, u.logits[e], ls, i, t, K);
+  trap_if_bad_target(t, K);
+}
+
+template <typename acc>
+__device__ __forceinline__ TailGradScale<acc> tail_grad_scale(const UpstreamGrads<acc>& u,
+                                                              int64_t B, int64_t K) {
+  return TailGradScale<acc>(u.g_loss ? *u.g_loss : acc(0), u.g_dis ? *u.g_dis : acc(0),
+                            u.g_div ? *u.g_div : acc(0), u.alpha, u.beta, B, K);
+}
+
+// NaN over h and the logits (and so over everything the tail computes from them), and a
+// drawn mask of all False: the groups cannot be used.
 template <typename scalar_t>
-struct WarpGroup {
+__device__ void fill_unusable(const LossParams<scalar_t>& p, acc_t<scalar_t>* h,
+                              acc_t<scalar_t>* logits) {
+  fill_nan(h, p.B * p.K);
+  fill_nan(logits, p.B * p.K);
+  if (p.mask.drawn == nullptr) return;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.mask.rows * p.C;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    p.mask.drawn[e] = false;
+  }
+}
+
+// ---- tiles
+
+// How the host cut the groups into tiles.
+struct TilePlan {
+  int64_t groups_per_tile, tiles_per_row;
+  int64_t ld;  // a channel's row stride in the tile: H*W, odd for channels_last (the
+               // transposing writes then hit distinct banks)
+};
+
+// One tile's shared memory, carved from the dynamic allocation in this order (8-byte items
+// first); the host sizes the allocation with the same function.
+template <typename acc>
+struct TileMem {
+  uint64_t* key;         // [nch] the draw's channel keys
+  acc* x;                // [nch * ld] the features
+  acc *cmax, *cinv;      // [nch] softmax statistics
+  acc* cmask;            // [nch] mask values
+  acc* s;                // [nch] backward: S_j
+  acc* win;              // [items] forward: the best probability; backward: gh times it
+  acc* win_m;            // [items] forward: the best masked value
+  acc *gh, *glpp;        // [gpt] backward: gradient of h, of the logit per position
+  int *at_p, *at_m;      // [items] backward: the winners (channel within the group)
+  int* grp;              // [nch] the group of each channel in the tile
+  int* gstart;           // [gpt + 1] where each group starts in the tile
+
+  // Bytes for gpt groups of up to max_group channels; the pointers too when base is given.
+  __host__ __device__ static size_t carve(unsigned char* base, int64_t gpt, int64_t max_group,
+                                          int64_t HW, int64_t ld, bool backward, TileMem* m) {
+    const size_t nch = static_cast<size_t>(gpt * max_group), items = static_cast<size_t>(gpt * HW);
+    size_t at = 0;
+    auto take = [&](size_t bytes) {
+      unsigned char* p = base ? base + at : nullptr;
+      at += (bytes + 15) & ~size_t(15);
+      return p;
+    };
+    TileMem t{};
+    t.key = reinterpret_cast<uint64_t*>(take(nch * sizeof(uint64_t)));
+    t.x = reinterpret_cast<acc*>(take(nch * static_cast<size_t>(ld) * sizeof(acc)));
+    t.cmax = reinterpret_cast<acc*>(take(nch * sizeof(acc)));
+    t.cinv = reinterpret_cast<acc*>(take(nch * sizeof(acc)));
+    t.cmask = reinterpret_cast<acc*>(take(nch * sizeof(acc)));
+    t.win = reinterpret_cast<acc*>(take(items * sizeof(acc)));
+    if (backward) {
+      t.s = reinterpret_cast<acc*>(take(nch * sizeof(acc)));
+      t.gh = reinterpret_cast<acc*>(take(gpt * sizeof(acc)));
+      t.glpp = reinterpret_cast<acc*>(take(gpt * sizeof(acc)));
+      t.at_p = reinterpret_cast<int*>(take(items * sizeof(int)));
+      t.at_m = reinterpret_cast<int*>(take(items * sizeof(int)));
+    } else {
+      t.win_m = reinterpret_cast<acc*>(take(items * sizeof(acc)));
+    }
+    t.grp = reinterpret_cast<int*>(take(nch * sizeof(int)));
+    t.gstart = reinterpret_cast<int*>(take((gpt + 1) * sizeof(int)));
+    if (m) *m = t;
+    return at;
+  }
+};
+
+// 16 bytes of scalar_t, loaded and stored as one vector.
+template <typename scalar_t>
+struct alignas(16) Vec16 {
+  static constexpr int n = 16 / sizeof(scalar_t);
+  scalar_t v[n];
+};
+
+// Elements of [0, n) before p + n_head is 16-byte aligned.
+template <typename scalar_t>
+__device__ __forceinline__ int64_t unaligned_head(const scalar_t* p, int64_t n) {
+  const int64_t head = ((16 - (reinterpret_cast<uintptr_t>(p) & 15)) & 15) / sizeof(scalar_t);
+  return head < n ? head : n;
+}
+
+// The block reads src[0, n) once, 16 bytes per load where aligned, calling put(e, value).
+template <typename scalar_t, typename Put>
+__device__ __forceinline__ void load_span(const scalar_t* __restrict__ src, int64_t n, Put put) {
+  using V = Vec16<scalar_t>;
+  const int64_t head = unaligned_head(src, n), nv = (n - head) / V::n;
+  for (int64_t e = threadIdx.x; e < head; e += blockDim.x) put(e, src[e]);
+  const V* body = reinterpret_cast<const V*>(src + head);
+#pragma unroll 4
+  for (int64_t q = threadIdx.x; q < nv; q += blockDim.x) {
+    const V r = body[q];
+#pragma unroll
+    for (int j = 0; j < V::n; ++j) put(head + q * V::n + j, r.v[j]);
+  }
+  for (int64_t e = head + nv * V::n + threadIdx.x; e < n; e += blockDim.x) put(e, src[e]);
+}
+
+// The block writes dst[0, n) once, 16 bytes per store where aligned; get(e, e_count, out)
+// fills out[0, e_count) with the values of elements e, e + 1, ...
+template <typename scalar_t, typename Get>
+__device__ __forceinline__ void store_span(scalar_t* __restrict__ dst, int64_t n, Get get) {
+  using V = Vec16<scalar_t>;
+  const int64_t head = unaligned_head(dst, n), nv = (n - head) / V::n;
+  for (int64_t e = threadIdx.x; e < head; e += blockDim.x) get(e, 1, dst + e);
+  V* body = reinterpret_cast<V*>(dst + head);
+  for (int64_t q = threadIdx.x; q < nv; q += blockDim.x) {
+    V r;
+    get(head + q * V::n, V::n, r.v);
+    body[q] = r;
+  }
+  for (int64_t e = head + nv * V::n + threadIdx.x; e < n; e += blockDim.x) get(e, 1, dst + e);
+}
+
+// One tile in shared memory: batch row b, groups [i0, i0 + ng), channels [ca, ca + nch).
+struct TileSpan {
+  int64_t b, i0, ng, ca, nch;
+};
+
+// Reads tile t into shared memory and fills in its groups, mask values and softmax
+// statistics (the draw's mask written out where this block owns the row). Ends synchronised.
+template <typename scalar_t, typename acc>
+__device__ TileSpan load_tile(const LossParams<scalar_t>& p, const TilePlan& plan,
+                              const TileMem<acc>& m, int64_t t) {
+  TileSpan s;
+  s.b = t / plan.tiles_per_row;
+  s.i0 = (t % plan.tiles_per_row) * plan.groups_per_tile;
+  s.ng = p.K - s.i0 < plan.groups_per_tile ? p.K - s.i0 : plan.groups_per_tile;
+  s.ca = p.offsets[s.i0];
+  s.nch = p.offsets[s.i0 + s.ng] - s.ca;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const int64_t HW = p.HW, ld = plan.ld;
+  for (int64_t g = tid; g <= s.ng; g += blockDim.x) m.gstart[g] = static_cast<int>(p.offsets[s.i0 + g] - s.ca);
+  acc* xs = m.x;
+  if (p.lay.sK == 1) {  // contiguous: the tile is one span of nch * HW elements (ld == HW)
+    load_span(p.x + p.lay.at(s.b, s.ca, 0), s.nch * HW,
+              [&](int64_t e, scalar_t v) { xs[e] = static_cast<acc>(v); });
+  } else {  // channels_last: nch contiguous channels at each position, transposed into rows
+    const scalar_t* src = p.x + p.lay.at(s.b, s.ca, 0);
+    for (int64_t e = tid; e < s.nch * HW; e += blockDim.x) {
+      const int64_t k = e / s.nch, c = e - k * s.nch;
+      xs[c * ld + k] = static_cast<acc>(src[k * p.lay.sK + c]);
+    }
+  }
+  const bool draws = p.mask.draws();
+  uint64_t seed = 0, offset = 0;
+  if (draws) {
+    const auto so = at::cuda::philox::unpack(p.mask.philox);
+    seed = std::get<0>(so);
+    offset = std::get<1>(so);
+    const int64_t row = p.mask.row_of(s.b);
+    for (int64_t c = tid; c < s.nch; c += blockDim.x) {
+      m.key[c] = channel_key(seed, offset, static_cast<uint64_t>(row * p.C + s.ca + c));
+    }
+  }
+  __syncthreads();
+  for (int64_t c = tid; c < s.nch; c += blockDim.x) {
+    int g = 0;
+    while (m.gstart[g + 1] <= c) ++g;
+    m.grp[c] = g;
+    if (draws) {
+      const int64_t n = m.gstart[g + 1] - m.gstart[g];
+      const bool kept = channel_kept(m.key + m.gstart[g], n, c - m.gstart[g],
+                                     dropped_in_group(n, p.mask.drop, p.mask.drop_fraction));
+      m.cmask[c] = kept ? acc(1) : acc(0);
+      if (p.mask.writes(s.b)) p.mask.drawn[p.mask.row_of(s.b) * p.C + s.ca + c] = kept;
+    } else {
+      m.cmask[c] = p.mask.template given<scalar_t, acc>(s.b, s.ca + c);
+    }
+  }
+  for (int64_t c = warp; c < s.nch; c += kTileWarps) {
+    SoftmaxStats<acc> st;
+    for (int64_t k = lane; k < HW; k += kWarp) st.add(xs[c * ld + k]);
+    st = warp_merge(st);
+    if (lane == 0) {
+      const ChannelSoftmax<acc> softmax(st);
+      m.cmax[c] = softmax.max;
+      m.cinv[c] = softmax.inv_sum;
+    }
+  }
+  __syncthreads();
+  return s;
+}
+
+// Position k of tile group g: both winners.
+template <typename acc>
+__device__ __forceinline__ GroupWinners<acc> tile_winners(const TileMem<acc>& m, int64_t ld,
+                                                          int g, int64_t k) {
+  GroupWinners<acc> w;
+  const int c0 = m.gstart[g], c1 = m.gstart[g + 1];
+  for (int c = c0; c < c1; ++c) {
+    const acc v = m.x[c * ld + k];
+    w.offer(c - c0, ChannelSoftmax<acc>::from(m.cmax[c], m.cinv[c])(v), apply_mask(v, m.cmask[c]));
+  }
+  return w;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kTileThreads)
+    mc_loss_tile_forward_kernel(LossParams<scalar_t> p, TilePlan plan, acc_t<scalar_t>* __restrict__ h,
+                                acc_t<scalar_t>* __restrict__ logits) {
   using acc = acc_t<scalar_t>;
-  const FusedArgs<scalar_t>& a;
+  extern __shared__ __align__(16) unsigned char tile_smem[];
+  if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_unusable(p, h, logits);
+  TileMem<acc> m;
+  TileMem<acc>::carve(tile_smem, plan.groups_per_tile, p.max_group, p.HW, plan.ld, false, &m);
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  for (int64_t t = blockIdx.x; t < p.B * plan.tiles_per_row; t += gridDim.x) {
+    const TileSpan s = load_tile(p, plan, m, t);
+    for (int64_t q = tid; q < s.ng * p.HW; q += blockDim.x) {
+      const int g = static_cast<int>(q / p.HW);
+      const GroupWinners<acc> w = tile_winners(m, plan.ld, g, q - g * p.HW);
+      m.win[q] = w.prob;
+      m.win_m[q] = w.masked;
+    }
+    __syncthreads();
+    for (int64_t g = warp; g < s.ng; g += kTileWarps) {
+      acc hs = 0, ls = 0;
+      for (int64_t k = lane; k < p.HW; k += kWarp) {
+        hs += m.win[g * p.HW + k];
+        ls += m.win_m[g * p.HW + k];
+      }
+      hs = warp_sum(hs);
+      ls = warp_sum(ls);
+      if (lane == 0) {
+        h[s.b * p.K + s.i0 + g] = hs;
+        logits[s.b * p.K + s.i0 + g] = ls / static_cast<acc>(p.HW);
+      }
+    }
+    __syncthreads();  // before the next tile reuses the shared memory
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kTileThreads)
+    mc_loss_tile_backward_kernel(LossParams<scalar_t> p, TilePlan plan,
+                                 UpstreamGrads<acc_t<scalar_t>> u, scalar_t* __restrict__ dx) {
+  using acc = acc_t<scalar_t>;
+  extern __shared__ __align__(16) unsigned char tile_smem[];
+  if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_nan(dx, p.B * p.C * p.HW);
+  TileMem<acc> m;
+  TileMem<acc>::carve(tile_smem, plan.groups_per_tile, p.max_group, p.HW, plan.ld, true, &m);
+  const TailGradScale<acc> scale = tail_grad_scale(u, p.B, p.K);
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const int64_t HW = p.HW, ld = plan.ld;
+  for (int64_t t = blockIdx.x; t < p.B * plan.tiles_per_row; t += gridDim.x) {
+    const TileSpan s = load_tile(p, plan, m, t);
+    for (int64_t g = tid; g < s.ng; g += blockDim.x) {
+      acc gh, gl;
+      group_grads(u, scale, p.offsets, p.targets, s.b, s.i0 + g, p.K, gh, gl);
+      m.gh[g] = gh;
+      m.glpp[g] = gl / static_cast<acc>(HW);
+    }
+    __syncthreads();
+    for (int64_t q = tid; q < s.ng * HW; q += blockDim.x) {
+      const int g = static_cast<int>(q / HW);
+      const GroupWinners<acc> w = tile_winners(m, ld, g, q - g * HW);
+      m.at_p[q] = static_cast<int>(w.prob_at);
+      m.at_m[q] = static_cast<int>(w.masked_at);
+      m.win[q] = m.gh[g] * w.prob;  // its share of S_j for the winner j
+    }
+    __syncthreads();
+    // S_j = sum_k g[j,k] p[j,k] (see mc_grad): the shares of the positions channel j wins
+    for (int64_t c = warp; c < s.nch; c += kTileWarps) {
+      const int g = m.grp[c], j = static_cast<int>(c) - m.gstart[g];
+      acc sum = 0;
+      for (int64_t k = lane; k < HW; k += kWarp) {
+        const int64_t q = g * HW + k;
+        sum += m.at_p[q] == j ? m.win[q] : acc(0);
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) m.s[c] = sum;
+    }
+    __syncthreads();
+    // dx[c, k] of the tile, from shared memory only
+    auto grad_at = [&](int64_t c, int64_t k) {
+      const int g = m.grp[c], j = static_cast<int>(c) - m.gstart[g];
+      const int64_t q = g * HW + k;
+      const acc pk = ChannelSoftmax<acc>::from(m.cmax[c], m.cinv[c])(m.x[c * ld + k]);
+      const LogitGrad<acc> gl(m.glpp[g], m.cmask[c]);
+      return static_cast<scalar_t>(
+          mc_grad(div_grad_in(m.gh[g], m.at_p[q] == j), m.s[c], pk, gl.win, gl.lose, m.at_m[q] == j));
+    };
+    if (p.lay.sK == 1) {
+      store_span(dx + p.lay.at(s.b, s.ca, 0), s.nch * HW, [&](int64_t e, int count, scalar_t* out) {
+        int64_t c = e / HW, k = e - c * HW;
+        for (int j = 0; j < count; ++j) {
+          out[j] = grad_at(c, k);
+          if (++k == HW) {
+            k = 0;
+            ++c;
+          }
+        }
+      });
+    } else {
+      scalar_t* dst = dx + p.lay.at(s.b, s.ca, 0);
+      for (int64_t e = tid; e < s.nch * HW; e += blockDim.x) {
+        const int64_t k = e / s.nch, c = e - k * s.nch;
+        dst[k * p.lay.sK + c] = grad_at(c, k);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---- stream kernels: a warp per class group (b, i), for groups too large for a tile
+//
+// The per-channel softmax statistics and mask values, and in the backward each channel's S_j,
+// go through (B, C) scratch arrays in global memory (L1-resident while the warp works;
+// __syncwarp orders the writes before the reads). The features are read once per pass: the
+// statistics, the winners (and, backward, one scan per 32 channels for S_j, and dx).
+
+template <typename acc>
+struct StreamScratch {
+  acc *max, *inv, *mask, *s;  // (B, C) each; s backward only
+  uint64_t* key;              // (B, C), the draw's keys
+};
+
+template <typename scalar_t>
+struct StreamGroup {
+  using acc = acc_t<scalar_t>;
+  const LossParams<scalar_t>& p;
+  const StreamScratch<acc>& sc;
   int64_t g, b, c0, c1;
-  const scalar_t* mask_row;
-  const acc* smax;  // the softmax statistics of every channel, filled before use
-  const acc* sinv;
   int lane;
 
+  __device__ __forceinline__ int64_t at(int64_t c) const { return b * p.C + c; }
   __device__ __forceinline__ ChannelSoftmax<acc> softmax_of(int64_t c) const {
-    return ChannelSoftmax<acc>::from(smax[b * a.C + c], sinv[b * a.C + c]);
+    return ChannelSoftmax<acc>::from(sc.max[at(c)], sc.inv[at(c)]);
   }
-
-  // Scan the group's channels at position k: both per-position winners (relative indices).
   __device__ __forceinline__ GroupWinners<acc> winners_at(int64_t k) const {
     GroupWinners<acc> w;
     for (int64_t c = c0; c < c1; ++c) {
-      const acc v = static_cast<acc>(a.x[a.lay.at(b, c, k)]);
-      w.offer(c - c0, softmax_of(c)(v), apply_mask(v, static_cast<acc>(mask_row[c])));
+      const acc v = static_cast<acc>(p.x[p.lay.at(b, c, k)]);
+      w.offer(c - c0, softmax_of(c)(v), apply_mask(v, sc.mask[at(c)]));
     }
     return w;
   }
 };
 
 // Runs body(group) for each class group of this warp (a grid-stride loop over warps), once
-// the group's per-channel softmax statistics are in the scratch.
+// the group's softmax statistics and mask values are in the scratch.
 template <typename scalar_t, typename Body>
-__device__ __forceinline__ void for_each_group(const FusedArgs<scalar_t>& a, Body&& body) {
+__device__ __forceinline__ void for_each_stream_group(const LossParams<scalar_t>& p,
+                                                      const StreamScratch<acc_t<scalar_t>>& sc,
+                                                      Body&& body) {
   using acc = acc_t<scalar_t>;
-  acc* smax = static_cast<acc*>(a.scratch.max);
-  acc* sinv = static_cast<acc*>(a.scratch.inv);
   const int lane = threadIdx.x % kWarp;
-  for (int64_t g = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; g < a.groups;
+  for (int64_t g = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; g < p.B * p.K;
        g += int64_t(gridDim.x) * kWarpsPerBlock) {
-    const int64_t b = g / a.K;
-    int64_t c0, c1;
-    group_of(a.offsets, g % a.K, c0, c1);
+    const int64_t b = g / p.K, i = g % p.K, c0 = p.offsets[i], c1 = p.offsets[i + 1];
+    const StreamGroup<scalar_t> grp{p, sc, g, b, c0, c1, lane};
     for (int64_t c = c0; c < c1; ++c) {
-      const SoftmaxStats<acc> s = row_stats<scalar_t, acc>(a.x, a.lay.at(b, c, 0), a.lay.sK, a.HW, lane);
+      const SoftmaxStats<acc> st = row_stats<scalar_t, acc>(p.x, p.lay.at(b, c, 0), p.lay.sK, p.HW, lane);
       if (lane == 0) {
-        const ChannelSoftmax<acc> softmax(s);
-        smax[b * a.C + c] = softmax.max;
-        sinv[b * a.C + c] = softmax.inv_sum;
+        const ChannelSoftmax<acc> softmax(st);
+        sc.max[grp.at(c)] = softmax.max;
+        sc.inv[grp.at(c)] = softmax.inv_sum;
+      }
+    }
+    if (p.mask.draws()) {
+      const auto so = at::cuda::philox::unpack(p.mask.philox);
+      const int64_t row = p.mask.row_of(b);
+      for (int64_t c = c0 + lane; c < c1; c += kWarp) {
+        sc.key[grp.at(c)] = channel_key(std::get<0>(so), std::get<1>(so), row * p.C + c);
+      }
+      __syncwarp();
+      const int64_t n = c1 - c0, d = dropped_in_group(n, p.mask.drop, p.mask.drop_fraction);
+      for (int64_t c = c0 + lane; c < c1; c += kWarp) {
+        const bool kept = channel_kept(sc.key + grp.at(c0), n, c - c0, d);
+        sc.mask[grp.at(c)] = kept ? acc(1) : acc(0);
+        if (p.mask.writes(b)) p.mask.drawn[row * p.C + c] = kept;
+      }
+    } else {
+      for (int64_t c = c0 + lane; c < c1; c += kWarp) {
+        sc.mask[grp.at(c)] = p.mask.template given<scalar_t, acc>(b, c);
       }
     }
     __syncwarp();
-    body(WarpGroup<scalar_t>{a, g, b, c0, c1, a.mask + b * a.mask_bstride, smax, sinv, lane});
+    body(grp);
   }
 }
 
 template <typename scalar_t>
-__global__ void mc_loss_forward_kernel(FusedArgs<scalar_t> a, acc_t<scalar_t>* __restrict__ h,
-                                       acc_t<scalar_t>* __restrict__ logits) {
+__global__ void mc_loss_stream_forward_kernel(LossParams<scalar_t> p, StreamScratch<acc_t<scalar_t>> sc,
+                                              acc_t<scalar_t>* __restrict__ h,
+                                              acc_t<scalar_t>* __restrict__ logits) {
   using acc = acc_t<scalar_t>;
-  if (!offsets_partition(a.offsets, a.K, a.C)) {
-    fill_nan(h, a.groups);
-    return fill_nan(logits, a.groups);
-  }
-  for_each_group(a, [&](const WarpGroup<scalar_t>& grp) {
+  if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_unusable(p, h, logits);
+  for_each_stream_group(p, sc, [&](const StreamGroup<scalar_t>& grp) {
     acc hs = 0, ls = 0;
-    for (int64_t k = grp.lane; k < a.HW; k += kWarp) {
+    for (int64_t k = grp.lane; k < p.HW; k += kWarp) {
       const GroupWinners<acc> w = grp.winners_at(k);
       hs += w.prob;
       ls += w.masked;
@@ -288,23 +707,23 @@ __global__ void mc_loss_forward_kernel(FusedArgs<scalar_t> a, acc_t<scalar_t>* _
     ls = warp_sum(ls);
     if (grp.lane == 0) {
       h[grp.g] = hs;
-      logits[grp.g] = ls / static_cast<acc>(a.HW);
+      logits[grp.g] = ls / static_cast<acc>(p.HW);
     }
   });
 }
 
 template <typename scalar_t>
-__global__ void mc_loss_backward_kernel(FusedArgs<scalar_t> a,
-                                        const acc_t<scalar_t>* __restrict__ grad_h,
-                                        const acc_t<scalar_t>* __restrict__ grad_logits,
-                                        scalar_t* __restrict__ dx) {
+__global__ void mc_loss_stream_backward_kernel(LossParams<scalar_t> p, StreamScratch<acc_t<scalar_t>> sc,
+                                               UpstreamGrads<acc_t<scalar_t>> u,
+                                               scalar_t* __restrict__ dx) {
   using acc = acc_t<scalar_t>;
-  if (!offsets_partition(a.offsets, a.K, a.C)) return fill_nan(dx, a.groups / a.K * a.C * a.HW);
-  acc* sdiv = static_cast<acc*>(a.scratch.div);
-  for_each_group(a, [&](const WarpGroup<scalar_t>& grp) {
-    const int64_t b = grp.b, c0 = grp.c0, c1 = grp.c1, C = a.C, HW = a.HW;
+  if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_nan(dx, p.B * p.C * p.HW);
+  const TailGradScale<acc> scale = tail_grad_scale(u, p.B, p.K);
+  for_each_stream_group(p, sc, [&](const StreamGroup<scalar_t>& grp) {
+    const int64_t b = grp.b, c0 = grp.c0, c1 = grp.c1, HW = p.HW;
     const int lane = grp.lane;
-    const acc gh = grad_h[grp.g];
+    acc gh, gl;
+    group_grads(u, scale, p.offsets, p.targets, b, grp.g % p.K, p.K, gh, gl);
     // S_j = sum_k g[j,k] p[j,k] (see mc_grad): the gh * p of the positions channel j wins.
     // One scan of the group per 32 channels: at each step of 32 positions (one per lane),
     // every channel's share is summed across the warp, and lane l keeps channel cb + l's
@@ -326,30 +745,68 @@ __global__ void mc_loss_backward_kernel(FusedArgs<scalar_t> a,
           if (c - cb == lane) s_mine += part;
         }
       }
-      if (cb + lane < cend) sdiv[b * C + cb + lane] = s_mine;
+      if (cb + lane < cend) sc.s[grp.at(cb + lane)] = s_mine;
     }
     __syncwarp();
-    const acc gl_per_pos = grad_logits[grp.g] / static_cast<acc>(HW);
+    const acc gl_per_pos = gl / static_cast<acc>(HW);
     for (int64_t k = lane; k < HW; k += kWarp) {
       const GroupWinners<acc> w = grp.winners_at(k);
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t at = a.lay.at(b, c, k);
-        const acc p = grp.softmax_of(c)(static_cast<acc>(a.x[at]));
+        const int64_t at = p.lay.at(b, c, k);
+        const acc pk = grp.softmax_of(c)(static_cast<acc>(p.x[at]));
         const int64_t j = c - c0;
-        const LogitGrad<acc> gl(gl_per_pos, static_cast<acc>(grp.mask_row[c]));
-        dx[at] = static_cast<scalar_t>(mc_grad(div_grad_in(gh, w.prob_at == j), sdiv[b * C + c], p,
-                                               gl.win, gl.lose, w.masked_at == j));
+        const LogitGrad<acc> lg(gl_per_pos, sc.mask[grp.at(c)]);
+        dx[at] = static_cast<scalar_t>(mc_grad(div_grad_in(gh, w.prob_at == j), sc.s[grp.at(c)], pk,
+                                               lg.win, lg.lose, w.masked_at == j));
       }
     }
   });
 }
 
+// ---- the forward's (B, K) tail: one block sums over the batch (a fixed tree, in double)
+
+constexpr int kTailThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kTailThreads)
+    mc_loss_tail_kernel(const T* h, const T* logits, const int64_t* targets, const int64_t* offsets,
+                        int64_t B, int64_t K, T alpha, T beta, T* loss, T* dis, T* div, T* lse) {
+  __shared__ double nll_part[kTailThreads], h_part[kTailThreads];
+  const int tid = threadIdx.x;
+  double nll = 0, h_over_n = 0;
+  bool bad_target = false;
+  for (int64_t b = tid; b < B; b += kTailThreads) {
+    const T* row = logits + b * K;
+    const auto ls = RowLogSoftmax<T>::of(row, K);
+    lse[2 * b] = ls.max;
+    lse[2 * b + 1] = ls.log_sum;
+    nll += target_nll(row, ls, targets[b], K);
+    bad_target |= targets[b] < 0 || targets[b] >= K;
+  }
+  for (int64_t e = tid; e < B * K; e += kTailThreads) {
+    h_over_n += static_cast<double>(h[e]) / group_size<double>(offsets, e % K);
+  }
+  nll_part[tid] = nll;
+  h_part[tid] = h_over_n;
+  __syncthreads();
+  for (int s = kTailThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) {
+      nll_part[tid] += nll_part[tid + s];
+      h_part[tid] += h_part[tid + s];
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    const TailScalars<T> r(nll_part[0], h_part[0], B, K, alpha, beta);
+    *loss = r.loss;
+    *dis = r.dis;
+    *div = r.div;
+  }
+  if (bad_target) __trap();
+}
+
 // ------------------------------------------------------------------------------------------
 // host wrappers
-
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 at::Tensor spatial_softmax_cuda(const at::Tensor& x) {
   check_map(x, "x");
@@ -439,171 +896,177 @@ at::Tensor ccmp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x, co
   return dx;
 }
 
-// The kernels' view of x, its groups and the mask, with a scratch of `slots` (B, C) arrays of
-// acc (2 forward: softmax max and 1/sum; 3 backward: and S_j).
-template <typename scalar_t>
-FusedArgs<scalar_t> fused_args(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& mask,
-                               int64_t mask_bstride, int64_t K, const at::Tensor& scratch) {
-  const int64_t B = x.size(0), C = x.size(1);
-  char* base = static_cast<char*>(scratch.mutable_data_ptr());
-  const int64_t bytes = B * C * static_cast<int64_t>(scratch.element_size());
-  return FusedArgs<scalar_t>{x.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(),
-                             mask.const_data_ptr<scalar_t>(), mask_bstride,
-                             GroupScratch{base, base + bytes, base + 2 * bytes}, layout_of(x),
-                             B * K, C, K, x.size(2) * x.size(3)};
+// ---- the fused loss
+
+// Above this a tile takes several groups only if they share it; a single group may use up to
+// kMaxTileBytes (opting in to more than the default 48 KiB of dynamic shared memory), beyond
+// which it goes to the stream kernels. kMinTiles keeps the GPU's SMs busy when the batch is
+// small: groups are not packed into fewer tiles than that.
+constexpr size_t kTileBudget = 48u << 10;
+constexpr size_t kMaxTileBytes = 200u << 10;
+constexpr int64_t kMinTiles = 1024;
+
+// The tiling of the groups, or none (groups_per_tile 0) when one group does not fit.
+template <typename acc>
+std::pair<TilePlan, size_t> plan_tiles(const LossShape& s, bool contiguous, bool backward) {
+  TilePlan plan{0, 0, contiguous ? s.HW : (s.HW | 1)};
+  const size_t one = TileMem<acc>::carve(nullptr, 1, s.max_group, s.HW, plan.ld, backward, nullptr);
+  if (one > kMaxTileBytes) return {plan, 0};
+  int64_t gpt = std::max<int64_t>(1, static_cast<int64_t>(kTileBudget / one));
+  gpt = std::min({gpt, s.K, std::max<int64_t>(1, s.B * s.K / kMinTiles)});
+  while (gpt > 1 && TileMem<acc>::carve(nullptr, gpt, s.max_group, s.HW, plan.ld, backward, nullptr) > kTileBudget) --gpt;
+  plan.groups_per_tile = gpt;
+  plan.tiles_per_row = (s.K + gpt - 1) / gpt;
+  return {plan, TileMem<acc>::carve(nullptr, gpt, s.max_group, s.HW, plan.ld, backward, nullptr)};
 }
 
-std::tuple<at::Tensor, at::Tensor> mc_loss_forward_cuda(const at::Tensor& x, const at::Tensor& offsets,
-                                                        const at::Tensor& mask) {
-  check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x, ValueChecks::Kernel);
-  const int64_t mask_bstride = check_mask(mask, x);
+// Dynamic shared memory beyond 48 KiB must be asked for, once per kernel.
+template <typename Kernel>
+void allow_shared_memory(Kernel* kernel, size_t bytes) {
+  if (bytes > (48u << 10)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+// The generator's Philox state for one draw, advanced so that the next draw differs; read on
+// the device through unpack(), so that a draw captured in a CUDA graph replays fresh.
+at::PhiloxCudaState philox_state(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      generator, at::cuda::detail::getDefaultCUDAGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->philox_cuda_state(4);
+}
+
+template <typename scalar_t>
+LossParams<scalar_t> loss_params(const at::Tensor& x, const at::Tensor& targets,
+                                 const at::Tensor& offsets, const LossShape& s,
+                                 const MaskSource& mask) {
+  return LossParams<scalar_t>{x.const_data_ptr<scalar_t>(), layout_of(x),
+                              offsets.const_data_ptr<int64_t>(), targets.const_data_ptr<int64_t>(),
+                              mask, s.B, s.C, s.K, s.HW, s.max_group};
+}
+
+MaskSource given_mask(const at::Tensor& mask, const LossShape& s) {
+  MaskSource m{};
+  m.values = mask.const_data_ptr();
+  m.is_bool = s.mask_is_bool;
+  m.bstride = s.mask_bstride;
+  return m;
+}
+
+template <typename acc>
+StreamScratch<acc> stream_scratch(const at::Tensor& scratch, const LossShape& s) {
+  acc* base = static_cast<acc*>(scratch.mutable_data_ptr());
+  const int64_t n = s.B * s.C;
+  return StreamScratch<acc>{base, base + n, base + 2 * n, base + 3 * n,
+                            reinterpret_cast<uint64_t*>(base + 4 * n)};
+}
+
+// (B, C) arrays for the stream kernels: four of acc and the keys.
+at::Tensor stream_scratch_tensor(const at::Tensor& x, const LossShape& s) {
+  const int64_t acc_bytes = x.scalar_type() == at::kDouble ? 8 : 4;
+  return at::empty({(4 * acc_bytes + 8) * s.B * s.C / acc_bytes}, x.options().dtype(acc_type_of(x)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_cuda(
+    const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets, int64_t max_group,
+    const std::optional<at::Tensor>& mask, int64_t drop, double drop_fraction,
+    bool per_sample_mask, std::optional<at::Generator> generator, double alpha, double beta) {
+  const LossShape s =
+      check_loss(x, targets, offsets, max_group, mask, per_sample_mask, ValueChecks::Kernel);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), C = x.size(1);
-  auto h = at::empty({B, K}, x.options().dtype(acc_type_of(x)));
-  auto logits = at::empty({B, K}, x.options().dtype(acc_type_of(x)));
-  if (B == 0) return {h, logits};
-  auto scratch = at::empty({2 * B * C}, x.options().dtype(acc_type_of(x)));
+  const auto acc_opts = x.options().dtype(acc_type_of(x));
+  auto loss = at::empty({}, acc_opts), dis = at::empty({}, acc_opts), div = at::empty({}, acc_opts);
+  auto logits = at::empty({s.B, s.K}, acc_opts), lse = at::empty({s.B, 2}, acc_opts);
+  auto h = at::empty({s.B, s.K}, acc_opts);
+  // the drawn mask: (C,) shared by the batch, as a given mask would be, or (B, C) per sample
+  const auto bool_opts = x.options().dtype(at::kBool);
+  auto drawn = !s.draw ? at::empty({0}, bool_opts)
+               : per_sample_mask ? at::empty({s.B, s.C}, bool_opts) : at::empty({s.C}, bool_opts);
+  MaskSource ms{};
+  if (s.draw) {
+    ms.philox = philox_state(generator);
+    ms.drop = drop;
+    ms.drop_fraction = drop_fraction;
+    ms.per_sample = per_sample_mask;
+    ms.drawn = drawn.mutable_data_ptr<bool>();
+    ms.rows = s.mask_rows;
+  } else {
+    ms = given_mask(*mask, s);
+  }
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_cuda", [&] {
     using acc = acc_t<scalar_t>;
-    mc_loss_forward_kernel<scalar_t><<<blocks_for(B * K, kWarpsPerBlock), kThreads, 0, stream>>>(
-        fused_args<scalar_t>(x, offsets, mask, mask_bstride, K, scratch), h.mutable_data_ptr<acc>(),
-        logits.mutable_data_ptr<acc>());
+    const auto p = loss_params<scalar_t>(x, targets, offsets, s, ms);
+    if (s.B > 0) {
+      const auto [plan, smem] = plan_tiles<acc>(s, layout_of(x).sK == 1, false);
+      if (plan.groups_per_tile > 0) {
+        allow_shared_memory(&mc_loss_tile_forward_kernel<scalar_t>, smem);
+        mc_loss_tile_forward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), kTileThreads, smem, stream>>>(
+            p, plan, h.mutable_data_ptr<acc>(), logits.mutable_data_ptr<acc>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        const at::Tensor scratch = stream_scratch_tensor(x, s);
+        mc_loss_stream_forward_kernel<scalar_t><<<blocks_for(s.B * s.K, kWarpsPerBlock), kThreads, 0, stream>>>(
+            p, stream_scratch<acc>(scratch, s), h.mutable_data_ptr<acc>(), logits.mutable_data_ptr<acc>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+    mc_loss_tail_kernel<acc><<<1, kTailThreads, 0, stream>>>(
+        h.const_data_ptr<acc>(), logits.const_data_ptr<acc>(), targets.const_data_ptr<int64_t>(),
+        offsets.const_data_ptr<int64_t>(), s.B, s.K, static_cast<acc>(alpha), static_cast<acc>(beta),
+        loss.mutable_data_ptr<acc>(), dis.mutable_data_ptr<acc>(), div.mutable_data_ptr<acc>(),
+        lse.mutable_data_ptr<acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {h, logits};
+  return {loss, dis, div, logits, lse, drawn};
 }
 
-at::Tensor mc_loss_backward_cuda(const at::Tensor& grad_h_in, const at::Tensor& grad_logits_in,
-                                 const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& mask) {
-  check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x, ValueChecks::Kernel);
-  const int64_t mask_bstride = check_mask(mask, x);
-  check_group_grad(grad_h_in, x, K, "grad_h");
-  check_group_grad(grad_logits_in, x, K, "grad_logits");
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
+}
+
+at::Tensor mc_loss_backward_cuda(const std::optional<at::Tensor>& g_loss,
+                                 const std::optional<at::Tensor>& g_dis,
+                                 const std::optional<at::Tensor>& g_div,
+                                 const std::optional<at::Tensor>& g_logits_in, const at::Tensor& x,
+                                 const at::Tensor& targets, const at::Tensor& offsets,
+                                 int64_t max_group, const at::Tensor& mask,
+                                 const at::Tensor& logits_in, const at::Tensor& lse_in,
+                                 double alpha, double beta) {
+  const LossShape s = check_loss_backward(g_loss, g_dis, g_div, g_logits_in, x, targets, offsets,
+                                          max_group, mask, logits_in, lse_in, ValueChecks::Kernel);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), C = x.size(1);
-  const auto grad_h = grad_h_in.to(acc_type_of(x)).contiguous();
-  const auto grad_logits = grad_logits_in.to(acc_type_of(x)).contiguous();
+  const auto logits = logits_in.contiguous(), lse = lse_in.contiguous();
+  std::optional<at::Tensor> g_logits;
+  if (g_logits_in.has_value() && g_logits_in->defined()) g_logits = g_logits_in->contiguous();
   auto dx = at::empty_like(x);
-  if (B == 0) return dx;
-  auto scratch = at::empty({3 * B * C}, x.options().dtype(acc_type_of(x)));
+  if (s.B == 0) return dx;
+  const MaskSource ms = given_mask(mask, s);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_backward_cuda", [&] {
     using acc = acc_t<scalar_t>;
-    mc_loss_backward_kernel<scalar_t><<<blocks_for(B * K, kWarpsPerBlock), kThreads, 0, stream>>>(
-        fused_args<scalar_t>(x, offsets, mask, mask_bstride, K, scratch), grad_h.const_data_ptr<acc>(),
-        grad_logits.const_data_ptr<acc>(), dx.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto p = loss_params<scalar_t>(x, targets, offsets, s, ms);
+    const UpstreamGrads<acc> u{data_or_null<acc>(g_loss), data_or_null<acc>(g_dis),
+                               data_or_null<acc>(g_div), data_or_null<acc>(g_logits),
+                               logits.const_data_ptr<acc>(), lse.const_data_ptr<acc>(),
+                               static_cast<acc>(alpha), static_cast<acc>(beta)};
+    const auto [plan, smem] = plan_tiles<acc>(s, layout_of(x).sK == 1, true);
+    if (plan.groups_per_tile > 0) {
+      allow_shared_memory(&mc_loss_tile_backward_kernel<scalar_t>, smem);
+      mc_loss_tile_backward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), kTileThreads, smem, stream>>>(
+          p, plan, u, dx.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const at::Tensor scratch = stream_scratch_tensor(x, s);
+      mc_loss_stream_backward_kernel<scalar_t><<<blocks_for(s.B * s.K, kWarpsPerBlock), kThreads, 0, stream>>>(
+          p, stream_scratch<acc>(scratch, s), u, dx.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return dx;
-}
-
-// ---- the (B, K) tail: one block sums over the batch (fixed tree, in double); the backward is
-// elementwise and reads the upstream scalar gradients on the device (no host sync)
-
-constexpr int kTailThreads = 256;
-
-template <typename T>
-__global__ void __launch_bounds__(kTailThreads)
-    mc_loss_tail_kernel(const T* h, const T* logits, const int64_t* targets, const int64_t* offsets,
-                        int64_t B, int64_t K, T alpha, T beta, T* loss, T* dis, T* div, T* lse) {
-  __shared__ double nll_part[kTailThreads], h_part[kTailThreads];
-  const int tid = threadIdx.x;
-  double nll = 0, h_over_n = 0;
-  for (int64_t b = tid; b < B; b += kTailThreads) {
-    const T* row = logits + b * K;
-    const auto ls = RowLogSoftmax<T>::of(row, K);
-    lse[2 * b] = ls.max;
-    lse[2 * b + 1] = ls.log_sum;
-    nll += target_nll(row, ls, targets[b], K);
-  }
-  for (int64_t e = tid; e < B * K; e += kTailThreads) {
-    const int64_t i = e % K;
-    h_over_n += static_cast<double>(h[e]) / group_size<double>(offsets, i);
-  }
-  nll_part[tid] = nll;
-  h_part[tid] = h_over_n;
-  __syncthreads();
-  for (int s = kTailThreads / 2; s > 0; s >>= 1) {
-    if (tid < s) {
-      nll_part[tid] += nll_part[tid + s];
-      h_part[tid] += h_part[tid + s];
-    }
-    __syncthreads();
-  }
-  if (tid == 0) {
-    const TailScalars<T> r(nll_part[0], h_part[0], B, K, alpha, beta);
-    *loss = r.loss;
-    *dis = r.dis;
-    *div = r.div;
-  }
-}
-
-template <typename T>
-__global__ void mc_loss_tail_backward_kernel(const T* g_loss, const T* g_dis, const T* g_div,
-                                             const T* g_logits, const T* logits, const T* lse,
-                                             const int64_t* targets, const int64_t* offsets,
-                                             int64_t B, int64_t K, T alpha, T beta, T* grad_h,
-                                             T* grad_logits) {
-  const TailGradScale<T> scale(*g_loss, *g_dis, *g_div, alpha, beta, B, K);
-  const int64_t n = B * K;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = e / K, i = e % K;
-    const RowLogSoftmax<T> ls(lse[2 * b], lse[2 * b + 1]);
-    grad_logits[e] = g_logits[e] + nll_logit_grad(scale.per_row, logits[e], ls, i, targets[b], K);
-    grad_h[e] = scale.per_h / group_size<T>(offsets, i);
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_tail_cuda(
-    const at::Tensor& h_in, const at::Tensor& logits_in, const at::Tensor& targets_in,
-    const at::Tensor& offsets_in, double alpha, double beta) {
-  const auto [B, K] = check_tail(h_in, logits_in, targets_in, offsets_in, ValueChecks::Kernel);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const auto h = h_in.contiguous(), logits = logits_in.contiguous();
-  const auto targets = targets_in.contiguous(), offsets = offsets_in.contiguous();
-  auto loss = at::empty({}, logits.options()), dis = at::empty({}, logits.options());
-  auto div = at::empty({}, logits.options()), lse = at::empty({B, 2}, logits.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_cuda", [&] {
-    mc_loss_tail_kernel<scalar_t><<<1, kTailThreads, 0, stream>>>(
-        h.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(),
-        targets.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), B, K,
-        static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), loss.mutable_data_ptr<scalar_t>(),
-        dis.mutable_data_ptr<scalar_t>(), div.mutable_data_ptr<scalar_t>(),
-        lse.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {loss, dis, div, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor> mc_loss_tail_backward_cuda(
-    const at::Tensor& g_loss, const at::Tensor& g_dis, const at::Tensor& g_div,
-    const at::Tensor& g_logits_in, const at::Tensor& logits_in, const at::Tensor& lse_in,
-    const at::Tensor& targets_in, const at::Tensor& offsets_in, double alpha, double beta) {
-  const auto [B, K] = check_tail_backward(g_loss, g_dis, g_div, g_logits_in, logits_in, lse_in,
-                                          targets_in, offsets_in);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const auto logits = logits_in.contiguous(), g_logits = g_logits_in.contiguous();
-  const auto lse = lse_in.contiguous(), targets = targets_in.contiguous();
-  const auto offsets = offsets_in.contiguous();
-  auto grad_h = at::empty({B, K}, logits.options());
-  auto grad_logits = at::empty({B, K}, logits.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_backward_cuda", [&] {
-    mc_loss_tail_backward_kernel<scalar_t><<<blocks_for(B * K, 256), 256, 0, stream>>>(
-        g_loss.const_data_ptr<scalar_t>(), g_dis.const_data_ptr<scalar_t>(),
-        g_div.const_data_ptr<scalar_t>(), g_logits.const_data_ptr<scalar_t>(),
-        logits.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(),
-        targets.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), B, K,
-        static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta),
-        grad_h.mutable_data_ptr<scalar_t>(), grad_logits.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {grad_h, grad_logits};
 }
 
 }  // namespace
@@ -615,10 +1078,8 @@ TORCH_LIBRARY_IMPL(mcloss_cuda, CUDA, m) {
   m.impl("channel_mask", &cuda::channel_mask_cuda);
   m.impl("ccmp", &cuda::ccmp_cuda);
   m.impl("ccmp_backward", &cuda::ccmp_backward_cuda);
-  m.impl("mc_loss_forward", &cuda::mc_loss_forward_cuda);
+  m.impl("mc_loss", &cuda::mc_loss_cuda);
   m.impl("mc_loss_backward", &cuda::mc_loss_backward_cuda);
-  m.impl("mc_loss_tail", &cuda::mc_loss_tail_cuda);
-  m.impl("mc_loss_tail_backward", &cuda::mc_loss_tail_backward_cuda);
 }
 
 }  // namespace mcloss

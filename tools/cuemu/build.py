@@ -237,6 +237,11 @@ def host_headers(path: Path, include_dirs, seen=None) -> list[str]:
             if name.split("/")[0] in ("ATen", "c10", "torch") and \
                     not name.startswith(_DEVICE_HEADERS):
                 found.append(name)
+            elif name.startswith(_DEVICE_HEADERS) and (HERE / "stub" / name).is_file():
+                stub = (HERE / "stub" / name).resolve()
+                if stub not in seen:  # a stub's own host headers come first too
+                    seen.add(stub)
+                    found += host_headers(stub, include_dirs, seen)
             continue
         for d in [path.parent, *include_dirs]:
             dep = (Path(d) / name).resolve()
@@ -274,7 +279,10 @@ def project_sources(repo: Path):
 def _inputs(repo: Path, with_cuda: bool = True):
     files = sorted(p for p in (repo / "csrc").rglob("*")
                    if p.is_file() and (with_cuda or p.parent != repo / "csrc" / "cuda"))
-    files += sorted(p for p in HERE.rglob("*") if p.is_file() and p.suffix in (".h", ".cpp", ".py"))
+    # the emulator's headers, stubs and registrations, and this script (not mutations.py and
+    # the tests, which change no build)
+    files += sorted(p for p in HERE.rglob("*")
+                    if p.is_file() and (p.suffix in (".h", ".cuh", ".cpp") or p == HERE / "build.py"))
     return files
 
 

@@ -1239,6 +1239,14 @@ inline cudaError_t cudaMemcpyAsync(void* d, const void* s, std::size_t n, cudaMe
 }
 inline cudaError_t cudaMemset(void* d, int v, std::size_t n) { std::memset(d, v, n); return cudaSuccess; }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+// Opting a kernel in to more than 48 KiB of dynamic shared memory: launch() allows up to
+// kMaxDynamicShared whatever was set, so only the value is checked here.
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <typename K>
+inline cudaError_t cudaFuncSetAttribute(K*, cudaFuncAttribute, int value) {
+  return value >= 0 && std::size_t(value) <= ::cuemu::kMaxDynamicShared ? cudaSuccess
+                                                                         : cudaErrorInvalidValue;
+}
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = ::cuemu::detail::last_error();
