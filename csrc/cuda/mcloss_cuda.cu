@@ -774,14 +774,13 @@ __global__ void __launch_bounds__(kTailThreads)
   __shared__ double nll_part[kTailThreads], h_part[kTailThreads];
   const int tid = threadIdx.x;
   double nll = 0, h_over_n = 0;
-  bool bad_target = false;
   for (int64_t b = tid; b < B; b += kTailThreads) {
     const T* row = logits + b * K;
     const auto ls = RowLogSoftmax<T>::of(row, K);
     lse[2 * b] = ls.max;
     lse[2 * b + 1] = ls.log_sum;
     nll += target_nll(row, ls, targets[b], K);
-    bad_target |= targets[b] < 0 || targets[b] >= K;
+    trap_if_bad_target(targets[b], K);
   }
   for (int64_t e = tid; e < B * K; e += kTailThreads) {
     h_over_n += static_cast<double>(h[e]) / group_size<double>(offsets, e % K);
@@ -802,7 +801,6 @@ __global__ void __launch_bounds__(kTailThreads)
     *dis = r.dis;
     *div = r.div;
   }
-  if (bad_target) __trap();
 }
 
 // ------------------------------------------------------------------------------------------
