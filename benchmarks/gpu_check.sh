@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 
-# Budget (s): 150 + 10 + 120 + 50 + 50 + 140 = 520 at most, usually far less.
+# Budget (s): 150 + 10 + 120 + 50 + 50 + 60 + 140 = 580 at most, usually far less.
 T_BUILD="${T_BUILD:-150}"
 T_SMI="${T_SMI:-10}"
 T_TESTS="${T_TESTS:-120}"
@@ -119,8 +119,10 @@ if mc.backend(dev) != "cuda":
     print("WARNING: the CUDA kernels are not active; this only exercises the reference path")
 torch.manual_seed(0)
 # (B, C, H, W, K, cnum): cnum None = balanced split (uneven where K does not divide C)
+# (1, 128, 32, 32, 2, 64): 256 KiB per group, past the tiles: the stream kernels
 cases = [(3, 12, 5, 7, 4, 3), (2, 10, 6, 6, 3, None), (2, 600, 14, 14, 200, 3),
-         (2, 2048, 7, 7, 200, None), (1, 6, 40, 45, 2, 3), (2, 5, 1, 1, 5, 1)]
+         (2, 2048, 7, 7, 200, None), (1, 6, 40, 45, 2, 3), (2, 5, 1, 1, 5, 1),
+         (1, 128, 32, 32, 2, 64)]
 n = 0
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     for B, C, H, W, K, cnum in cases:
@@ -138,6 +140,10 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             mc.mc_loss(x, y, K, cnum).loss.backward()
             mc.mc_loss(x, y, K, cnum, per_sample_mask=True).loss.backward()
             mc.mc_loss(x, y, K, cnum, mask=mask_b).loss.backward()
+            mc.mc_loss(x, y, K, cnum, mask=mask).logits.sum().backward()  # bool mask, no cast
+            # a data pointer 4 bytes past 16-byte alignment: the tiles' unaligned head and tail
+            xm = torch.randn(x.numel() + 1, device=dev, dtype=dtype)[1:].view(x.shape)
+            mc.mc_loss(xm.requires_grad_(True), y, K, cnum).loss.backward()
             mc.diversity_loss(x, K, cnum).backward()
             mc.discriminality_logits(x, K, mask, cnum).sum().backward()
             for f in (mc.spatial_softmax, lambda t: mc.channel_mask(t, mask),
@@ -167,7 +173,11 @@ else
   printf '%-10s %5s %9s  %s\n' racecheck "n/a" 0 "compute-sanitizer not found" >> "$SUMMARY"
 fi
 
-# ---- 5. the benchmark ----------------------------------------------------------------------
+# ---- 5. the SASS of the build (registers, spills, load widths; no GPU needed) ------------------
+run_stage sass 60 "$OUT_DIR/sass_report.txt" "$OUT_DIR/sass_report.log" \
+  "$PY" benchmarks/sass_report.py --check --markdown "$OUT_DIR/sass_report.md"
+
+# ---- 6. the benchmark ----------------------------------------------------------------------
 # --time-limit: start no new shape after that many seconds, so the stage ends inside its
 # timeout with a table (shapes not reached are listed under it) rather than being killed.
 run_stage bench "$T_BENCH" "$OUT_DIR/bench_cuda.md" "$OUT_DIR/bench_cuda.log" \
