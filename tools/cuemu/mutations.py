@@ -37,8 +37,20 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("no __syncwarp after the softmax statistics", CU,
-             "    __syncwarp();\n    body(WarpGroup", "    body(WarpGroup"),
+    Mutation("no __syncwarp after the stream kernels' statistics and mask", CU,
+             "    __syncwarp();\n    body(grp);", "    body(grp);"),
+    Mutation("no __syncthreads between a tile's load and its statistics", CU,
+             "  __syncthreads();\n  for (int64_t c = tid; c < s.nch; c += blockDim.x) {\n    int g = 0;",
+             "  for (int64_t c = tid; c < s.nch; c += blockDim.x) {\n    int g = 0;"),
+    Mutation("no __syncthreads before a tile's S_j", CU,
+             "its share of S_j for the winner j\n    }\n    __syncthreads();\n",
+             "its share of S_j for the winner j\n    }\n"),
+    Mutation("a tile's vector tail not loaded", CU,
+             "  for (int64_t e = head + nv * V::n + threadIdx.x; e < n; e += blockDim.x) put(e, src[e]);\n",
+             ""),
+    Mutation("16-byte loads from an unaligned start (head ignored)", CU,
+             "  const int64_t head = ((16 - (reinterpret_cast<uintptr_t>(p) & 15)) & 15) / sizeof(scalar_t);",
+             "  const int64_t head = 0;"),
     Mutation("no __syncwarp after S_j", CU,
              "= s_mine;\n    }\n    __syncwarp();\n", "= s_mine;\n    }\n"),
     Mutation("no __syncthreads before the tail's tree", CU,
