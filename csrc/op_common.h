@@ -4,7 +4,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/Generator.h>
 #include <c10/util/Exception.h>
+
+#include <optional>
 
 #include "mcloss_math.h"
 
@@ -122,6 +125,15 @@ inline void check_targets(const at::Tensor& targets, const at::Tensor& x, int64_
       TORCH_CHECK_VALUE(v[b] >= 0 && v[b] < K, "targets: class indices must lie in [0, ", K,
                         "), got ", v[b], " at ", b);
     }
+  }
+}
+
+// generator: none (the device's default) or one for x's device type.
+inline void check_generator(const std::optional<at::Generator>& generator, const at::Tensor& x) {
+  if (generator.has_value() && generator->defined()) {
+    TORCH_CHECK_VALUE(generator->device().type() == x.device().type(),
+                      "generator: expected a generator for device ", x.device(), ", got one for ",
+                      generator->device());
   }
 }
 

@@ -123,7 +123,7 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
     # given, and the (B, K) tail (csrc/ops.cpp)
     x = kernel_layout(features)
     loss, dis, div, logits, _, _ = ops.mc_loss(
-        x, targets, group_tensor(counts, x.device, "offsets"), max(counts), mask,
+        x, targets.contiguous(), group_tensor(counts, x.device, "offsets"), max(counts), mask,
         -1 if drop is None else drops[0], 0.5, bool(per_sample_mask), generator, float(alpha),
         float(beta))
     return MCLossOutput(loss, dis, div, logits)

@@ -290,6 +290,16 @@ MC_SEED_CASES = [
 ]
 
 
+def drawn_by_the_fused_op(x, y, counts, drop, per_sample, generator):
+    """The mask the fused mc_loss draws inside its op for these arguments (with mask=None,
+    mc.mc_loss passes drop=-1 and drop_fraction=0.5 for drop=None: floor(n_i / 2))."""
+    offsets = torch.tensor([0] + list(itertools.accumulate(counts)), device=x.device)
+    out = torch.ops.mcloss_cuda.mc_loss(x.detach(), y, offsets, max(counts), None,
+                                        -1 if drop is None else drop, 0.5, per_sample,
+                                        generator, 1.5, 20.0)
+    return out[0], out[5]
+
+
 @pytest.mark.parametrize("use_generator", [False, True], ids=["default_rng", "generator"])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
 @pytest.mark.parametrize("K, cnum, C", MC_SEED_CASES)
@@ -308,12 +318,29 @@ def test_mc_loss_random_mask_is_seeded(device, K, cnum, C, per_sample, use_gener
         torch.manual_seed(seed)
         return {}
 
+    def drops_per_group(mask):
+        bounds = list(itertools.accumulate(counts, initial=0))
+        m = mask.reshape(-1, C)
+        return [(~m[:, a:b]).sum(1).tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+
     out1 = mc.mc_loss(x, y, K, cnum, drop=drop, per_sample_mask=per_sample, **rng())
     out2 = mc.mc_loss(x, y, K, cnum, drop=drop, per_sample_mask=per_sample, **rng())
-    mask = mc.random_channel_mask(K, counts, batch=B if per_sample else None, drop=drop,
-                                  device=device, **rng())
+    if mc.backend(device) == "reference":
+        mask = mc.random_channel_mask(K, counts, batch=B if per_sample else None, drop=drop,
+                                      device=device, **rng())
+    else:
+        # the fused path draws the mask inside its op (another stream of numbers than
+        # random_channel_mask's for the same seed): the op's own drawn_mask, drawn from the
+        # same generator state, is the mask it used
+        loss, mask = drawn_by_the_fused_op(x, y, counts, drop, per_sample,
+                                           rng().get("generator"))
+        assert torch.equal(loss, out1.loss.detach())
+    rows = B if per_sample else 1
+    want = [[n // 2 if drop is None else drop] * rows for n in counts]
+    assert mask.dtype == torch.bool and mask.shape == ((B, C) if per_sample else (C,))
+    assert drops_per_group(mask) == want
     out3 = mc.mc_loss(x, y, K, cnum, mask=mask)
-    out4 = mc.reference.mc_loss(x, y, K, cnum, drop=drop, per_sample_mask=per_sample, **rng())
+    out4 = mc.reference.mc_loss(x, y, K, cnum, mask=mask)
     for a, b, c in zip(out1, out2, out3):
         assert torch.equal(a, b)
         assert torch.equal(a, c)
@@ -321,6 +348,12 @@ def test_mc_loss_random_mask_is_seeded(device, K, cnum, C, per_sample, use_gener
         torch.testing.assert_close(a, d, rtol=1e-10, atol=1e-12)
     g1, g3 = (torch.autograd.grad(o.loss, x)[0] for o in (out1, out3))
     assert torch.equal(g1, g3)
+    # the reference draws with random_channel_mask, from the same generator state
+    ref1 = mc.reference.mc_loss(x, y, K, cnum, drop=drop, per_sample_mask=per_sample, **rng())
+    ref_mask = mc.random_channel_mask(K, counts, batch=B if per_sample else None, drop=drop,
+                                      device=device, **rng())
+    for a, b in zip(ref1, mc.reference.mc_loss(x, y, K, cnum, mask=ref_mask)):
+        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------

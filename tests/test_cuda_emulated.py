@@ -45,7 +45,8 @@ ASAN_SET = ["tests/test_kernels.py", "tests/cuda_emulated_cases.py", "-k",
             "(test_channel_mask and not cnum64))"]
 # ThreadSanitizer costs about a second a launch: a few shapes of each op
 TSAN_SET = ["tests/test_kernels.py", "tests/cuda_emulated_cases.py", "-k",
-            f"{NOT_STRIDED} and (many_blocks or tail_over or (float32 and ("
+            f"{NOT_STRIDED} and (many_blocks or tail_over or "
+            "(group_too_large_for_a_tile_streams and contiguous and dtype0) or (float32 and ("
             "(test_mc_loss and (uniform_14x14 or uneven_5x9 or map_1x1)) or "
             "((test_spatial_softmax or test_ccmp or test_channel_mask) and uneven_5x9))))"]
 

@@ -92,7 +92,7 @@ def test_a_fresh_import_runs_the_fused_cpu_kernels(tmp_path):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert os.path.samefile(os.path.dirname(got["file"]), os.path.dirname(mc.__file__))
     assert got["backend"] == "cpu"
-    assert "mcloss_cuda::mc_loss_forward" in got["ops"], got["ops"]
+    assert "mcloss_cuda::mc_loss" in got["ops"], got["ops"]
     assert "mcloss_cuda::mc_loss_backward" in got["ops"], got["ops"]
     assert got["loss"] == pytest.approx(got["ref"], rel=1e-10)
 
@@ -213,7 +213,7 @@ def test_without_a_gpu_the_cuda_backend_needs_no_device():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert _diagnostics.cuda_device_ok(torch.device("cuda")) is True
-    expected = "cuda" if _ops.has_kernel("mc_loss_forward", "CUDA") else "reference"
+    expected = "cuda" if _ops.has_kernel("mc_loss", "CUDA") else "reference"
     if _diagnostics.reference_forced():
         expected = "reference"
     assert mc.backend("cuda") == expected
@@ -230,7 +230,7 @@ def test_a_gpu_arch_not_compiled_for_warns_once_and_falls_back(monkeypatch):
         warnings.simplefilter("always")
         assert _diagnostics.cuda_device_ok(torch.device("cuda", 0)) is False
         assert _diagnostics.cuda_device_ok(torch.device("cuda", 0)) is False
-        if _ops.has_kernel("mc_loss_forward", "CUDA"):
+        if _ops.has_kernel("mc_loss", "CUDA"):
             assert mc.backend("cuda:0") == "reference"
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
@@ -239,7 +239,7 @@ def test_a_gpu_arch_not_compiled_for_warns_once_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     assert _diagnostics.cuda_device_ok(torch.device("cuda", 1)) is True
-    if _ops.has_kernel("mc_loss_forward", "CUDA"):
+    if _ops.has_kernel("mc_loss", "CUDA"):
         assert mc.backend("cuda:1") == "cuda"
 
 

@@ -6,6 +6,13 @@ maps), every dtype, contiguous / channels_last / non-contiguous inputs, shared a
 bool and float masks; gradcheck in float64; the parallel split, bitwise repeatability, what is
 saved for backward, and that a CUDA build registers CUDA kernels for every op.
 
+The two loss ops are also called directly (``torch.ops.mcloss_cuda.mc_loss`` and
+``mc_loss_backward``, as the C++ autograd calls them): all six outputs (lse included) against
+the reference, dx for upstream gradients with some of them None, max_group larger than needed,
+and the mask the op draws itself when given none (exactly d_i dropped per row and group,
+repeatable from the generator's state, the results of that mask passed explicitly, fresh at
+every call, uniform, the default generator untouched when one is given).
+
 Random inputs are fresh every run: each test seeds torch from the OS entropy pool and prints
 the seed, so a failure can be replayed with ``torch.manual_seed(<seed>)``.
 
@@ -20,6 +27,8 @@ torch's own softmax, differentiates through the output rounded to the input dtyp
 one ulp of p times |g|.
 """
 
+import itertools
+import math
 import os
 import subprocess
 import sys
@@ -34,14 +43,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcloss_cuda as mc
 from helpers import (DEVICES, GRAD_TOL, VALUE_TOL, apply_layout, child_env, counts_of, cuda_only,
-                     fused_only, random_features, random_targets, separated_features)
+                     entropy_seed, fused_only, random_features, random_targets,
+                     separated_features)
 
 R = mc.reference
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = [F32, F64, F16, BF16]
 KERNEL_OPS = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-              "ccmp_backward", "mc_loss_forward", "mc_loss_backward", "mc_loss_tail",
-              "mc_loss_tail_backward")
+              "ccmp_backward", "mc_loss", "mc_loss_backward")
 
 # absolute gradient tolerance, as a fraction of the largest |gradient| (a few ulps of it)
 GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2 ** -9, BF16: 2 ** -6}
@@ -424,6 +433,353 @@ def test_extreme_logits(device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
+# the loss ops themselves: torch.ops.mcloss_cuda.mc_loss and mc_loss_backward, called directly
+
+OPS = torch.ops.mcloss_cuda if mc._ops.AVAILABLE else None
+
+
+def offsets_of(counts, device):
+    return torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64,
+                        device=device)
+
+
+def op_forward(x, y, counts, mask, alpha=1.5, beta=20.0, drop=-1, drop_fraction=0.5,
+               per_sample=False, generator=None, max_group=None):
+    """ops.mc_loss: (loss, dis, div, logits, lse, drawn_mask)."""
+    mg = max(counts) if max_group is None else max_group
+    return OPS.mc_loss(x, y, offsets_of(counts, x.device), mg, mask, drop, drop_fraction,
+                       per_sample, generator, alpha, beta)
+
+
+def op_backward(grads, x, y, counts, mask, logits, lse, alpha=1.5, beta=20.0, max_group=None):
+    mg = max(counts) if max_group is None else max_group
+    return OPS.mc_loss_backward(*grads, x, y, offsets_of(counts, x.device), mg, mask, logits,
+                                lse, alpha, beta)
+
+
+def lse_of(logits):
+    """Every row's max and log(sum(exp(logit - max))), as mc_loss's lse output holds them."""
+    m = logits.amax(-1)
+    return torch.stack([m, (logits - m[:, None]).exp().sum(-1).log()], -1)
+
+
+def weighted_sum(out, grads):
+    """sum of each output times its upstream gradient (None: left out), for autograd."""
+    total = None
+    g_loss, g_dis, g_div, g_logits = grads
+    for g, t in ((g_loss, out[0]), (g_dis, out[1]), (g_div, out[2])):
+        if g is not None:
+            total = g.to(t) * t if total is None else total + g.to(t) * t
+    if g_logits is not None:
+        t = (g_logits.to(out[3]) * out[3]).sum()
+        total = t if total is None else total + t
+    return total
+
+
+def grad_patterns(B, K, device, acc):
+    """Upstream gradients (grad_loss, grad_dis, grad_div, grad_logits): all four, and with
+    some None (autograd passes None for an output that no gradient reaches)."""
+    s = lambda: torch.randn((), device=device, dtype=acc)  # noqa: E731
+    gl = lambda: torch.randn(B, K, device=device, dtype=acc)  # noqa: E731
+    return [(s(), s(), s(), gl()), (s(), None, None, None), (None, s(), s(), None),
+            (None, None, None, gl()), (None, None, s(), gl()), (None, None, None, None)]
+
+
+def grad_terms(x, counts, grads, alpha, beta):
+    """mc_terms for a weighted sum of the outputs (see weighted_sum)."""
+    g_loss, g_dis, g_div, g_logits = (0.0 if g is None else g.abs().max().item() for g in grads)
+    a = g_loss * abs(alpha) + g_dis + x.shape[0] * g_logits
+    b = g_loss * abs(beta) + g_div
+    return mc_terms(x, counts, a, b)
+
+
+def assert_like_x(dx, x):
+    assert dx.shape == x.shape and dx.dtype == x.dtype and dx.device == x.device
+    fmt = torch.channels_last if (not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)) else torch.contiguous_format
+    assert dx.is_contiguous(memory_format=fmt), (dx.stride(), x.stride())
+
+
+def check_ops_against_reference(x, y, case, mask, alpha, beta, bwd, **kw):
+    """ops.mc_loss's six outputs and mc_loss_backward's dx (for every grad_patterns) against
+    autograd through mcloss_cuda.reference with the same mask."""
+    xd = x.detach()
+    acc = F64 if x.dtype == F64 else F32
+    out = op_forward(xd, y, case.counts, mask, alpha, beta, **kw)
+    assert len(out) == 6
+    loss, dis, div, logits, lse, drawn = out
+    ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask, alpha=alpha, beta=beta)
+    for a, b in zip((loss, dis, div, logits), ref):
+        assert a.dtype == b.dtype == acc and a.shape == b.shape and a.device == b.device
+        assert_value_close(a, b, HW=case.HW, coeff=alpha + beta)
+    assert lse.shape == (case.B, 2) and lse.dtype == acc
+    assert_value_close(lse, lse_of(ref.logits.detach()), HW=case.HW)
+    # lse is that of the logits returned: the max exactly, the log-sum to rounding
+    assert torch.equal(lse[:, 0], logits.amax(-1))
+    assert_value_close(lse[:, 1], lse_of(logits)[:, 1])
+    assert drawn.dtype == torch.bool and drawn.shape == (0,), drawn
+    if not bwd:
+        return out
+    for grads in grad_patterns(case.B, case.K, x.device, acc):
+        dx = op_backward(grads, xd, y, case.counts, mask, logits, lse, alpha, beta,
+                         kw.get("max_group"))
+        assert_like_x(dx, x)
+        total = weighted_sum(ref, grads)
+        if total is None:
+            assert (dx == 0).all()
+            continue
+        (dx_ref,) = torch.autograd.grad(total, x, retain_graph=True)
+        assert_grad_close(dx, dx_ref, grad_terms(x, case.counts, grads, alpha, beta))
+    return out
+
+
+OP_CASES = ["uniform_14x14", "uneven_5x9", "balanced_5x9", "map_1x1", "cnum64_9x9", "row_1x8",
+            "uneven64_9x9", "cnum1_7x7"]
+
+
+def op_params():
+    out = []
+    for device in DEVICES:
+        for dtype in DTYPES:
+            for name in OP_CASES:
+                for layout in ("contiguous", "channels_last"):
+                    bwd = grad_feasible(CASES[name], dtype)
+                    out.append(pytest.param(device, dtype, CASES[name], layout, bwd,
+                                            id=f"{device}-{str(dtype)[6:]}-{name}-{layout}-"
+                                               f"{'fwdbwd' if bwd else 'fwd'}"))
+    return out
+
+
+@fused_only
+@pytest.mark.parametrize(ARGS, op_params())
+def test_loss_ops_direct(device, dtype, case, layout, bwd):
+    # the two ops as the C++ autograd calls them, every upstream gradient pattern, a shared
+    # bool mask and a per-sample mask in x's dtype
+    x = make_features(case, dtype, device, layout, for_grad=bwd)
+    y = random_targets(case.B, case.K, device)
+    alpha, beta = 0.5 + torch.rand(()).item(), 10.0 * torch.rand(()).item()
+    shared = torch.rand(case.C, device=device) < 0.5
+    per_sample = (torch.rand(case.B, case.C, device=device) < 0.5).to(dtype)
+    for mask in (shared, per_sample):
+        check_ops_against_reference(x, y, case, mask, alpha, beta, bwd)
+    # autograd through the op: loss, dis, div and logits carry a gradient; lse and the drawn
+    # mask do not; the gradient is mc_loss_backward's
+    out = op_forward(x, y, case.counts, shared, alpha, beta)
+    assert all(t.requires_grad for t in out[:4]), [t.requires_grad for t in out]
+    assert not out[4].requires_grad and not out[5].requires_grad
+    if bwd:
+        acc = F64 if dtype == F64 else F32
+        grads = grad_patterns(case.B, case.K, device, acc)[0]
+        dx = grad_of(weighted_sum(out, grads), x)
+        dx_op = op_backward(grads, x.detach(), y, case.counts, shared, out[3].detach(),
+                            out[4], alpha, beta)
+        assert torch.equal(dx, dx_op)
+        # the gradient of a sum of the logits arrives expanded (stride 0)
+        out = op_forward(x, y, case.counts, shared, alpha, beta)
+        ref = R.mc_loss(x, y, case.K, case.cnum, mask=shared, alpha=alpha, beta=beta)
+        assert_grad_close(grad_of(out[3].sum(), x), grad_of(ref.logits.sum(), x),
+                          mc_terms(x, case.counts, case.B, 0))
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F32, F64, BF16])
+def test_max_group_larger_than_needed(device, dtype):
+    # max_group only bounds the groups (it sizes the kernels' tiles): any larger value, up to
+    # C, gives the same results
+    case = Case(3, 4, (1, 4, 2, 5), 12, 5, 7)
+    x = make_features(case, dtype, device)
+    y = random_targets(case.B, case.K, device)
+    mask = torch.rand(case.B, case.C, device=device) < 0.5
+    base = check_ops_against_reference(x, y, case, mask, 1.5, 20.0, True)
+    acc = F64 if dtype == F64 else F32
+    grads = grad_patterns(case.B, case.K, device, acc)[0]
+    dx0 = op_backward(grads, x.detach(), y, case.counts, mask, base[3], base[4])
+    for mg in (6, 11, 12):
+        out = check_ops_against_reference(x, y, case, mask, 1.5, 20.0, True, max_group=mg)
+        for a, b in zip(out[:5], base[:5]):
+            assert_value_close(a, b, HW=case.HW, coeff=21.5)
+        dx = op_backward(grads, x.detach(), y, case.counts, mask, out[3], out[4], max_group=mg)
+        assert_grad_close(dx, dx0, grad_terms(x, case.counts, grads, 1.5, 20.0))
+
+
+def expected_drops(counts, drop, drop_fraction):
+    if drop >= 0:
+        return [min(n, drop) for n in counts]
+    return [min(n, int(math.floor(n * drop_fraction))) for n in counts]
+
+
+def assert_drawn(drawn, counts, drops, rows):
+    """drawn: bool, (C,) for rows=None (one mask for the batch) or (rows, C), exactly drops[i]
+    False in every row and group i."""
+    shape = (sum(counts),) if rows is None else (rows, sum(counts))
+    assert drawn.dtype == torch.bool and drawn.shape == shape, drawn.shape
+    drawn = drawn.reshape(-1, sum(counts))
+    rows = drawn.shape[0]
+    bounds = offsets_of(counts, "cpu").tolist()
+    dropped = torch.stack([(~drawn[:, a:b]).sum(1) for a, b in zip(bounds[:-1], bounds[1:])],
+                          1).cpu()
+    want = torch.tensor(drops).expand(rows, -1)
+    assert torch.equal(dropped, want), (dropped, want)
+
+
+# (counts, drop, drop_fraction): the published default floor(n_i / 2); an int drop for every
+# group (a group of one drops its only channel: the op clamps, it does not refuse); other
+# fractions; drop and fraction past the group sizes (clamped: everything dropped); nothing
+DRAW_CASES = {
+    "uniform-default": ((3, 3, 3, 3), -1, 0.5),
+    "uneven-default": ((1, 4, 2, 7, 5), -1, 0.5),
+    "uneven-drop1": ((1, 4, 2, 7, 5), 1, 0.5),
+    "uneven-quarter": ((1, 4, 2, 7, 5), -1, 0.25),
+    "drop-above-n": ((4, 8, 1), 10, 0.5),
+    "fraction-1": ((5, 2, 3), -1, 1.0),
+    "drop0": ((6, 2), 0, 0.5),
+    "fraction0": ((6, 2), -1, 0.0),
+}
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("draw", list(DRAW_CASES))
+def test_mask_drawn_inside_the_op(device, per_sample, draw):
+    counts, drop, frac = DRAW_CASES[draw]
+    case = Case(3, len(counts), counts, sum(counts), 4, 5)
+    x = make_features(case, F32, device, for_grad=False).detach()
+    y = random_targets(case.B, case.K, device)
+    seed = entropy_seed()
+    print(f"generator seed {seed}")
+    gen = lambda: torch.Generator(device=device).manual_seed(seed)  # noqa: E731
+    kw = dict(drop=drop, drop_fraction=frac, per_sample=per_sample)
+    out = op_forward(x, y, counts, None, generator=gen(), **kw)
+    drawn = out[5]
+    rows = case.B if per_sample else None
+    assert_drawn(drawn, counts, expected_drops(counts, drop, frac), rows)
+    assert drawn.device == x.device
+    # the same generator state: bitwise the same outputs, the mask included
+    again = op_forward(x, y, counts, None, generator=gen(), **kw)
+    for i, (a, b) in enumerate(zip(out, again)):
+        assert torch.equal(a, b), i
+    # the results are those of the drawn mask passed in, as bool and as 0/1 in x's dtype
+    for mask in (drawn, drawn.to(x.dtype)):
+        explicit = op_forward(x, y, counts, mask)
+        for i, (a, b) in enumerate(zip(out[:5], explicit[:5])):
+            assert torch.equal(a, b), i
+    ref = R.mc_loss(x, y, case.K, case.cnum, mask=drawn)
+    for a, b in zip(out[:4], ref):
+        assert_value_close(a, b, coeff=21.5)
+    # the default generator of the device when none is given
+    torch.manual_seed(seed)
+    first = op_forward(x, y, counts, None, **kw)
+    torch.manual_seed(seed)
+    second = op_forward(x, y, counts, None, **kw)
+    assert_drawn(first[5], counts, expected_drops(counts, drop, frac), rows)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F32, F64, BF16])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_drawn_mask_backward(device, dtype, per_sample):
+    # autograd through ops.mc_loss with mask=None: the gradient of the mask it drew, as
+    # mc_loss_backward computes it from drawn_mask, and as the reference computes it
+    case = Case(3, 4, (3, 1, 5, 3), 12, 4, 5)
+    x = make_features(case, dtype, device)
+    y = random_targets(case.B, case.K, device)
+    seed = entropy_seed()
+    print(f"generator seed {seed}")
+    acc = F64 if dtype == F64 else F32
+    drawn = None
+    for grads in grad_patterns(case.B, case.K, device, acc)[:5]:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        out = op_forward(x, y, case.counts, None, 0.7, 3.0, per_sample=per_sample,
+                         generator=gen)
+        if drawn is None:
+            drawn = out[5]
+        assert torch.equal(out[5], drawn)
+        dx = grad_of(weighted_sum(out, grads), x)
+        dx_op = op_backward(grads, x.detach(), y, case.counts, drawn, out[3].detach(), out[4],
+                            0.7, 3.0)
+        assert torch.equal(dx, dx_op)
+        ref = R.mc_loss(x, y, case.K, case.cnum, mask=drawn, alpha=0.7, beta=3.0)
+        assert_grad_close(dx, grad_of(weighted_sum(ref, grads), x),
+                          grad_terms(x, case.counts, grads, 0.7, 3.0))
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+def test_drawn_masks_are_fresh_and_leave_other_generators_alone(device):
+    # 40 groups of 3 with 1 dropped: 3^40 masks, two draws agree by chance with odds 1e-19
+    counts = [3] * 40
+    case = Case(2, 40, 3, 120, 2, 3)
+    x = make_features(case, F32, device, for_grad=False).detach()
+    y = random_targets(case.B, case.K, device)
+    seed = entropy_seed()
+    print(f"generator seed {seed}")
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state() if torch.device(device).type == "cuda" else None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    a = op_forward(x, y, counts, None, generator=gen)[5]
+    b = op_forward(x, y, counts, None, generator=gen)[5]       # the generator moved on
+    c = op_forward(x, y, counts, None,
+                   generator=torch.Generator(device=device).manual_seed(seed + 1))[5]
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+    # a generator given: the default one is not touched
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    if cuda_state is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    # the default generator moves on from one call to the next too
+    torch.manual_seed(seed)
+    d = op_forward(x, y, counts, None)[5]
+    e = op_forward(x, y, counts, None)[5]
+    assert not torch.equal(d, e)
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+def test_drawn_masks_are_uniform_and_independent(device):
+    # per-sample draws over 1200 rows: group 0 (4 channels, 2 dropped: 6 pairs), group 1 (3
+    # channels, 1 dropped) and group 2 (4 channels, 2 dropped): every choice about equally
+    # often (standard error about 0.011 for 1/6), the groups of a row independent of each
+    # other, rows independent of each other and of the next call's rows (no counter reuse)
+    B, counts = 1200, [4, 3, 4]
+    case = Case(B, 3, counts, 11, 1, 1)
+    x = make_features(case, F32, device, for_grad=False).detach()
+    y = random_targets(B, 3, device)
+    gen = torch.Generator(device=device).manual_seed(entropy_seed())
+    first = op_forward(x, y, counts, None, per_sample=True, generator=gen)[5].cpu()
+    second = op_forward(x, y, counts, None, per_sample=True, generator=gen)[5].cpu()
+    weights = torch.tensor([1, 2, 4, 8])
+    for drawn in (first, second):
+        assert_drawn(drawn, counts, [2, 1, 2], B)
+        code0 = ((~drawn[:, 0:4]).long() * weights).sum(1)
+        code1 = ((~drawn[:, 4:7]).long() * weights[:3]).sum(1)
+        code2 = ((~drawn[:, 7:11]).long() * weights).sum(1)
+        pairs = torch.tensor([a + b for a, b in itertools.combinations([1, 2, 4, 8], 2)])
+        for code in (code0, code2):
+            share = (code[:, None] == pairs).double().mean(0)
+            assert (share - 1 / 6).abs().max() < 0.05, share
+        share = (code1[:, None] == torch.tensor([1, 2, 4])).double().mean(0)
+        assert (share - 1 / 3).abs().max() < 0.06, share
+        # two groups of the same size draw independently: equal in about 1/6 of the rows
+        assert (code0 == code2).double().mean() < 0.26
+        joint = ((code0[:, None] == pairs) & (code1[:, None] == 1)).double().mean(0)
+        assert (joint - 1 / 18).abs().max() < 0.035, joint
+    # neither call repeats rows of the other, shifted or not
+    for shift in range(-3, 4):
+        a = first[max(shift, 0):B + min(shift, 0)]
+        b = second[max(-shift, 0):B + min(-shift, 0)]
+        assert (a == b).all(1).double().mean() < 0.2, shift
+    # the shared draw (one row per call) is uniform over calls too
+    codes = torch.stack([((~op_forward(x[:1], y[:1], counts, None, generator=gen)[5][:4])
+                          .long().cpu() * weights).sum() for _ in range(300)])
+    share = (codes[:, None] == pairs).double().mean(0)
+    assert (share - 1 / 6).abs().max() < 0.08, share
+
+
+# ----------------------------------------------------------------------------------------------
 # the fused ops are what runs
 
 
@@ -431,14 +787,21 @@ class OpRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = set()
+        self.aten = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func.overloadpacket).split(".")[-1] if "mcloss_cuda" in str(func)
-                     else "aten")
+        if "mcloss_cuda" in str(func):
+            self.ops.add(str(func.overloadpacket).split(".")[-1])
+        else:
+            self.ops.add("aten")
+            self.aten.add(str(func.overloadpacket).split(".")[-1])
         return func(*args, **(kwargs or {}))
 
 
-FUSED_LOSS = {"mc_loss_forward", "mc_loss_backward"}
+FUSED_LOSS = {"mc_loss", "mc_loss_backward"}
+# aten ops that would draw a mask in Python (what the fused path no longer does)
+RANDOM_OPS = {"rand", "rand_like", "randn", "randint", "randperm", "uniform_", "bernoulli",
+              "bernoulli_", "multinomial", "normal_", "random_", "argsort", "sort"}
 
 
 @fused_only
@@ -458,11 +821,19 @@ def test_public_functions_dispatch_to_fused_ops(device):
         (lambda: mc.discriminality_logits(x, 2, mask).sum(),
          [FUSED_LOSS, {"channel_mask", "ccmp", "ccmp_backward"}]),
         (lambda: mc.mc_loss(x, y, 2, mask=mask).loss, [FUSED_LOSS]),
+        (lambda: mc.mc_loss(x, y, 2).loss, [FUSED_LOSS]),
+        (lambda: mc.mc_loss(x, y, 2, per_sample_mask=True, drop=2).loss, [FUSED_LOSS]),
     ]
     for fn, alternatives in calls:
         with OpRecorder() as rec:
             grad_of(fn(), x)
         assert any(ops <= rec.ops for ops in alternatives), (alternatives, rec.ops)
+    # with no mask given, the fused loss draws it inside its op: no random aten op runs
+    for kw in (dict(), dict(per_sample_mask=True), dict(drop=1),
+               dict(generator=torch.Generator(device=device).manual_seed(1))):
+        with OpRecorder() as rec:
+            grad_of(mc.mc_loss(x, y, 2, **kw).loss, x)
+        assert "mc_loss" in rec.ops and not rec.aten & RANDOM_OPS, (kw, rec.aten)
 
 
 @pytest.mark.skipif(not mc._ops.AVAILABLE, reason="extension not built")
@@ -476,6 +847,8 @@ def test_cuda_build_registers_cuda_kernels_for_every_op():
             f"{name}: built_with_cuda()={mc.built_with_cuda()} but CUDA kernel registered: "
             f"{has_cuda}")
     assert sorted(KERNEL_OPS) == sorted(mc._ops.KERNEL_OPS)
+    # the loss op's autograd is C++'s, at the Autograd key (no Python in a training step)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mcloss_cuda::mc_loss", "Autograd")
     if os.environ.get("MCLOSS_BACKEND", "").strip().lower() != "reference":
         assert mc.backend("cuda") == ("cuda" if mc.built_with_cuda() else "reference")
         assert mc.backend("cpu") == "cpu"
@@ -571,16 +944,19 @@ def two_threads():
         torch.set_num_threads(before)
 
 
-def run_all(x, y, case, mask, gh, gl):
+def run_all(x, y, case, mask, grads):
     ops = torch.ops.mcloss_cuda
-    offsets = torch.tensor([0] + list(torch.tensor(case.counts).cumsum(0).tolist()),
-                           device=x.device)
-    m = mask.to(x.dtype)
+    offsets = offsets_of(case.counts, x.device)
     xd = x.detach()
     out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask)
+    fwd = op_forward(xd, y, case.counts, mask)
+    drawn = op_forward(xd, y, case.counts, None, per_sample=True,
+                       generator=torch.Generator(device=x.device).manual_seed(7))
     return {
-        "h_logits": ops.mc_loss_forward(xd, offsets, m),
-        "mc_loss_backward": ops.mc_loss_backward(gh, gl, xd, offsets, m),
+        "mc_loss": fwd,
+        "mc_loss_backward": tuple(op_backward(g, xd, y, case.counts, mask, fwd[3], fwd[4])
+                                  for g in grads),
+        "mc_loss drawn": drawn,
         "spatial_softmax": ops.spatial_softmax(xd),
         "ccmp": ops.ccmp(xd, offsets),
         "loss": out.loss.detach(),
@@ -601,18 +977,27 @@ def test_parallel_split(two_threads, device, dtype, layout):
     y = random_targets(case.B, case.K, device)
     mask = torch.rand(case.B, case.C, device=device) < 0.5
     acc = F64 if dtype == F64 else F32
-    gh = torch.randn(case.B, case.K, device=device, dtype=acc)
-    gl = torch.randn(case.B, case.K, device=device, dtype=acc)
-    two = run_all(x, y, case, mask, gh, gl)
+    grads = grad_patterns(case.B, case.K, device, acc)[:5]
+    two = run_all(x, y, case, mask, grads)
     out, ref = mc.mc_loss(x, y, case.K, case.cnum, mask=mask), \
         R.mc_loss(x, y, case.K, case.cnum, mask=mask)
     for field in out._fields:
         assert_value_close(getattr(out, field), getattr(ref, field))
     assert_grad_close(two["grad"], grad_of(ref.loss, x), mc_terms(x, case.counts, 1.5, 20.0))
+    # the ops themselves, over both threads: the outputs (lse from the reference's logits) and
+    # dx for upstream gradients with and without None, against autograd through the reference
+    ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask)
+    for a, b in zip(two["mc_loss"][:4], ref):
+        assert_value_close(a, b, HW=case.HW, coeff=21.5)
+    assert_value_close(two["mc_loss"][4], lse_of(ref.logits.detach()), HW=case.HW)
+    for g, dx in zip(grads, two["mc_loss_backward"]):
+        (dx_ref,) = torch.autograd.grad(weighted_sum(ref, g), x, retain_graph=True)
+        assert_grad_close(dx, dx_ref, grad_terms(x, case.counts, g, 1.5, 20.0))
+    assert_drawn(two["mc_loss drawn"][5], case.counts, [n // 2 for n in case.counts], case.B)
     assert_map_close(two["spatial_softmax"], R.spatial_softmax(x.detach()))
     assert torch.equal(two["ccmp"], R.ccmp(x.detach(), list(case.counts)))
     torch.set_num_threads(1)
-    one = run_all(x, y, case, mask, gh, gl)
+    one = run_all(x, y, case, mask, grads)
     torch.set_num_threads(2)
     for key in two:
         a, b = two[key], one[key]

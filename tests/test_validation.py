@@ -48,6 +48,9 @@ CHILD = textwrap.dedent(r'''
                     mf=(torch.rand(C, device=device) > 0.5).float(),
                     off=torch.arange(0, C + 1, n, device=device),
                     gK=torch.randn(B, K, device=device),
+                    g0=torch.randn((), device=device),
+                    L=torch.randn(B, K, device=device),
+                    lse=torch.randn(B, 2, device=device),
                     gKHW=torch.randn(B, K, H, W, device=device),
                     gx=torch.randn_like(x))
 
@@ -299,6 +302,14 @@ def build_cases():
                 shows)
         for bid, expr, exc, shows in bad_masks:
             add(f"{fid}-mask-{bid}", tmpl.format(Y="y", M=expr, KW=""), exc, "mask", shows)
+        # targets of any strides are accepted (a column of a label table), as by cross_entropy
+        add(f"{fid}-targets-strided-ok", textwrap.dedent(f"""
+            ys = torch.stack([y, -1 - y], 1)[:, 0]
+            assert not ys.is_contiguous()
+            a = {tmpl.format(Y="ys", M="m", KW="")}
+            b = {tmpl.format(Y="y", M="m", KW="")}
+            assert all(torch.equal(u, v) for u, v in zip(a, b))
+            """), None, None)
         kws = [
             ("drop-group-size", "drop=n", "ValueError", "drop", ("drop=3", "group size 3")),
             ("drop-negative", "drop=-1", "ValueError", "drop", ("drop=-1",)),
@@ -356,6 +367,36 @@ def build_cases():
     return cases
 
 
+# The two loss ops with every argument valid (names of the child's namespace: x, y, off, n = the
+# largest group, mf, g0 a 0-dim gradient, gK a (B, K) one, L logits, lse (B, 2)); a case
+# overrides the argument it breaks.
+FWD_ARGS = dict(X="x", Y="y", O="off", G="n", M="mf", D="-1", F="0.5", P="False", GEN="None")
+BWD_ARGS = dict(GL="g0", GD="g0", GV="g0", GLG="gK", X="x", Y="y", O="off", G="n", M="mf",
+                L="L", LSE="lse")
+
+
+def fwd(**kw):
+    """ops.mc_loss(x, targets, offsets, max_group, mask, drop, drop_fraction, per_sample_mask,
+    generator, alpha, beta)"""
+    return ("ops.mc_loss({X}, {Y}, {O}, {G}, {M}, {D}, {F}, {P}, {GEN}, 1.5, 20.0)"
+            .format(**dict(FWD_ARGS, **kw)))
+
+
+def fwd_drawn(**kw):
+    """ops.mc_loss with the mask drawn inside (per sample)."""
+    return fwd(**dict(dict(M="None", P="True"), **kw))
+
+
+def bwd(**kw):
+    """ops.mc_loss_backward(grad_loss, grad_dis, grad_div, grad_logits, x, targets, offsets,
+    max_group, mask, logits, lse, alpha, beta)"""
+    return ("ops.mc_loss_backward({GL}, {GD}, {GV}, {GLG}, {X}, {Y}, {O}, {G}, {M}, {L}, {LSE}, "
+            "1.5, 20.0)".format(**dict(BWD_ARGS, **kw)))
+
+
+LOSS_OPS = (("mc_loss", fwd), ("mc_loss_drawn", fwd_drawn), ("mc_loss_backward", bwd))
+
+
 def build_op_cases():
     """Direct torch.ops.mcloss_cuda calls (the C++ checks): Python exceptions, never a crash."""
     cases = []
@@ -365,12 +406,9 @@ def build_op_cases():
 
     # offsets, through every op that takes them
     offset_ops = [
-        ("ccmp", "ops.ccmp(x, {O})"),
-        ("ccmp_backward", "ops.ccmp_backward(gKHW, x, {O})"),
-        ("mc_loss_forward", "ops.mc_loss_forward(x, {O}, mf)"),
-        ("mc_loss_backward", "ops.mc_loss_backward(gK, gK, x, {O}, mf)"),
-        ("mc_loss", "ops.mc_loss(x, y, {O}, mf, 1.5, 20.0)"),
-    ]
+        ("ccmp", lambda e: f"ops.ccmp(x, {e})"),
+        ("ccmp_backward", lambda e: f"ops.ccmp_backward(gKHW, x, {e})"),
+    ] + [(oid, lambda e, call=call: call(O=e)) for oid, call in LOSS_OPS]
     bad_offsets = [
         ("int32", "off.int()", "TypeError", ("int64", "Int")),
         ("float", "off.float()", "TypeError", ("Float",)),
@@ -388,30 +426,50 @@ def build_op_cases():
         ("non-contiguous", "torch.arange(0, 2 * C + 1, n)[::2]", "ValueError",
          ("contiguous",)),
     ]
-    for oid, tmpl in offset_ops:
+    for oid, call in offset_ops:
         for bid, expr, exc, shows in bad_offsets:
-            add(f"{oid}-offsets-{bid}", tmpl.format(O=expr), exc, "offsets", shows)
+            add(f"{oid}-offsets-{bid}", call(expr), exc, "offsets", shows)
+
+    # max_group: at least every group's size, at least 1 (the kernels size their tiles by it);
+    # larger than needed is fine
+    for oid, call in LOSS_OPS:
+        add(f"{oid}-max_group-below-a-group", call(G="n - 1"), "ValueError", "max_group",
+            ("2",))
+        add(f"{oid}-max_group-zero", call(G="0"), "ValueError", "max_group", ("0",))
+        add(f"{oid}-max_group-negative", call(G="-3"), "ValueError", "max_group", ("-3",))
+        add(f"{oid}-max_group-uneven", call(O="torch.tensor([0, 1, 5, 7, 12])", G="4"),
+            "ValueError", "max_group", ("4", "5"))
+        add(f"{oid}-max_group-C-ok", call(G="C"), None, None)
+        add(f"{oid}-max_group-above-C", call(G="C + 1"), "ValueError", "max_group",
+            ("C=12", "13"))
+        # absurd bounds must not crash the process (an allocation sized by them, an overflow)
+        add(f"{oid}-max_group-huge-no-crash", call(G="2**40"), "NoCrash", None)
+        add(f"{oid}-max_group-int64-max-no-crash", call(G="2**63 - 1"), "NoCrash", None)
 
     # a meta tensor mixed with CPU ones lands in the fake implementation, which must refuse it
     add("ccmp-offsets-meta", "ops.ccmp(x, off.to('meta'))", "ValueError", "offsets", ("meta",))
     add("channel_mask-mask-meta", "ops.channel_mask(x, mf.to('meta'))", "ValueError", "mask",
         ("meta",))
-    add("mc_loss_forward-mask-meta", "ops.mc_loss_forward(x, off, mf.to('meta'))", "ValueError",
-        "mask", ("meta",))
-    add("mc_loss_backward-grad_h-meta", "ops.mc_loss_backward(gK.to('meta'), gK, x, off, mf)",
-        "ValueError", "grad_h", ("meta",))
+    add("mc_loss-mask-meta", fwd(M="mf.to('meta')"), "ValueError", "mask", ("meta",))
+    add("mc_loss-offsets-meta", fwd(O="off.to('meta')"), "ValueError", "offsets", ("meta",))
+    add("mc_loss_drawn-offsets-meta", fwd_drawn(O="off.to('meta')"), "ValueError", "offsets",
+        ("meta",))
+    add("mc_loss_backward-grad_logits-meta", bwd(GLG="gK.to('meta')"), "ValueError",
+        "grad_logits", ("meta",))
+    add("mc_loss_backward-grad_loss-meta", bwd(GL="g0.to('meta')", GD="None", GV="None"),
+        "ValueError", "grad_loss", ("meta",))
+    add("mc_loss_backward-lse-meta", bwd(LSE="lse.to('meta')"), "ValueError", "lse", ("meta",))
+    add("mc_loss_backward-targets-meta", bwd(Y="y.to('meta')"), "ValueError", "targets",
+        ("meta",))
 
     # x, through every op
     x_ops = [
-        ("spatial_softmax", "ops.spatial_softmax({X})"),
-        ("spatial_softmax_backward", "ops.spatial_softmax_backward(gx, {X})"),
-        ("channel_mask", "ops.channel_mask({X}, mf)"),
-        ("ccmp", "ops.ccmp({X}, off)"),
-        ("ccmp_backward", "ops.ccmp_backward(gKHW, {X}, off)"),
-        ("mc_loss_forward", "ops.mc_loss_forward({X}, off, mf)"),
-        ("mc_loss_backward", "ops.mc_loss_backward(gK, gK, {X}, off, mf)"),
-        ("mc_loss", "ops.mc_loss({X}, y, off, mf, 1.5, 20.0)"),
-    ]
+        ("spatial_softmax", lambda e: f"ops.spatial_softmax({e})"),
+        ("spatial_softmax_backward", lambda e: f"ops.spatial_softmax_backward(gx, {e})"),
+        ("channel_mask", lambda e: f"ops.channel_mask({e}, mf)"),
+        ("ccmp", lambda e: f"ops.ccmp({e}, off)"),
+        ("ccmp_backward", lambda e: f"ops.ccmp_backward(gKHW, {e}, off)"),
+    ] + [(oid, lambda e, call=call: call(X=e)) for oid, call in LOSS_OPS]
     bad_x = [
         ("3d", "x[0]", "ValueError", ("4-D",)),
         ("int", "x.long()", "TypeError", ("Long",)),
@@ -420,88 +478,109 @@ def build_op_cases():
         ("H0", "x[:, :, :0].contiguous()", "ValueError", ("empty",)),
         ("strided", "x[:, :, ::2]", "ValueError", ("contiguous or channels_last",)),
     ]
-    for oid, tmpl in x_ops:
+    for oid, call in x_ops:
         name = "out" if oid == "spatial_softmax_backward" else "x"
         for bid, expr, exc, shows in bad_x:
-            add(f"{oid}-{name}-{bid}", tmpl.format(X=expr), exc, name, shows)
+            add(f"{oid}-{name}-{bid}", call(expr), exc, name, shows)
         # a float8 map passes the floating-point check but has no kernel: a clean error
-        add(f"{oid}-{name}-float8", tmpl.format(X="x.to(torch.float8_e4m3fn)"), "Exception",
-            None, ("Float8_e4m3fn",))
+        add(f"{oid}-{name}-float8", call("x.to(torch.float8_e4m3fn)"), "Exception", None,
+            ("Float8_e4m3fn",))
 
-    # mask, through every op that takes one
-    mask_ops = [
-        ("channel_mask", "ops.channel_mask(x, {M})"),
-        ("mc_loss_forward", "ops.mc_loss_forward(x, off, {M})"),
-        ("mc_loss_backward", "ops.mc_loss_backward(gK, gK, x, off, {M})"),
-        ("mc_loss", "ops.mc_loss(x, y, off, {M}, 1.5, 20.0)"),
-    ]
+    # mask, through every op that takes one (channel_mask: x's dtype; the loss ops: bool too)
+    mask_ops = [("channel_mask", lambda e: f"ops.channel_mask(x, {e})")] + \
+        [(oid, lambda e, call=call: call(M=e)) for oid, call in LOSS_OPS if oid != "mc_loss_drawn"]
     bad_mask = [
         ("length", "torch.ones(C + 1)", "ValueError", ("[13]",)),
         ("batch", "torch.ones(B + 1, C)", "ValueError", ("[4, 12]",)),
         ("3d", "torch.ones(B, C, 1)", "ValueError", ("[3, 12, 1]",)),
         ("scalar", "torch.ones(())", "ValueError", ("[]",)),
         ("empty", "torch.ones(0)", "ValueError", ("[0]",)),
-        ("bool", "m", "TypeError", ("Bool",)),
         ("double", "mf.double()", "TypeError", ("Double",)),
+        ("half", "mf.half()", "TypeError", ("Half",)),
+        ("int8", "m.to(torch.int8)", "TypeError", ("Char",)),
+        ("long", "m.long()", "TypeError", ("Long",)),
         ("expanded", "torch.ones(1).expand(C)", "ValueError", ("contiguous",)),
         ("strided", "torch.ones(2 * C)[::2]", "ValueError", ("contiguous",)),
     ]
-    for oid, tmpl in mask_ops:
-        for bid, expr, exc, shows in bad_mask:
-            add(f"{oid}-mask-{bid}", tmpl.format(M=expr), exc, "mask", shows)
+    for oid, call in mask_ops:
+        masks = bad_mask + ([("bool", "m", "TypeError", ("Bool",))] if oid == "channel_mask"
+                            else [("bool-strided", "torch.ones(2 * C, dtype=torch.bool)[::2]",
+                                   "ValueError", ("contiguous",))])
+        for bid, expr, exc, shows in masks:
+            add(f"{oid}-mask-{bid}", call(expr), exc, "mask", shows)
+    # the loss ops take a bool mask as it is, with the results of the same mask as 0/1 floats
+    add("mc_loss-mask-bool-ok", textwrap.dedent(f"""
+        a, b = {fwd(M="m")}, {fwd(M="m.float()")}
+        assert all(torch.equal(u, v) for u, v in zip(a[:5], b[:5]))
+        assert a[5].dtype == torch.bool and a[5].shape == (0,), a[5]
+        L, lse = a[3], a[4]
+        assert torch.equal({bwd(M="m")}, {bwd(M="m.float()")})
+        """), None, None)
 
-    # the targets of the whole-loss op
-    for bid, expr, exc, shows in [
-            ("float", "y.float()", "TypeError", ("int64", "Float")),
-            ("int32", "y.int()", "TypeError", ("Int",)),
-            ("2d", "y[None]", "ValueError", ("(3,)", "[1, 3]")),
-            ("batch", "y[:1]", "ValueError", ("[1]",)),
-            ("scalar", "y[0]", "ValueError", ("[]",)),
-            ("too-large", "torch.full_like(y, K)", "ValueError", ("[0, 4)", "got 4")),
-            ("negative", "torch.full_like(y, -1)", "ValueError", ("[0, 4)", "got -1")),
-            ("ignore-index", "torch.full_like(y, -100)", "ValueError", ("got -100",)),
-            ("meta", "y.to('meta')", "ValueError", ("meta",))]:
-        add(f"mc_loss-targets-{bid}", f"ops.mc_loss(x, {expr}, off, mf, 1.5, 20.0)", exc,
-            "targets", shows)
+    # the targets of the loss ops
+    bad_targets = [
+        ("float", "y.float()", "TypeError", ("int64", "Float")),
+        ("int32", "y.int()", "TypeError", ("Int",)),
+        ("2d", "y[None]", "ValueError", ("(3,)", "[1, 3]")),
+        ("batch", "y[:1]", "ValueError", ("[1]",)),
+        ("scalar", "y[0]", "ValueError", ("[]",)),
+        ("too-large", "torch.full_like(y, K)", "ValueError", ("[0, 4)", "got 4")),
+        ("negative", "torch.full_like(y, -1)", "ValueError", ("[0, 4)", "got -1")),
+        ("ignore-index", "torch.full_like(y, -100)", "ValueError", ("got -100",)),
+        ("huge", "torch.full_like(y, 2**40)", "ValueError", ("got 1099511627776",)),
+        ("meta", "y.to('meta')", "ValueError", ("meta",)),
+        ("strided", "torch.stack([y, y], 1)[:, 0]", "ValueError", ("contiguous",)),
+    ]
+    for oid, call in LOSS_OPS:
+        for bid, expr, exc, shows in bad_targets:
+            if oid == "mc_loss_backward" and bid == "meta":
+                continue                                    # above
+            add(f"{oid}-targets-{bid}", call(Y=expr), exc, "targets", shows)
 
-    # the (B, K) tail ops
-    T = "ops.mc_loss_tail({H}, {L}, {Y}, {O}, 1.5, 20.0)"
+    # the gradients, logits and lse that mc_loss_backward takes: 0-dim, (B, K), (B, 2), all in
+    # the accumulation dtype (float32 for these float32 features); None for a zero gradient
     for bid, kw, exc, arg, shows in [
-            ("logits-3d", dict(L="gK[None]"), "ValueError", "logits", ("2-D", "[1, 3, 4]")),
-            ("logits-half", dict(H="gK.half()", L="gK.half()"), "TypeError", "logits",
-             ("Half",)),
-            ("h-shape", dict(H="gK[:, :2]"), "ValueError", "h", ("[3, 2]",)),
-            ("h-dtype", dict(H="gK.double()"), "TypeError", "h", ("Double",)),
-            ("targets-int32", dict(Y="y.int()"), "TypeError", "targets", ("Int",)),
-            ("targets-batch", dict(Y="y[:1]"), "ValueError", "targets", ("[1]",)),
-            ("offsets-length", dict(O="off[:-1]"), "ValueError", "offsets", ("(5,)", "[4]")),
-            ("offsets-int32", dict(O="off.int()"), "TypeError", "offsets", ("Int",))]:
-        args = dict(H="gK", L="gK", Y="y", O="off")
-        args.update(kw)
-        add(f"mc_loss_tail-{bid}", T.format(**args), exc, arg, shows)
-    TB = "ops.mc_loss_tail_backward({G}, g0, g0, {GL}, gK, {LSE}, y, off, 1.5, 20.0)"
-    for bid, kw, exc, arg, shows in [
-            ("grad_loss-shape", dict(G="gK"), "ValueError", "grad_loss", ("0-dim", "[3, 4]")),
-            ("grad_loss-dtype", dict(G="g0.double()"), "TypeError", "grad_loss", ("Double",)),
-            ("grad_logits-shape", dict(GL="gK[:, :2]"), "ValueError", "grad_logits",
-             ("[3, 2]",)),
-            ("lse-shape", dict(LSE="gK"), "ValueError", "lse", ("(3, 2)", "[3, 4]"))]:
-        args = dict(G="g0", GL="gK", LSE="gK[:, :2].contiguous()")
-        args.update(kw)
-        add(f"mc_loss_tail_backward-{bid}",
-            TB.format(**args).replace("g0", "torch.zeros(())"), exc, arg, shows)
+            ("grad_loss-shape", dict(GL="gK"), "ValueError", "grad_loss", ("[]", "[3, 4]")),
+            ("grad_loss-dtype", dict(GL="g0.double()"), "TypeError", "grad_loss", ("Double",)),
+            ("grad_dis-shape", dict(GD="g0[None]"), "ValueError", "grad_dis", ("[1]",)),
+            ("grad_dis-int", dict(GD="torch.tensor(1)"), "TypeError", "grad_dis", ("Long",)),
+            ("grad_div-dtype", dict(GV="g0.half()"), "TypeError", "grad_div", ("Half",)),
+            ("grad_div-shape", dict(GV="torch.ones(B)"), "ValueError", "grad_div", ("[3]",)),
+            ("grad_logits-shape", dict(GLG="torch.ones(B, K + 1)"), "ValueError",
+             "grad_logits", ("[3, 4]", "[3, 5]")),
+            ("grad_logits-1d", dict(GLG="torch.ones(B * K)"), "ValueError", "grad_logits",
+             ("[12]",)),
+            ("grad_logits-batch", dict(GLG="torch.ones(B + 1, K)"), "ValueError",
+             "grad_logits", ("[4, 4]",)),
+            ("grad_logits-transposed", dict(GLG="torch.ones(K, B)"), "ValueError",
+             "grad_logits", ("[4, 3]",)),
+            ("grad_logits-scalar", dict(GLG="torch.ones(())"), "ValueError", "grad_logits",
+             ("[]",)),
+            ("grad_logits-dtype", dict(GLG="gK.double()"), "TypeError", "grad_logits",
+             ("Double",)),
+            ("logits-shape", dict(L="torch.ones(B, K + 1)"), "ValueError", "logits",
+             ("[3, 5]",)),
+            ("logits-3d", dict(L="L[None]"), "ValueError", "logits", ("[1, 3, 4]",)),
+            ("logits-dtype", dict(L="L.double()"), "TypeError", "logits", ("Double",)),
+            ("logits-half", dict(L="L.half()"), "TypeError", "logits", ("Half",)),
+            ("lse-shape", dict(LSE="gK"), "ValueError", "lse", ("[3, 2]", "[3, 4]")),
+            ("lse-batch", dict(LSE="lse[:1]"), "ValueError", "lse", ("[1, 2]",)),
+            ("lse-1d", dict(LSE="lse.flatten()"), "ValueError", "lse", ("[6]",)),
+            ("lse-dtype", dict(LSE="lse.double()"), "TypeError", "lse", ("Double",))]:
+        add(f"mc_loss_backward-{bid}", bwd(**kw), exc, arg, shows)
+    # every gradient None: a zero gradient; an arbitrary-strided or expanded gradient of the
+    # logits is accepted (copied), not misread
+    add("mc_loss_backward-no-gradients-ok", textwrap.dedent(f"""
+        dx = {bwd(GL="None", GD="None", GV="None", GLG="None")}
+        assert dx.shape == x.shape and dx.dtype == x.dtype and bool((dx == 0).all()), dx
+        """), None, None)
+    add("mc_loss_backward-grad_logits-strided-ok", textwrap.dedent(f"""
+        g = torch.randn(B, 2 * K)[:, ::2]
+        assert torch.equal({bwd(GLG="g")}, {bwd(GLG="g.contiguous()")})
+        g = torch.randn(()).expand(B, K)
+        assert torch.equal({bwd(GLG="g")}, {bwd(GLG="g.contiguous()")})
+        """), None, None)
 
-    # gradients of the backward ops
-    add("mc_loss_backward-grad_h-shape", "ops.mc_loss_backward(torch.ones(B, K + 1), gK, x, off, "
-        "mf)", "ValueError", "grad_h", ("(3, 4)", "[3, 5]"))
-    add("mc_loss_backward-grad_h-1d", "ops.mc_loss_backward(torch.ones(B * K), gK, x, off, mf)",
-        "ValueError", "grad_h", ("[12]",))
-    add("mc_loss_backward-grad_h-batch", "ops.mc_loss_backward(torch.ones(B + 1, K), gK, x, off, "
-        "mf)", "ValueError", "grad_h", ("[4, 4]",))
-    add("mc_loss_backward-grad_logits-shape", "ops.mc_loss_backward(gK, torch.ones(K, B), x, off, "
-        "mf)", "ValueError", "grad_logits", ("[4, 3]",))
-    add("mc_loss_backward-grad_logits-scalar", "ops.mc_loss_backward(gK, torch.ones(()), x, off, "
-        "mf)", "ValueError", "grad_logits", ("[]",))
     add("ccmp_backward-grad-channels", "ops.ccmp_backward(torch.ones(B, C, H, W), x, off)",
         "ValueError", "grad", ("expected shape [3, 4, 5, 4]", "[3, 12, 5, 4]"))
     add("ccmp_backward-grad-spatial", "ops.ccmp_backward(torch.ones(B, K, H, W + 1), x, off)",
@@ -560,10 +639,18 @@ def build_cuda_cases():
         add("ops-ccmp-x-cpu", "ops.ccmp(x.cpu(), off)", "ValueError", "offsets", ("cpu",))
         add("ops-channel_mask-mask-cpu", "ops.channel_mask(x, mf.cpu())", "ValueError", "mask",
             ("cpu",))
-        add("ops-mc_loss_forward-mask-cpu", "ops.mc_loss_forward(x, off, mf.cpu())", "ValueError",
-            "mask", ("cpu",))
-        add("ops-mc_loss_backward-grad_h-cpu", "ops.mc_loss_backward(gK.cpu(), gK, x, off, mf)",
-            "ValueError", "grad_h", ("cpu",))
+        add("ops-mc_loss-mask-cpu", fwd(M="mf.cpu()"), "ValueError", "mask", ("cpu",))
+        add("ops-mc_loss-targets-cpu", fwd(Y="y.cpu()"), "ValueError", "targets", ("cpu",))
+        add("ops-mc_loss-offsets-cpu", fwd(O="off.cpu()"), "ValueError", "offsets", ("cpu",))
+        add("ops-mc_loss-generator-cpu", fwd_drawn(GEN="torch.Generator()"), "ValueError",
+            "generator", ("cpu",))
+        add("ops-mc_loss_backward-grad_logits-cpu", bwd(GLG="gK.cpu()"), "ValueError",
+            "grad_logits", ("cpu",))
+        add("ops-mc_loss_backward-grad_loss-cpu", bwd(GL="g0.cpu()"), "ValueError",
+            "grad_loss", ("cpu",))
+        add("ops-mc_loss_backward-lse-cpu", bwd(LSE="lse.cpu()"), "ValueError", "lse",
+            ("cpu",))
+        add("ops-mc_loss_backward-mask-cpu", bwd(M="mf.cpu()"), "ValueError", "mask", ("cpu",))
         add("ops-spatial_softmax_backward-grad-cpu", "ops.spatial_softmax_backward(gx.cpu(), x)",
             "ValueError", "grad", ("cpu",))
         # bad offset values on CUDA: NaN outputs from the kernels' own check, never a fault
@@ -571,8 +658,36 @@ def build_cuda_cases():
                           ("negative", "torch.tensor([0, -50, 6, 9, 12], device=dev)"),
                           ("huge", "torch.tensor([0, 2**40, 6, 9, 12], device=dev)")):
             add(f"ops-ccmp-offsets-{bid}-no-crash", f"ops.ccmp(x, {expr}); "
-                "ops.mc_loss_forward(x, " + expr + ", mf); torch.cuda.synchronize()",
+                f"{fwd(O=expr)}; {fwd_drawn(O=expr)}; {bwd(O=expr)}; torch.cuda.synchronize()",
                 "NoCrash", None)
+            add(f"ops-mc_loss-offsets-{bid}-nan", textwrap.dedent(f"""
+                out = {fwd(O=expr)}
+                assert all(bool(t.isnan().all()) for t in out[:5]), out
+                out = {fwd_drawn(O=expr)}
+                assert all(bool(t.isnan().all()) for t in out[:5]), out
+                dx = {bwd(O=expr)}
+                assert bool(dx.isnan().all()), dx
+                torch.cuda.synchronize()
+                """), None, None)
+        # a group larger than max_group: NaN everywhere too (the host cannot see the sizes)
+        add("ops-mc_loss-max_group-below-a-group-nan", textwrap.dedent(f"""
+            out = {fwd(G="n - 1")}
+            assert all(bool(t.isnan().all()) for t in out[:5]), out
+            dx = {bwd(G="n - 1")}
+            assert bool(dx.isnan().all()), dx
+            torch.cuda.synchronize()
+            """), None, None)
+        # an out-of-range target: the kernels trap, a launch failure at the next sync (each a
+        # child of its own: the context is unusable afterwards)
+        add("ops-mc_loss-targets-range-trap",
+            fwd(Y="torch.full_like(y, K)") + "; torch.cuda.synchronize()", "RuntimeError", None,
+            env=(("MCLOSS_TEST_CHILD", "ops-trap-forward"),))
+        add("ops-mc_loss_drawn-targets-range-trap",
+            fwd_drawn(Y="torch.full_like(y, -1)") + "; torch.cuda.synchronize()", "RuntimeError",
+            None, env=(("MCLOSS_TEST_CHILD", "ops-trap-forward-drawn"),))
+        add("ops-mc_loss_backward-targets-range-trap",
+            bwd(Y="torch.full_like(y, K)") + "; torch.cuda.synchronize()", "RuntimeError",
+            None, env=(("MCLOSS_TEST_CHILD", "ops-trap-backward"),))
     return cases
 
 
@@ -636,8 +751,7 @@ def test_every_public_function_is_covered():
     assert any(cid.startswith("MCLoss-") for cid in ALL)
     if OP_CASES:
         for op in ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-                   "ccmp_backward", "mc_loss_forward", "mc_loss_backward", "mc_loss",
-                   "mc_loss_tail", "mc_loss_tail_backward"):
+                   "ccmp_backward", "mc_loss", "mc_loss_drawn", "mc_loss_backward"):
             assert any(cid.startswith(f"ops-{op}-") for cid in ALL), op
 
 

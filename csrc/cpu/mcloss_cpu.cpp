@@ -279,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool per_sample_mask, std::optional<at::Generator> generator, double alpha, double beta) {
   const LossShape s =
       check_loss(x, targets, offsets, max_group, mask, per_sample_mask, ValueChecks::Host);
+  check_generator(generator, x);
   const at::Tensor drawn = s.draw
                                ? draw_mask(s, offsets, drop, drop_fraction, per_sample_mask, generator, x)
                                : at::empty({0}, x.options().dtype(at::kBool));

@@ -973,6 +973,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool per_sample_mask, std::optional<at::Generator> generator, double alpha, double beta) {
   const LossShape s =
       check_loss(x, targets, offsets, max_group, mask, per_sample_mask, ValueChecks::Kernel);
+  check_generator(generator, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc_opts = x.options().dtype(acc_type_of(x));
   auto loss = at::empty({}, acc_opts), dis = at::empty({}, acc_opts), div = at::empty({}, acc_opts);
