@@ -150,4 +150,7 @@ def test_host_headers_skip_conditional_and_device_side_includes(tmp_path):
                   '#include <c10/cuda/CUDAGuard.h>\n// #include <torch/nothing.h>\n'
                   '#ifdef USE_ROCM\n#include <ATen/hip/HIPContext.h>\n#endif\n'
                   '#include "local.h"\n')
-    assert cuemu_build.host_headers(cu, [tmp_path]) == ["ATen/core/Tensor.h", "c10/util/Half.h"]
+    # a device-side header is left out, but where the emulator stubs it (c10/cuda/CUDAGuard.h),
+    # the stub's own host headers come first like the others
+    assert cuemu_build.host_headers(cu, [tmp_path]) == [
+        "ATen/core/Tensor.h", "c10/core/Device.h", "c10/util/Half.h"]

@@ -211,8 +211,9 @@ __global__ void ccmp_backward_kernel(const scalar_t* __restrict__ grad,
 // goes to the stream kernels: a warp per group, the features read from global memory once per
 // pass, the statistics in a (B, C) scratch.
 
+// Threads per tile block: up to 256, fewer for small tiles (TilePlan::threads), so that a
+// tile of a few hundred elements does not leave most of a block idle.
 constexpr int kTileThreads = 256;
-constexpr int kTileWarps = kTileThreads / kWarp;
 
 // Whether a block's view of the groups is sound: offsets partition [0, C) into non-empty
 // groups of at most max_group channels (what sized the tiles). Every thread of the block takes
@@ -322,6 +323,7 @@ __device__ void fill_unusable(const LossParams<scalar_t>& p, acc_t<scalar_t>* h,
 // How the host cut the groups into tiles.
 struct TilePlan {
   int64_t groups_per_tile, tiles_per_row;
+  int threads;  // per block: a multiple of 32, at most kTileThreads
   int64_t ld;  // a channel's row stride in the tile: H*W, odd for channels_last (the
                // transposing writes then hit distinct banks)
 };
@@ -437,7 +439,7 @@ __device__ TileSpan load_tile(const LossParams<scalar_t>& p, const TilePlan& pla
   s.ng = p.K - s.i0 < plan.groups_per_tile ? p.K - s.i0 : plan.groups_per_tile;
   s.ca = p.offsets[s.i0];
   s.nch = p.offsets[s.i0 + s.ng] - s.ca;
-  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp, nwarps = blockDim.x / kWarp;
   const int64_t HW = p.HW, ld = plan.ld;
   for (int64_t g = tid; g <= s.ng; g += blockDim.x) m.gstart[g] = static_cast<int>(p.offsets[s.i0 + g] - s.ca);
   acc* xs = m.x;
@@ -477,7 +479,7 @@ __device__ TileSpan load_tile(const LossParams<scalar_t>& p, const TilePlan& pla
       m.cmask[c] = p.mask.template given<scalar_t, acc>(s.b, s.ca + c);
     }
   }
-  for (int64_t c = warp; c < s.nch; c += kTileWarps) {
+  for (int64_t c = warp; c < s.nch; c += nwarps) {
     SoftmaxStats<acc> st;
     for (int64_t k = lane; k < HW; k += kWarp) st.add(xs[c * ld + k]);
     st = warp_merge(st);
@@ -513,7 +515,7 @@ __global__ void __launch_bounds__(kTileThreads)
   if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_unusable(p, h, logits);
   TileMem<acc> m;
   TileMem<acc>::carve(tile_smem, plan.groups_per_tile, p.max_group, p.HW, plan.ld, false, &m);
-  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp, nwarps = blockDim.x / kWarp;
   for (int64_t t = blockIdx.x; t < p.B * plan.tiles_per_row; t += gridDim.x) {
     const TileSpan s = load_tile(p, plan, m, t);
     for (int64_t q = tid; q < s.ng * p.HW; q += blockDim.x) {
@@ -523,7 +525,7 @@ __global__ void __launch_bounds__(kTileThreads)
       m.win_m[q] = w.masked;
     }
     __syncthreads();
-    for (int64_t g = warp; g < s.ng; g += kTileWarps) {
+    for (int64_t g = warp; g < s.ng; g += nwarps) {
       acc hs = 0, ls = 0;
       for (int64_t k = lane; k < p.HW; k += kWarp) {
         hs += m.win[g * p.HW + k];
@@ -550,7 +552,7 @@ __global__ void __launch_bounds__(kTileThreads)
   TileMem<acc> m;
   TileMem<acc>::carve(tile_smem, plan.groups_per_tile, p.max_group, p.HW, plan.ld, true, &m);
   const TailGradScale<acc> scale = tail_grad_scale(u, p.B, p.K);
-  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp, nwarps = blockDim.x / kWarp;
   const int64_t HW = p.HW, ld = plan.ld;
   for (int64_t t = blockIdx.x; t < p.B * plan.tiles_per_row; t += gridDim.x) {
     const TileSpan s = load_tile(p, plan, m, t);
@@ -570,7 +572,7 @@ __global__ void __launch_bounds__(kTileThreads)
     }
     __syncthreads();
     // S_j = sum_k g[j,k] p[j,k] (see mc_grad): the shares of the positions channel j wins
-    for (int64_t c = warp; c < s.nch; c += kTileWarps) {
+    for (int64_t c = warp; c < s.nch; c += nwarps) {
       const int g = m.grp[c], j = static_cast<int>(c) - m.gstart[g];
       acc sum = 0;
       for (int64_t k = lane; k < HW; k += kWarp) {
@@ -907,7 +909,7 @@ constexpr int64_t kMinTiles = 1024;
 // The tiling of the groups, or none (groups_per_tile 0) when one group does not fit.
 template <typename acc>
 std::pair<TilePlan, size_t> plan_tiles(const LossShape& s, bool contiguous, bool backward) {
-  TilePlan plan{0, 0, contiguous ? s.HW : (s.HW | 1)};
+  TilePlan plan{0, 0, kTileThreads, contiguous ? s.HW : (s.HW | 1)};
   const size_t one = TileMem<acc>::carve(nullptr, 1, s.max_group, s.HW, plan.ld, backward, nullptr);
   if (one > kMaxTileBytes) return {plan, 0};
   int64_t gpt = std::max<int64_t>(1, static_cast<int64_t>(kTileBudget / one));
@@ -915,6 +917,9 @@ std::pair<TilePlan, size_t> plan_tiles(const LossShape& s, bool contiguous, bool
   while (gpt > 1 && TileMem<acc>::carve(nullptr, gpt, s.max_group, s.HW, plan.ld, backward, nullptr) > kTileBudget) --gpt;
   plan.groups_per_tile = gpt;
   plan.tiles_per_row = (s.K + gpt - 1) / gpt;
+  // about 16 elements per thread or more (enough loads in flight), 64 threads at least
+  const int64_t elements = gpt * s.max_group * s.HW;
+  plan.threads = elements <= 1024 ? 64 : elements <= 4096 ? 128 : kTileThreads;
   return {plan, TileMem<acc>::carve(nullptr, gpt, s.max_group, s.HW, plan.ld, backward, nullptr)};
 }
 
@@ -1002,7 +1007,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const auto [plan, smem] = plan_tiles<acc>(s, layout_of(x).sK == 1, false);
       if (plan.groups_per_tile > 0) {
         allow_shared_memory(&mc_loss_tile_forward_kernel<scalar_t>, smem);
-        mc_loss_tile_forward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), kTileThreads, smem, stream>>>(
+        mc_loss_tile_forward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), plan.threads, smem, stream>>>(
             p, plan, h.mutable_data_ptr<acc>(), logits.mutable_data_ptr<acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
@@ -1055,7 +1060,7 @@ at::Tensor mc_loss_backward_cuda(const std::optional<at::Tensor>& g_loss,
     const auto [plan, smem] = plan_tiles<acc>(s, layout_of(x).sK == 1, true);
     if (plan.groups_per_tile > 0) {
       allow_shared_memory(&mc_loss_tile_backward_kernel<scalar_t>, smem);
-      mc_loss_tile_backward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), kTileThreads, smem, stream>>>(
+      mc_loss_tile_backward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), plan.threads, smem, stream>>>(
           p, plan, u, dx.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
