@@ -8,6 +8,7 @@ was given.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
 from typing import NamedTuple, Sequence, Tuple, Union
@@ -41,16 +42,17 @@ class MCLossOutput(NamedTuple):
 def check_features(x, name="features"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D tensor (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dim() < 3:
+        raise ValueError(f"{name}: expected a tensor (B, C, *S) with at least one spatial "
+                         f"dimension, e.g. (B, C, H, W) or (B, C, L), got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name}: expected float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.shape[1] == 0:
         raise ValueError(f"{name}: expected at least one channel, got shape {tuple(x.shape)}")
-    if x.shape[2] * x.shape[3] == 0:
+    if math.prod(x.shape[2:]) == 0:
         raise ValueError(
-            f"{name}: the spatial map is empty (H*W == 0), got shape {tuple(x.shape)}")
+            f"{name}: the spatial map is empty (no positions), got shape {tuple(x.shape)}")
 
 
 def _is_int(v):
@@ -164,10 +166,17 @@ def check_mask(mask, batch: int, channels: int, device: torch.device):
 
 
 def resolve_drop(drop, counts: Sequence[int]) -> Tuple[int, ...]:
+    """Channels dropped in each group: floor(n_i / 2) by default, an int for every group, or
+    floor(n_i * p) for a float fraction p in [0, 1)."""
     if drop is None:
         return tuple(n // 2 for n in counts)
+    if isinstance(drop, float):
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f"drop: a fraction of each group must lie in [0, 1), got {drop}")
+        return tuple(math.floor(n * drop) for n in counts)
     if not _is_int(drop):
-        raise TypeError(f"drop: expected None or an int, got {type(drop).__name__}")
+        raise TypeError(f"drop: expected None, an int or a float fraction, got "
+                        f"{type(drop).__name__}")
     bad = [n for n in counts if not 0 <= drop < n]
     if bad:
         raise ValueError(
@@ -348,6 +357,14 @@ def check_generator(generator, device):
 def draw_mask(x, counts, drop, per_sample_mask, generator):
     """The mask mc_loss draws for features x whose group counts are already resolved."""
     return _draw_keep(counts, drop, x.shape[0] if per_sample_mask else None, generator, x.device)
+
+
+def as_maps(x):
+    """(B, C, *S) features as the (B, C, H, W) maps the kernels take: 4-D as they are, any other
+    number of spatial dimensions flattened into (B, C, L, 1), a view wherever the positions
+    have one stride (contiguous, channels_last_3d, and (B, N, C) tokens transposed to (B, C, N)
+    all do); the ops are the same, the positions being all that the loss sums or maxes over."""
+    return x if x.dim() == 4 else x.flatten(2).unsqueeze(-1)
 
 
 def accumulate_in(x):

@@ -12,6 +12,7 @@ from ._common import (
     check_coefficients,
     check_features,
     check_mask,
+    as_maps,
     check_generator,
     check_targets,
     counts_for_ccmp,
@@ -25,6 +26,10 @@ from ._ops import backend, kernel_layout, ops
 
 def _fused(x):
     return backend(x.device) != "reference"
+
+
+def _is_count(drop):
+    return drop is not None and not isinstance(drop, float)
 
 
 def _mask_for_loss(mask, x):
@@ -42,7 +47,7 @@ def spatial_softmax(x):
     check_features(x, "x")
     if not _fused(x):
         return reference.spatial_softmax(x)
-    return ops.spatial_softmax(kernel_layout(x))
+    return ops.spatial_softmax(kernel_layout(as_maps(x))).view(x.shape)
 
 
 def channel_mask(x, mask):
@@ -51,7 +56,7 @@ def channel_mask(x, mask):
     check_mask(mask, x.shape[0], x.shape[1], x.device)
     if not _fused(x):
         return reference.channel_mask(x, mask)
-    return ops.channel_mask(kernel_layout(x), _mask_for_kernel(mask, x))
+    return ops.channel_mask(kernel_layout(as_maps(x)), _mask_for_kernel(mask, x)).view(x.shape)
 
 
 def ccmp(x, cnum):
@@ -61,7 +66,8 @@ def ccmp(x, cnum):
     counts = counts_for_ccmp(x.shape[1], cnum)
     if not _fused(x):
         return reference.ccmp(x, counts)
-    return ops.ccmp(kernel_layout(x), group_tensor(counts, x.device, "offsets"))
+    out = ops.ccmp(kernel_layout(as_maps(x)), group_tensor(counts, x.device, "offsets"))
+    return out.view(x.shape[0], len(counts), *x.shape[2:])
 
 
 def diversity_loss(x, num_classes, cnum=None):
@@ -74,7 +80,7 @@ def diversity_loss(x, num_classes, cnum=None):
     # fused backward is that of both terms, and a zero gradient for the unused one would still
     # spread a NaN of the other's branch (0 * NaN) where autograd through this term alone
     # does not. mc_loss is the fused path.
-    x = kernel_layout(x)
+    x = kernel_layout(as_maps(x))
     offsets = group_tensor(counts, x.device, "offsets")
     probs = ops.spatial_softmax(accumulate_in(x))
     h = ops.ccmp(probs, offsets).sum(dim=(2, 3))
@@ -89,7 +95,7 @@ def discriminality_logits(x, num_classes, mask, cnum=None):
     if not _fused(x):
         return reference.discriminality_logits(x, num_classes, mask, counts)
     # through the primitive ops, as diversity_loss and for the same reason
-    x = kernel_layout(x)
+    x = kernel_layout(as_maps(x))
     acc = accumulate_in(x)
     masked = ops.channel_mask(acc, _mask_for_kernel(mask, acc))
     return ops.ccmp(masked, group_tensor(counts, x.device, "offsets")).mean(dim=(2, 3))
@@ -97,12 +103,12 @@ def discriminality_logits(x, num_classes, mask, cnum=None):
 
 def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, beta=20.0,
             drop=None, per_sample_mask=False, generator=None):
-    """Mutual-Channel Loss of a (B, C, H, W) feature map.
+    """Mutual-Channel Loss of a (B, C, *S) feature map ((B, C, H, W), (B, C, L), (B, C, D, H, W)...).
 
     Returns ``MCLossOutput(loss, dis, div, logits)`` with ``loss = alpha * dis + beta * div``.
     ``cnum``: channels per class (int), per-class counts, or None for C split evenly over the
-    classes. ``mask=None`` draws a fresh random channel mask (``drop`` channels per group,
-    default half of it rounded down; one draw for the batch, or per sample with
+    classes. ``mask=None`` draws a fresh random channel mask (``drop`` channels per group, an
+    int or a float fraction p for floor(n_i * p), default half of it rounded down; one draw for the batch, or per sample with
     ``per_sample_mask``) from torch's RNG or ``generator``.
     """
     check_features(features)
@@ -121,9 +127,10 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
         mask = _mask_for_loss(mask, features)
     # one op, one autograd node: the fused kernels, the mask drawn inside them when none is
     # given, and the (B, K) tail (csrc/ops.cpp)
-    x = kernel_layout(features)
+    x = kernel_layout(as_maps(features))
+    # the kernels drop `drop` channels of every group when it is >= 0, else floor(n_i * p)
+    count, fraction = (drops[0], 0.0) if _is_count(drop) else (-1, 0.5 if drop is None else drop)
     loss, dis, div, logits, _, _ = ops.mc_loss(
         x, targets.contiguous(), group_tensor(counts, x.device, "offsets"), max(counts), mask,
-        -1 if drop is None else drops[0], 0.5, bool(per_sample_mask), generator, float(alpha),
-        float(beta))
+        count, fraction, bool(per_sample_mask), generator, float(alpha), float(beta))
     return MCLossOutput(loss, dis, div, logits)

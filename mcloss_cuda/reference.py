@@ -1,7 +1,8 @@
 """MC-Loss in plain PyTorch: the fallback where the extension is absent, and the oracle every
 kernel is tested against. Written to be read: each function is the formula of docs/spec.md.
 
-Shapes: x is (B, C, H, W); the C channels form K consecutive groups of n_i channels.
+Shapes: x is (B, C, *S), S the spatial dimensions (H, W), or L, or (D, H, W): the loss only sums
+or maxes over the positions; the C channels form K consecutive groups of n_i channels.
 fp16/bf16 inputs are computed in fp32; gradients flow back in the input's dtype.
 """
 
@@ -34,7 +35,8 @@ __all__ = [
 def _mask_as(mask, x):
     """A (C,) or (B, C) 0/1 mask, as a factor broadcastable over x."""
     m = mask.to(x.dtype)
-    return m.view(1, -1, 1, 1) if m.dim() == 1 else m[:, :, None, None]
+    spatial = (1,) * (x.dim() - 2)
+    return m.view(1, -1, *spatial) if m.dim() == 1 else m.view(*m.shape, *spatial)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,34 +44,34 @@ def _mask_as(mask, x):
 
 
 def _spatial_softmax(x):
-    # softmax over the H*W positions of every (b, c) channel
+    # softmax over the positions of every (b, c) channel
     return torch.softmax(x.flatten(2), dim=-1).view(x.shape)
 
 
 def _group_max(x, counts):
-    """Cross-channel max pooling: (B, C, H, W) -> (B, K, H, W), the max over each group.
+    """Cross-channel max pooling: (B, C, *S) -> (B, K, *S), the max over each group.
 
     ``Tensor.max(dim)`` returns the first index among equal maxima (and the first NaN), so its
     gradient goes whole to the lowest-index channel attaining the max, as docs/spec.md says.
     """
-    B, C, H, W = x.shape
+    B, S = x.shape[0], x.shape[2:]
     K = len(counts)
     if len(set(counts)) == 1:
-        return x.reshape(B, K, counts[0], H, W).max(dim=2).values
+        return x.reshape(B, K, counts[0], *S).max(dim=2).values
     # uneven groups: gather every group into (K, n_max) slots; empty slots read a -inf channel,
     # which sits last in its group so it never beats a real channel, not even a -inf one
-    padded = torch.cat([x, x.new_full((B, 1, H, W), float("-inf"))], dim=1)
+    padded = torch.cat([x, x.new_full((B, 1, *S), float("-inf"))], dim=1)
     return padded[:, group_tensor(counts, x.device, "index")].max(dim=2).values
 
 
 def _diversity_sums(x, counts):
     """h[b, i] = sum_k max_{j in G_i} softmax(x[b, j, :])[k]."""
-    return _group_max(_spatial_softmax(x), counts).sum(dim=(2, 3))
+    return _group_max(_spatial_softmax(x), counts).flatten(2).sum(dim=2)
 
 
 def _masked_logits(x, mask, counts):
     """logits[b, i] = mean_k max_{j in G_i} m[b, j] * x[b, j, k] (masked channels count as 0)."""
-    return _group_max(x * _mask_as(mask, x), counts).mean(dim=(2, 3))
+    return _group_max(x * _mask_as(mask, x), counts).flatten(2).mean(dim=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def _masked_logits(x, mask, counts):
 
 
 def spatial_softmax(x):
-    """Softmax over the H*W positions of every channel. (B, C, H, W) -> same shape and dtype."""
+    """Softmax over the positions of every channel. (B, C, *S) -> same shape and dtype."""
     check_features(x, "x")
     return _spatial_softmax(accumulate_in(x)).to(x.dtype)
 

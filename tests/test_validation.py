@@ -143,16 +143,18 @@ LIBS = (("mc", "mc"), ("ref", "ref"))   # (id prefix, module name in the child)
 
 # bad features: (id, expression, exception, substrings of the message)
 BAD_FEATURES = [
-    ("3d", "x[0]", "ValueError", ("4-D", "(12, 5, 4)")),
-    ("5d", "x[None]", "ValueError", ("4-D", "(1, 3, 12, 5, 4)")),
+    # (B, C, *S) with any number >= 1 of spatial dimensions is valid: 3-D and 5-D included
+    ("2d", "x[0, 0]", "ValueError", ("at least one spatial dimension", "(5, 4)")),
+    ("1d", "x[0, 0, 0]", "ValueError", ("at least one spatial dimension", "(4,)")),
     ("int64", "x.long()", "TypeError", ("torch.int64",)),
     ("uint8", "x.to(torch.uint8)", "TypeError", ("torch.uint8",)),
     ("bool", "x > 0", "TypeError", ("torch.bool",)),
     ("complex", "x.to(torch.complex64)", "TypeError", ("torch.complex64",)),
     ("list", "x.tolist()", "TypeError", ("list",)),
     ("none", "None", "TypeError", ("NoneType",)),
-    ("H0", "x[:, :, :0]", "ValueError", ("H*W == 0", "(3, 12, 0, 4)")),
-    ("W0", "x[:, :, :, :0]", "ValueError", ("H*W == 0", "(3, 12, 5, 0)")),
+    ("H0", "x[:, :, :0]", "ValueError", ("no positions", "(3, 12, 0, 4)")),
+    ("W0", "x[:, :, :, :0]", "ValueError", ("no positions", "(3, 12, 5, 0)")),
+    ("L0", "x[:, :, 0, :0]", "ValueError", ("no positions", "(3, 12, 0)")),
     ("C0", "x[:, :0]", "ValueError", ("(3, 0, 5, 4)",)),
 ]
 
@@ -255,7 +257,10 @@ def build_cases():
             ("drop=-1",))
         add(f"{p}.rcm-drop-uneven", f"{rcm}(3, [2, 5, 3], drop=2)", "ValueError", "drop",
             ("drop=2", "group size 2"))
-        add(f"{p}.rcm-drop-float", f"{rcm}(4, 3, drop=1.0)", "TypeError", "drop", ("float",))
+        add(f"{p}.rcm-drop-float", f"{rcm}(4, 3, drop=1.0)", "ValueError", "drop", ("[0, 1)", "1.0"))
+        add(f"{p}.rcm-drop-negative-fraction", f"{rcm}(4, 3, drop=-0.5)", "ValueError", "drop",
+            ("[0, 1)",))
+        add(f"{p}.rcm-drop-str", f"{rcm}(4, 3, drop=\"1\")", "TypeError", "drop", ("str",))
         add(f"{p}.rcm-drop-bool", f"{rcm}(4, 3, drop=True)", "TypeError", "drop", ("bool",))
         add(f"{p}.rcm-batch-negative", f"{rcm}(4, 3, batch=-1)", "ValueError", "batch",
             ("-1",))
@@ -313,7 +318,8 @@ def build_cases():
         kws = [
             ("drop-group-size", "drop=n", "ValueError", "drop", ("drop=3", "group size 3")),
             ("drop-negative", "drop=-1", "ValueError", "drop", ("drop=-1",)),
-            ("drop-float", "drop=1.0", "TypeError", "drop", ("float",)),
+            ("drop-float", "drop=1.0", "ValueError", "drop", ("[0, 1)",)),
+            ("drop-str", "drop=\"1\"", "TypeError", "drop", ("str",)),
             ("drop-uneven", "cnum=[2, 3, 3, 4], drop=2", "ValueError", "drop",
              ("drop=2", "group size 2")),
             ("alpha-str", "alpha='1'", "TypeError", "alpha", ("str",)),
