@@ -180,7 +180,9 @@ def main():
         python_requires=">=3.9",
         install_requires=["torch>=2.4"],
         extras_require={"test": ["pytest", "hypothesis", "numpy", "matplotlib"],
-                        "bench": ["matplotlib", "numpy"]},
+                        "bench": ["matplotlib", "numpy"],
+                        # examples/train_fgvc.py, the training recipe
+                        "recipe": ["torchvision", "tqdm"]},
         zip_safe=False,
     )
 
