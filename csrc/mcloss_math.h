@@ -363,9 +363,13 @@ MC_HD void philox4x32_10(uint32_t c[4], PhiloxKey k) {
   }
 }
 
+// The counter as torch's Philox users lay it out (curand_init(seed, subsequence, offset)): the
+// generator's offset, in blocks of 4 values, then the subsequence, here the channel's index, so
+// that the block (offset / 4, index) belongs to this draw alone.
 MC_HD uint64_t channel_key(uint64_t seed, uint64_t offset, uint64_t index) {
-  uint32_t c[4] = {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32),
-                   static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)};
+  const uint64_t block = offset / 4;
+  uint32_t c[4] = {static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                   static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32)};
   philox4x32_10(c, PhiloxKey{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)});
   return (static_cast<uint64_t>(c[0]) << 32) | c[1];
 }

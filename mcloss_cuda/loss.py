@@ -16,10 +16,11 @@ class MCLoss(torch.nn.Module):
         cnum: channels per class (int), per-class counts (uneven groups), or None to split C
             evenly over the classes (the first C % K classes get one more channel).
         alpha, beta: weights of the discriminality and diversity terms (published: 1.5, 20).
-        drop: channels masked per group each call (default: floor(n_i / 2)).
+        drop: channels masked per group each call: an int, a float fraction p for
+            floor(n_i * p), or None for floor(n_i / 2).
         per_sample_mask: draw the random mask per sample instead of once for the batch.
 
-    ``forward(features, targets, mask=None)`` returns ``MCLossOutput(loss, dis, div, logits)``;
+    ``forward(features, targets, mask=None)`` takes (B, C, *S) features and returns ``MCLossOutput(loss, dis, div, logits)``;
     add ``out.loss`` to the classifier's own cross-entropy.
     """
 

@@ -66,7 +66,11 @@ def test_channel_attention_maps_half_and_errors():
     with pytest.raises(ValueError, match="cnum"):
         mc.channel_attention_maps(x, 4, 2)
     with pytest.raises(ValueError, match="features"):
-        mc.channel_attention_maps(x[0], 3)
+        mc.channel_attention_maps(x[0, 0], 3)        # no spatial dimension
+    # a sequence (B, C, L) is a map too: its maps are (B, K, L)
+    seq = x.flatten(2)
+    torch.testing.assert_close(mc.channel_attention_maps(seq, 3),
+                               mc.channel_attention_maps(x, 3).flatten(2))
     assert "channel_attention_maps" in mc.__all__
 
 

@@ -211,6 +211,7 @@ at::Tensor draw_mask(const LossShape& s, const at::Tensor& offsets, int64_t drop
   auto keep = per_sample_mask
                   ? at::empty({s.B, s.C}, x.options().dtype(at::kBool))
                   : at::empty({s.C}, x.options().dtype(at::kBool));
+  if (s.B == 0) return keep.zero_();  // no sample to draw for, as on CUDA
   bool* out = keep.mutable_data_ptr<bool>();
   const int64_t* o = offsets.const_data_ptr<int64_t>();
   std::vector<uint64_t> keys(static_cast<size_t>(s.max_group));

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 #include "op_common.h"
 
@@ -447,10 +448,12 @@ __device__ TileSpan load_tile(const LossParams<scalar_t>& p, const TilePlan& pla
     load_span(p.x + p.lay.at(s.b, s.ca, 0), s.nch * HW,
               [&](int64_t e, scalar_t v) { xs[e] = static_cast<acc>(v); });
   } else {  // channels_last: nch contiguous channels at each position, transposed into rows
+    // (tile-local indices fit 32 bits: a tile is at most a few hundred KiB)
     const scalar_t* src = p.x + p.lay.at(s.b, s.ca, 0);
-    for (int64_t e = tid; e < s.nch * HW; e += blockDim.x) {
-      const int64_t k = e / s.nch, c = e - k * s.nch;
-      xs[c * ld + k] = static_cast<acc>(src[k * p.lay.sK + c]);
+    const int nch = static_cast<int>(s.nch), n = static_cast<int>(s.nch * HW);
+    for (int e = tid; e < n; e += blockDim.x) {
+      const int k = e / nch, c = e - k * nch;
+      xs[c * ld + k] = static_cast<acc>(src[int64_t(k) * p.lay.sK + c]);
     }
   }
   const bool draws = p.mask.draws();
@@ -508,11 +511,12 @@ __device__ __forceinline__ GroupWinners<acc> tile_winners(const TileMem<acc>& m,
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kTileThreads)
-    mc_loss_tile_forward_kernel(LossParams<scalar_t> p, TilePlan plan, acc_t<scalar_t>* __restrict__ h,
+    mc_loss_tile_forward_kernel(LossParams<scalar_t> p, TilePlan plan,
+                                acc_t<scalar_t>* __restrict__ h_over_n,
                                 acc_t<scalar_t>* __restrict__ logits) {
   using acc = acc_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char tile_smem[];
-  if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_unusable(p, h, logits);
+  if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_unusable(p, h_over_n, logits);
   TileMem<acc> m;
   TileMem<acc>::carve(tile_smem, plan.groups_per_tile, p.max_group, p.HW, plan.ld, false, &m);
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp, nwarps = blockDim.x / kWarp;
@@ -534,7 +538,7 @@ __global__ void __launch_bounds__(kTileThreads)
       hs = warp_sum(hs);
       ls = warp_sum(ls);
       if (lane == 0) {
-        h[s.b * p.K + s.i0 + g] = hs;
+        h_over_n[s.b * p.K + s.i0 + g] = hs / static_cast<acc>(m.gstart[g + 1] - m.gstart[g]);
         logits[s.b * p.K + s.i0 + g] = ls / static_cast<acc>(p.HW);
       }
     }
@@ -694,10 +698,10 @@ __device__ __forceinline__ void for_each_stream_group(const LossParams<scalar_t>
 
 template <typename scalar_t>
 __global__ void mc_loss_stream_forward_kernel(LossParams<scalar_t> p, StreamScratch<acc_t<scalar_t>> sc,
-                                              acc_t<scalar_t>* __restrict__ h,
+                                              acc_t<scalar_t>* __restrict__ h_over_n,
                                               acc_t<scalar_t>* __restrict__ logits) {
   using acc = acc_t<scalar_t>;
-  if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_unusable(p, h, logits);
+  if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_unusable(p, h_over_n, logits);
   for_each_stream_group(p, sc, [&](const StreamGroup<scalar_t>& grp) {
     acc hs = 0, ls = 0;
     for (int64_t k = grp.lane; k < p.HW; k += kWarp) {
@@ -708,7 +712,7 @@ __global__ void mc_loss_stream_forward_kernel(LossParams<scalar_t> p, StreamScra
     hs = warp_sum(hs);
     ls = warp_sum(ls);
     if (grp.lane == 0) {
-      h[grp.g] = hs;
+      h_over_n[grp.g] = hs / static_cast<acc>(grp.c1 - grp.c0);
       logits[grp.g] = ls / static_cast<acc>(p.HW);
     }
   });
@@ -769,13 +773,15 @@ __global__ void mc_loss_stream_backward_kernel(LossParams<scalar_t> p, StreamScr
 
 constexpr int kTailThreads = 256;
 
+// h_over_n: h[b, i] / n_i, as the fused kernels write it (which know n_i without a division
+// here: a double division's slow-path call made ptxas spill around it).
 template <typename T>
 __global__ void __launch_bounds__(kTailThreads)
-    mc_loss_tail_kernel(const T* h, const T* logits, const int64_t* targets, const int64_t* offsets,
+    mc_loss_tail_kernel(const T* h_over_n, const T* logits, const int64_t* targets,
                         int64_t B, int64_t K, T alpha, T beta, T* loss, T* dis, T* div, T* lse) {
   __shared__ double nll_part[kTailThreads], h_part[kTailThreads];
   const int tid = threadIdx.x;
-  double nll = 0, h_over_n = 0;
+  double nll = 0, h_sum = 0;
   for (int64_t b = tid; b < B; b += kTailThreads) {
     const T* row = logits + b * K;
     const auto ls = RowLogSoftmax<T>::of(row, K);
@@ -784,11 +790,9 @@ __global__ void __launch_bounds__(kTailThreads)
     nll += target_nll(row, ls, targets[b], K);
     trap_if_bad_target(targets[b], K);
   }
-  for (int64_t e = tid; e < B * K; e += kTailThreads) {
-    h_over_n += static_cast<double>(h[e]) / group_size<double>(offsets, e % K);
-  }
+  for (int64_t e = tid; e < B * K; e += kTailThreads) h_sum += static_cast<double>(h_over_n[e]);
   nll_part[tid] = nll;
-  h_part[tid] = h_over_n;
+  h_part[tid] = h_sum;
   __syncthreads();
   for (int s = kTailThreads / 2; s > 0; s >>= 1) {
     if (tid < s) {
@@ -907,11 +911,20 @@ constexpr size_t kMaxTileBytes = 200u << 10;
 constexpr int64_t kMinTiles = 1024;
 
 // The tiling of the groups, or none (groups_per_tile 0) when one group does not fit.
+// The most dynamic shared memory a block of this device may opt in to (227 KiB on Hopper,
+// 163 KiB on A100, 99 KiB on sm_86/89).
+size_t shared_memory_optin() {
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(bytes);
+}
+
 template <typename acc>
 std::pair<TilePlan, size_t> plan_tiles(const LossShape& s, bool contiguous, bool backward) {
   TilePlan plan{0, 0, kTileThreads, contiguous ? s.HW : (s.HW | 1)};
   const size_t one = TileMem<acc>::carve(nullptr, 1, s.max_group, s.HW, plan.ld, backward, nullptr);
-  if (one > kMaxTileBytes) return {plan, 0};
+  if (one > std::min(kMaxTileBytes, shared_memory_optin())) return {plan, 0};
   int64_t gpt = std::max<int64_t>(1, static_cast<int64_t>(kTileBudget / one));
   gpt = std::min({gpt, s.K, std::max<int64_t>(1, s.B * s.K / kMinTiles)});
   while (gpt > 1 && TileMem<acc>::carve(nullptr, gpt, s.max_group, s.HW, plan.ld, backward, nullptr) > kTileBudget) --gpt;
@@ -923,12 +936,13 @@ std::pair<TilePlan, size_t> plan_tiles(const LossShape& s, bool contiguous, bool
   return {plan, TileMem<acc>::carve(nullptr, gpt, s.max_group, s.HW, plan.ld, backward, nullptr)};
 }
 
-// Dynamic shared memory beyond 48 KiB must be asked for, once per kernel.
+// Dynamic shared memory beyond 48 KiB must be asked for: the device's whole opt-in, the same
+// value on every call, so that calls from several host threads cannot undo each other.
 template <typename Kernel>
 void allow_shared_memory(Kernel* kernel, size_t bytes) {
   if (bytes > (48u << 10)) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
+                                        static_cast<int>(shared_memory_optin())));
   }
 }
 
@@ -983,7 +997,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto acc_opts = x.options().dtype(acc_type_of(x));
   auto loss = at::empty({}, acc_opts), dis = at::empty({}, acc_opts), div = at::empty({}, acc_opts);
   auto logits = at::empty({s.B, s.K}, acc_opts), lse = at::empty({s.B, 2}, acc_opts);
-  auto h = at::empty({s.B, s.K}, acc_opts);
+  auto h_over_n = at::empty({s.B, s.K}, acc_opts);
   // the drawn mask: (C,) shared by the batch, as a given mask would be, or (B, C) per sample
   const auto bool_opts = x.options().dtype(at::kBool);
   auto drawn = !s.draw ? at::empty({0}, bool_opts)
@@ -999,6 +1013,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   } else {
     ms = given_mask(*mask, s);
   }
+  if (s.B == 0 && s.draw) drawn.zero_();  // no row to draw for (and no kernel to write it)
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_cuda", [&] {
     using acc = acc_t<scalar_t>;
@@ -1008,18 +1023,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (plan.groups_per_tile > 0) {
         allow_shared_memory(&mc_loss_tile_forward_kernel<scalar_t>, smem);
         mc_loss_tile_forward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), plan.threads, smem, stream>>>(
-            p, plan, h.mutable_data_ptr<acc>(), logits.mutable_data_ptr<acc>());
+            p, plan, h_over_n.mutable_data_ptr<acc>(), logits.mutable_data_ptr<acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         const at::Tensor scratch = stream_scratch_tensor(x, s);
         mc_loss_stream_forward_kernel<scalar_t><<<blocks_for(s.B * s.K, kWarpsPerBlock), kThreads, 0, stream>>>(
-            p, stream_scratch<acc>(scratch, s), h.mutable_data_ptr<acc>(), logits.mutable_data_ptr<acc>());
+            p, stream_scratch<acc>(scratch, s), h_over_n.mutable_data_ptr<acc>(),
+            logits.mutable_data_ptr<acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
     mc_loss_tail_kernel<acc><<<1, kTailThreads, 0, stream>>>(
-        h.const_data_ptr<acc>(), logits.const_data_ptr<acc>(), targets.const_data_ptr<int64_t>(),
-        offsets.const_data_ptr<int64_t>(), s.B, s.K, static_cast<acc>(alpha), static_cast<acc>(beta),
+        h_over_n.const_data_ptr<acc>(), logits.const_data_ptr<acc>(),
+        targets.const_data_ptr<int64_t>(), s.B, s.K, static_cast<acc>(alpha), static_cast<acc>(beta),
         loss.mutable_data_ptr<acc>(), dis.mutable_data_ptr<acc>(), div.mutable_data_ptr<acc>(),
         lse.mutable_data_ptr<acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1058,12 +1074,19 @@ at::Tensor mc_loss_backward_cuda(const std::optional<at::Tensor>& g_loss,
                                logits.const_data_ptr<acc>(), lse.const_data_ptr<acc>(),
                                static_cast<acc>(alpha), static_cast<acc>(beta)};
     const auto [plan, smem] = plan_tiles<acc>(s, layout_of(x).sK == 1, true);
-    if (plan.groups_per_tile > 0) {
-      allow_shared_memory(&mc_loss_tile_backward_kernel<scalar_t>, smem);
-      mc_loss_tile_backward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), plan.threads, smem, stream>>>(
-          p, plan, u, dx.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
+    // fp64 (gradcheck's dtype, never a training one) takes the stream kernel: the tile
+    // kernel's fp64 instantiation spills around the calls of fp64 division and exp
+    constexpr bool tiles = !std::is_same_v<scalar_t, double>;
+    if constexpr (tiles) {
+      if (plan.groups_per_tile > 0) {
+        allow_shared_memory(&mc_loss_tile_backward_kernel<scalar_t>, smem);
+        mc_loss_tile_backward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), plan.threads, smem, stream>>>(
+            p, plan, u, dx.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
+    {
       const at::Tensor scratch = stream_scratch_tensor(x, s);
       mc_loss_stream_backward_kernel<scalar_t><<<blocks_for(s.B * s.K, kWarpsPerBlock), kThreads, 0, stream>>>(
           p, stream_scratch<acc>(scratch, s), u, dx.mutable_data_ptr<scalar_t>());
