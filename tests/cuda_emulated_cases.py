@@ -38,8 +38,8 @@ import pytest
 import torch
 
 import mcloss_cuda as mc
-from helpers import (GRAD_TOL, VALUE_TOL, entropy_seed, random_features, random_targets,
-                     separated_features)
+from helpers import (VALUE_TOL, assert_grad_close, entropy_seed, random_features,
+                     random_targets, separated_features)
 
 if not os.environ.get("MCLOSS_EMULATED_EXTENSION"):
     raise RuntimeError("tests/cuda_emulated_cases.py runs under the emulated CUDA build only: "
@@ -115,10 +115,6 @@ def weighted_sum(out, grads):
     return total
 
 
-# absolute gradient tolerance as a fraction of the gradient's terms (as in test_kernels.py)
-GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2 ** -9, BF16: 2 ** -6}
-
-
 def assert_values(actual, expected, HW=1, coeff=1.0, equal_nan=False):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     rtol, atol = VALUE_TOL[expected.dtype if expected.dtype == F64 else F32]
@@ -134,16 +130,6 @@ def grad_terms(x, counts, grads, alpha, beta):
     Bx, HW = x.shape[0], x.shape[2] * x.shape[3]
     pmax = torch.softmax(x.detach().double().flatten(2), -1).max().item()
     return b * pmax / (Bx * len(counts) * min(counts)) + a / (Bx * HW)
-
-
-def assert_grads(actual, expected, terms=0.0, equal_nan=False):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    rtol, atol = GRAD_TOL[expected.dtype]
-    finite = expected[expected.isfinite()]
-    scale = max(finite.abs().max().item() if finite.numel() else 0.0, float(terms))
-    torch.testing.assert_close(actual, expected, rtol=rtol,
-                               atol=atol + GRAD_SCALE[expected.dtype] * scale,
-                               equal_nan=equal_nan)
 
 
 def memory_format_of(x):
@@ -178,7 +164,7 @@ def check_against_reference(x, y, counts, mask, alpha=1.5, beta=20.0, bwd_too=Tr
             assert (dx == 0).all()
             continue
         (dx_ref,) = torch.autograd.grad(total, xr, retain_graph=True)
-        assert_grads(dx, dx_ref, grad_terms(x, counts, grads, alpha, beta))
+        assert_grad_close(dx, dx_ref, grad_terms(x, counts, grads, alpha, beta))
     return out
 
 
@@ -492,7 +478,7 @@ def test_misaligned_inputs_and_odd_maps(dtype, layout, HW):
         dx = bwd(grads, x, y, counts, mask, out[3], out[4])
         dxm = bwd(tuple(misaligned(g) for g in grads), xm, ym, counts, mm, misaligned(out[3]),
                   misaligned(out[4]))
-        assert_grads(dxm, dx, grad_terms(x, counts, grads, 1.5, 20.0))
+        assert_grad_close(dxm, dx, grad_terms(x, counts, grads, 1.5, 20.0))
     # and a mask drawn inside, for misaligned features
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
     seed = entropy_seed()
@@ -520,7 +506,7 @@ def test_channels_last_matches_contiguous(dtype, HW):
     grads = grad_patterns(3, len(counts), dtype)[0]
     dx_cl = bwd(grads, xc, y, counts, mask, out[3], out[4])
     dx = bwd(grads, x, y, counts, mask, base[3], base[4])
-    assert_grads(dx_cl.contiguous(), dx, grad_terms(x, counts, grads, 1.5, 20.0))
+    assert_grad_close(dx_cl.contiguous(), dx, grad_terms(x, counts, grads, 1.5, 20.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -763,7 +749,7 @@ def test_nan_and_inf_propagate_as_in_the_reference(dtype, layout):
             for special in (torch.isnan, torch.isposinf, torch.isneginf):
                 assert torch.equal(special(dx), special(dx_ref)), (special.__name__, grads)
             finite = dx_ref.isfinite()
-            assert_grads(torch.where(finite, dx, 0), torch.where(finite, dx_ref, 0),
+            assert_grad_close(torch.where(finite, dx, 0), torch.where(finite, dx_ref, 0),
                          grad_terms(x.nan_to_num(0, 0, 0), counts, grads, 1.5, 20.0))
         # a gradient of the discriminality term alone (logits; dis): the fused backward runs
         # both terms, the other with a zero (None) gradient, and 0 * NaN is NaN: NaN at least
@@ -774,7 +760,7 @@ def test_nan_and_inf_propagate_as_in_the_reference(dtype, layout):
             assert (dx.isnan() | ~dx_ref.isnan()).all(), grads
             both = dx.isfinite() & dx_ref.isfinite()
             assert torch.equal(both, dx_ref.isfinite() & ~dx.isnan())
-            assert_grads(torch.where(both, dx, 0), torch.where(both, dx_ref, 0),
+            assert_grad_close(torch.where(both, dx, 0), torch.where(both, dx_ref, 0),
                          grad_terms(x.nan_to_num(0, 0, 0), counts, grads, 1.5, 20.0))
 
 

@@ -21,6 +21,9 @@ VALUE_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6),
              torch.float16: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6)}
 GRAD_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-7),
             torch.float16: (1e-2, 1e-5), torch.bfloat16: (2e-2, 1e-4)}
+# absolute gradient tolerance, as a fraction of the largest |gradient| (a few ulps of it)
+GRAD_SCALE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2 ** -9,
+              torch.bfloat16: 2 ** -6}
 
 
 def entropy_seed():
@@ -115,3 +118,17 @@ def apply_layout(x, layout):
     if layout == "transposed":
         return x.transpose(2, 3).contiguous().transpose(2, 3)
     raise ValueError(layout)
+
+
+def assert_grad_close(actual, expected, terms=0.0, equal_nan=False):
+    """GRAD_TOL, plus GRAD_SCALE times the size of the terms the gradient is made of: the
+    largest |expected| or ``terms`` (see *_terms), whichever is larger. A gradient that cancels
+    to about 0 (a group of one channel wins every position: p * (1 - A) with A = sum p = 1)
+    carries the rounding error of its terms, not of its value."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    rtol, atol = GRAD_TOL[expected.dtype]
+    finite = expected[expected.isfinite()]
+    scale = max(finite.abs().max().item() if finite.numel() else 0.0, float(terms))
+    torch.testing.assert_close(actual, expected, rtol=rtol,
+                               atol=atol + GRAD_SCALE[expected.dtype] * scale,
+                               equal_nan=equal_nan)

@@ -42,9 +42,9 @@ from torch.autograd.gradcheck import GradcheckError
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcloss_cuda as mc
-from helpers import (DEVICES, GRAD_TOL, VALUE_TOL, apply_layout, child_env, counts_of, cuda_only,
-                     entropy_seed, fused_only, random_features, random_targets,
-                     separated_features)
+from helpers import (DEVICES, GRAD_SCALE, VALUE_TOL, apply_layout, assert_grad_close,
+                     child_env, counts_of, cuda_only, entropy_seed, fused_only, random_features,
+                     random_targets, separated_features)
 
 R = mc.reference
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -52,8 +52,6 @@ DTYPES = [F32, F64, F16, BF16]
 KERNEL_OPS = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
               "ccmp_backward", "mc_loss", "mc_loss_backward")
 
-# absolute gradient tolerance, as a fraction of the largest |gradient| (a few ulps of it)
-GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2 ** -9, BF16: 2 ** -6}
 # one ulp for maps rounded to the input dtype (plus the smallest subnormal)
 MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2 ** -10, 6e-8),
            BF16: (2 ** -7, 1e-38)}
@@ -159,20 +157,6 @@ def assert_value_close(actual, expected, equal_nan=False, HW=1, coeff=1.0):
     rtol, atol = VALUE_TOL[expected.dtype if expected.dtype == F64 else F32]
     atol = atol * max(1.0, (HW / 64) ** 0.5) * max(1.0, coeff)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=equal_nan)
-
-
-def assert_grad_close(actual, expected, terms=0.0, equal_nan=False):
-    """GRAD_TOL, plus GRAD_SCALE times the size of the terms the gradient is made of: the
-    largest |expected| or ``terms`` (see *_terms), whichever is larger. A gradient that cancels
-    to about 0 (a group of one channel wins every position: p * (1 - A) with A = sum p = 1)
-    carries the rounding error of its terms, not of its value."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    rtol, atol = GRAD_TOL[expected.dtype]
-    finite = expected[expected.isfinite()]
-    scale = max(finite.abs().max().item() if finite.numel() else 0.0, float(terms))
-    torch.testing.assert_close(actual, expected, rtol=rtol,
-                               atol=atol + GRAD_SCALE[expected.dtype] * scale,
-                               equal_nan=equal_nan)
 
 
 def max_prob(x):
