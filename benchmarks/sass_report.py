@@ -90,6 +90,13 @@ def checked(proc):
     return proc.stdout
 
 
+def cubin_name(path):
+    """(index, arch) of a cubin file that `cuobjdump -xelf` wrote (index 0 when the name has
+    none), or None for another file."""
+    m = re.search(r"(?:\.(\d+))?\.(sm_\w+)\.cubin$", path)
+    return (int(m.group(1) or 0), m.group(2)) if m else None
+
+
 def extract_cubins(so, cuobjdump, workdir):
     """Extract every cubin of `so` into `workdir`; return [(arch, path)]. Raises CpuOnly."""
     proc = run_tool([cuobjdump, "-xelf", "all", os.path.abspath(so)], cwd=workdir)
@@ -97,10 +104,11 @@ def extract_cubins(so, cuobjdump, workdir):
         raise CpuOnly(f"{so} contains no CUDA device code (a CPU-only build)")
     checked(proc)
     cubins = []
-    for path in glob.glob(os.path.join(workdir, "*.cubin")):  # NAME.<index>.sm_90.cubin
-        m = re.search(r"\.(\d+)\.(sm_\w+)\.cubin$", path)
-        if m:
-            cubins.append((int(m.group(1)), m.group(2), path))
+    # NAME.<index>.sm_90.cubin, or NAME.sm_90.cubin (one compilation unit, as setup.py builds)
+    for path in glob.glob(os.path.join(workdir, "*.cubin")):
+        name = cubin_name(path)
+        if name:
+            cubins.append((*name, path))
     if not cubins:
         raise SystemExit(f"sass_report: {so} has CUDA code but no SASS (PTX only?)")
     return [(arch, path) for _, arch, path in sorted(cubins)]

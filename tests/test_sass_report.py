@@ -271,3 +271,11 @@ def test_real_extension(tmp_path):
     assert out.returncode == 0, out.stderr
     assert [line for line in out.stdout.splitlines() if line.startswith("| sm_")], out.stdout
     assert json.loads((tmp_path / "r.json").read_text())["kernels"]
+
+
+def test_cubin_names_with_and_without_an_index():
+    # several compilation units: NAME.<index>.sm_XX.cubin; setup.py's one .cu: NAME.sm_XX.cubin
+    assert sr.cubin_name("/w/x.3.sm_90.cubin") == (3, "sm_90")
+    assert sr.cubin_name("/w/mcloss_cuda.sm_80.cubin") == (0, "sm_80")
+    assert sr.cubin_name("/w/mcloss_cuda.sm_90a.cubin") == (0, "sm_90a")
+    assert sr.cubin_name("/w/x.ptx") is None
