@@ -91,14 +91,6 @@ inline int64_t check_mask(const at::Tensor& mask, const at::Tensor& x) {
   return shared ? 0 : C;
 }
 
-inline void check_group_grad(const at::Tensor& g, const at::Tensor& x, int64_t K,
-                             const char* name) {
-  TORCH_CHECK_VALUE(g.device() == x.device(), name, ": expected device ", x.device(), ", got ",
-                    g.device());
-  TORCH_CHECK_VALUE(g.dim() == 2 && g.size(0) == x.size(0) && g.size(1) == K, name,
-                    ": expected shape (", x.size(0), ", ", K, "), got ", g.sizes());
-}
-
 // The gradient of a map output: same device and dtype as `ref` and the given shape.
 inline void check_map_grad(const at::Tensor& grad, const at::Tensor& ref, const char* ref_name,
                            at::IntArrayRef shape) {
@@ -150,10 +142,11 @@ struct LossShape {
   int64_t mask_bstride;  // 0 (one row for the batch) or C
 };
 
+// (generator: the forward's, for a drawn mask; none for the backward)
 inline LossShape check_loss(const at::Tensor& x, const at::Tensor& targets,
                             const at::Tensor& offsets, int64_t max_group,
                             const std::optional<at::Tensor>& mask, bool per_sample_mask,
-                            ValueChecks values) {
+                            const std::optional<at::Generator>& generator, ValueChecks values) {
   check_map(x, "x");
   const int64_t K = check_offsets(offsets, x, values);
   const int64_t B = x.size(0), C = x.size(1);
@@ -184,6 +177,7 @@ inline LossShape check_loss(const at::Tensor& x, const at::Tensor& targets,
     s.mask_is_bool = m.scalar_type() == at::kBool;
     s.mask_rows = shared ? 1 : B;
   }
+  check_generator(generator, x);
   s.mask_bstride = s.mask_rows == 1 ? 0 : C;
   return s;
 }
@@ -198,7 +192,8 @@ inline LossShape check_loss_backward(const std::optional<at::Tensor>& g_loss,
                                      const at::Tensor& offsets, int64_t max_group,
                                      const at::Tensor& mask, const at::Tensor& logits,
                                      const at::Tensor& lse, ValueChecks values) {
-  const LossShape s = check_loss(x, targets, offsets, max_group, mask, false, values);
+  const LossShape s =
+      check_loss(x, targets, offsets, max_group, mask, false, std::nullopt, values);
   const auto acc = acc_type_of(x);
   auto check_acc = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
     TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(),

@@ -278,9 +278,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets, int64_t max_group,
     const std::optional<at::Tensor>& mask, int64_t drop, double drop_fraction,
     bool per_sample_mask, std::optional<at::Generator> generator, double alpha, double beta) {
-  const LossShape s =
-      check_loss(x, targets, offsets, max_group, mask, per_sample_mask, ValueChecks::Host);
-  check_generator(generator, x);
+  const LossShape s = check_loss(x, targets, offsets, max_group, mask, per_sample_mask,
+                                 generator, ValueChecks::Host);
   const at::Tensor drawn = s.draw
                                ? draw_mask(s, offsets, drop, drop_fraction, per_sample_mask, generator, x)
                                : at::empty({0}, x.options().dtype(at::kBool));

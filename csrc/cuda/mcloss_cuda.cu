@@ -62,15 +62,21 @@ __device__ __forceinline__ SoftmaxStats<acc> row_stats(const scalar_t* x, int64_
   return warp_merge(s);
 }
 
-// Whether offsets[0..K] partition [0, C) into K non-empty groups, as the CPU ops check on the
-// host: a CUDA host wrapper cannot read the values without a device sync, so every block of the
-// kernels that walk the groups (ccmp and the fused loss) checks them (all its threads take part;
+// Whether offsets[0..K] partition [0, C) into K non-empty groups of at most max_group channels
+// (what sized the fused loss's tiles; C for ccmp), as the CPU ops check on the host: a CUDA
+// host wrapper cannot read the values without a device sync, so every block of the kernels
+// that walk the groups (ccmp and the fused loss) checks them (all its threads take part;
 // blocks are 1-D) before reading a group, and writes NaN over its share of every output when
-// they are not. The tail kernels only divide by the group sizes: group_size gives NaN for an
-// empty or reversed group.
-__device__ __forceinline__ bool offsets_partition(const int64_t* offsets, int64_t K, int64_t C) {
+// they are not.
+__device__ __forceinline__ bool groups_ok(const int64_t* offsets, int64_t K, int64_t C,
+                                          int64_t max_group) {
   int ok = threadIdx.x == 0 ? (offsets[0] == 0 && offsets[K] == C) : 1;
-  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) ok &= offsets[i] < offsets[i + 1];
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+    const int64_t lo = offsets[i], hi = offsets[i + 1];
+    // (the size taken unsigned: hi - lo of two int64 can overflow, the unsigned one cannot)
+    ok &= lo < hi && static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) <=
+                         static_cast<uint64_t>(max_group);
+  }
   return __syncthreads_and(ok) != 0;
 }
 
@@ -142,7 +148,7 @@ __global__ void channel_mask_kernel(const scalar_t* __restrict__ x, const scalar
 
 // ---- CCMP: one thread per output position (b, i, k)
 
-// (after offsets_partition)
+// (after groups_ok)
 __device__ __forceinline__ void group_of(const int64_t* offsets, int64_t i, int64_t& c0,
                                          int64_t& c1) {
   c0 = offsets[i];
@@ -154,7 +160,7 @@ __global__ void ccmp_kernel(const scalar_t* __restrict__ x, const int64_t* __res
                             scalar_t* __restrict__ out, MapLayout lay, MapLayout out_lay,
                             int64_t total, int64_t C, int64_t K, int64_t HW) {
   using acc = acc_t<scalar_t>;
-  if (!offsets_partition(offsets, K, C)) return fill_nan(out, total);
+  if (!groups_ok(offsets, K, C, C)) return fill_nan(out, total);
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t k = t % HW, g = t / HW, b = g / K, i = g % K;
@@ -176,7 +182,7 @@ __global__ void ccmp_backward_kernel(const scalar_t* __restrict__ grad,
                                      scalar_t* __restrict__ dx, MapLayout lay, MapLayout g_lay,
                                      int64_t total, int64_t C, int64_t K, int64_t HW) {
   using acc = acc_t<scalar_t>;
-  if (!offsets_partition(offsets, K, C)) return fill_nan(dx, total / K * C);
+  if (!groups_ok(offsets, K, C, C)) return fill_nan(dx, total / K * C);
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t k = t % HW, g = t / HW, b = g / K, i = g % K;
@@ -215,21 +221,6 @@ __global__ void ccmp_backward_kernel(const scalar_t* __restrict__ grad,
 // Threads per tile block: up to 256, fewer for small tiles (TilePlan::threads), so that a
 // tile of a few hundred elements does not leave most of a block idle.
 constexpr int kTileThreads = 256;
-
-// Whether a block's view of the groups is sound: offsets partition [0, C) into non-empty
-// groups of at most max_group channels (what sized the tiles). Every thread of the block takes
-// part (the kernels are 1-D).
-__device__ __forceinline__ bool groups_ok(const int64_t* offsets, int64_t K, int64_t C,
-                                          int64_t max_group) {
-  int ok = threadIdx.x == 0 ? (offsets[0] == 0 && offsets[K] == C) : 1;
-  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
-    const int64_t lo = offsets[i], hi = offsets[i + 1];
-    // (the size taken unsigned: hi - lo of two int64 can overflow, the unsigned one cannot)
-    ok &= lo < hi && static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) <=
-                         static_cast<uint64_t>(max_group);
-  }
-  return __syncthreads_and(ok) != 0;
-}
 
 // A class index outside [0, K): NaN has been written where it was used; stop the kernel, as
 // cross_entropy's device-side assert does (a launch failure at the next synchronisation; the
@@ -990,9 +981,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets, int64_t max_group,
     const std::optional<at::Tensor>& mask, int64_t drop, double drop_fraction,
     bool per_sample_mask, std::optional<at::Generator> generator, double alpha, double beta) {
-  const LossShape s =
-      check_loss(x, targets, offsets, max_group, mask, per_sample_mask, ValueChecks::Kernel);
-  check_generator(generator, x);
+  const LossShape s = check_loss(x, targets, offsets, max_group, mask, per_sample_mask,
+                                 generator, ValueChecks::Kernel);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc_opts = x.options().dtype(acc_type_of(x));
   auto loss = at::empty({}, acc_opts), dis = at::empty({}, acc_opts), div = at::empty({}, acc_opts);

@@ -57,7 +57,7 @@ MUTATIONS = [
              "  h_part[tid] = h_over_n;\n  __syncthreads();\n", "  h_part[tid] = h_over_n;\n"),
     Mutation("no __syncthreads in the tail's tree", CU,
              "    }\n    __syncthreads();\n  }\n  if (tid == 0) {", "    }\n  }\n  if (tid == 0) {"),
-    Mutation("offsets_partition without its barrier", CU,
+    Mutation("groups_ok without its barrier", CU,
              "return __syncthreads_and(ok) != 0;", "return ok != 0;"),
     Mutation("a warp_sum in a divergent branch (k < HW)", CU,
              "const acc part = warp_sum(c == won_by ? share : acc(0));",
