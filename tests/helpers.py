@@ -42,6 +42,9 @@ def child_env(**extra):
     # that is the source tree, without the compiled extension (Python >= 3.11 honours this;
     # the callers also run children outside the repository root)
     env["PYTHONSAFEPATH"] = "1"
+    # a child killed by a signal (SIGABRT from a C++ std::terminate, SIGSEGV) prints the Python
+    # stack of every thread, so a failure in CI says where it happened
+    env["PYTHONFAULTHANDLER"] = "1"
     env.update(extra)
     return env
 
