@@ -229,11 +229,17 @@ struct ChannelSoftmax {
 template <typename T>
 struct GroupWinners {
   T prob, masked;
+  T masked_sum;  // the sum of the masked values, for average pooling (CCAP)
   int64_t prob_at, masked_at;
 
-  MC_HD GroupWinners() : prob(0), masked(0), prob_at(-1), masked_at(-1) {}
+  MC_HD GroupWinners() : prob(0), masked(0), masked_sum(0), prob_at(-1), masked_at(-1) {}
+
+  // the group's logit term at this position: the max (CCMP) or the sum (CCAP, divided by n_i
+  // with the rest of the logit)
+  MC_HD T pooled(bool avg_pool) const { return avg_pool ? masked_sum : masked; }
 
   MC_HD void offer(int64_t j, T p, T mv) {
+    masked_sum += mv;
     if (prob_at < 0 || beats(p, prob)) {
       prob = p;
       prob_at = j;
@@ -253,11 +259,14 @@ struct GroupWinners {
 // NaN through the factor p, as torch's softmax backward does, whether or not the channel wins
 // anywhere. The last term is (gl / HW) * m_j where channel j wins the masked max and 0 * m_j
 // elsewhere: the same for a 0/1 mask, and NaN over the channel for an infinite or NaN mask
-// value, as autograd's grad * mask gives. Both are taken ready-made, once per channel.
+// value, as autograd's grad * mask gives. Both are taken ready-made, once per channel. With
+// average pooling (CCAP) every channel of the group takes part at every position: the term is
+// (gl / (HW n_i)) * m_j everywhere (every_channel, gl_per_pos already divided by n_i).
 template <typename T>
 struct LogitGrad {
   T win, lose;
-  MC_HD LogitGrad(T gl_per_pos, T m) : win(gl_per_pos * m), lose(T(0) * m) {}
+  MC_HD LogitGrad(T gl_per_pos, T m, bool every_channel)
+      : win(gl_per_pos * m), lose(every_channel ? win : T(0) * m) {}
 };
 
 template <typename F, typename M>
@@ -303,20 +312,56 @@ struct RowLogSoftmax {
   MC_HD T operator()(T v) const { return (v - max) - log_sum; }
 };
 
-// -log softmax(row)[t]. A class index outside [0, K) (only a direct op call on CUDA can pass
-// one; the checks refuse it everywhere else) gives NaN instead of reading out of bounds.
+// The discriminality cross-entropy's options, as F.cross_entropy takes them: class weights
+// (K,) or none, label smoothing eps, and the reduction (at::Reduction: 0 none, 1 mean, 2 sum).
+constexpr int64_t kReduceNone = 0, kReduceMean = 1, kReduceSum = 2;
+
 template <typename T>
-MC_HD T target_nll(const T* row, const RowLogSoftmax<T>& ls, int64_t t, int64_t K) {
-  return t >= 0 && t < K ? -ls(row[t]) : T(NAN);
+struct CrossEntropyOptions {
+  const T* weight;  // (K,) or null for 1
+  T smoothing;
+  int64_t reduction;
+  MC_HD T weight_of(int64_t i) const { return weight ? weight[i] : T(1); }
+};
+
+// One row's cross-entropy before the reduction, F.cross_entropy's:
+//   (1 - eps) w_t (-log p_t) + (eps / K) sum_i w_i (-log p_i),   p = softmax(row),
+// and w_t, the row's share of the mean's divisor. A class index t outside [0, K) (only a
+// direct op call on CUDA can pass one; the checks refuse it everywhere else) gives NaN for
+// both instead of reading out of bounds.
+template <typename T>
+MC_HD T row_cross_entropy(const T* row, const RowLogSoftmax<T>& ls, int64_t t, int64_t K,
+                          const CrossEntropyOptions<T>& o, T& target_weight) {
+  if (t < 0 || t >= K) {
+    target_weight = T(NAN);
+    return T(NAN);
+  }
+  target_weight = o.weight_of(t);
+  T ce = -ls(row[t]);
+  if (o.weight) ce *= target_weight;
+  if (o.smoothing != T(0)) {
+    T smooth = 0;
+    for (int64_t i = 0; i < K; ++i) smooth += o.weight_of(i) * -ls(row[i]);
+    ce = (T(1) - o.smoothing) * ce + o.smoothing / static_cast<T>(K) * smooth;
+  }
+  return ce;
 }
 
-// d(-log softmax(row)[t]) / d row[i] = softmax(row)[i] - [i == t], times the row's gradient;
-// NaN over the row for a class index t outside [0, K), as target_nll gives for the loss.
+// d row_cross_entropy / d row[i], times the row's gradient g_row:
+//   (1 - eps) w_t (p_i - [i == t]) + (eps / K) (W p_i - w_i),   W = sum_i w_i;
+// NaN over the row for a class index t outside [0, K), as row_cross_entropy gives.
 template <typename T>
-MC_HD T nll_logit_grad(T g_row, T logit, const RowLogSoftmax<T>& ls, int64_t i, int64_t t,
-                       int64_t K) {
+MC_HD T ce_logit_grad(T g_row, T logit, const RowLogSoftmax<T>& ls, int64_t i, int64_t t,
+                      int64_t K, const CrossEntropyOptions<T>& o, T weight_total) {
   if (t < 0 || t >= K) return T(NAN);
-  return g_row * (exp_acc(ls(logit)) - (i == t ? T(1) : T(0)));
+  const T p = exp_acc(ls(logit));
+  T d = p - (i == t ? T(1) : T(0));
+  if (o.weight) d *= o.weight[t];
+  if (o.smoothing != T(0)) {
+    d = (T(1) - o.smoothing) * d +
+        o.smoothing / static_cast<T>(K) * (weight_total * p - o.weight_of(i));
+  }
+  return g_row * d;
 }
 
 // n_i = offsets[i + 1] - offsets[i] as a divisor. Offsets that are not a partition (only a
@@ -389,26 +434,49 @@ MC_HD bool channel_kept(const uint64_t* keys, int64_t n, int64_t j, int64_t d) {
   return rank >= d;
 }
 
-// loss, dis and div from the two sums over the batch, taken in double: sum_b nll_b and
-// sum_{b,i} h[b,i] / n_i. Means over an empty batch are NaN, as torch's are.
+// loss, dis and div of a reduction over the batch ("mean" or "sum"), from sums taken in
+// double: sum_b ce_b, sum_b w_{t_b} (B without weights) and sum_{b,i} h[b,i] / n_i. Means over
+// an empty batch are NaN, as torch's are.
 template <typename T>
 struct TailScalars {
   T loss, dis, div;
-  MC_HD TailScalars(double nll_sum, double h_over_n_sum, int64_t B, int64_t K, T alpha, T beta)
-      : dis(static_cast<T>(nll_sum / static_cast<double>(B))),
-        div(static_cast<T>(1.0 - h_over_n_sum / (static_cast<double>(B) * static_cast<double>(K)))) {
+  MC_HD TailScalars(double ce_sum, double target_weight_sum, double h_over_n_sum, int64_t B,
+                    int64_t K, int64_t reduction, T alpha, T beta) {
+    const double k = static_cast<double>(K);
+    if (reduction == kReduceMean) {
+      dis = static_cast<T>(ce_sum / target_weight_sum);
+      div = static_cast<T>(1.0 - h_over_n_sum / (static_cast<double>(B) * k));
+    } else {
+      dis = static_cast<T>(ce_sum);
+      div = static_cast<T>(static_cast<double>(B) - h_over_n_sum / k);
+    }
     loss = alpha * dis + beta * div;
   }
 };
 
-// The gradients the backward pass sends into h and the logits, from those of (loss, dis, div):
-// per row of logits g_dis_all / B, per element of h -g_div_all / (B K n_i).
+// The same for one sample (reduction "none"): its ce and sum_i h[b,i] / n_i.
+template <typename T>
+struct RowScalars {
+  T loss, dis, div;
+  MC_HD RowScalars(T ce, double h_over_n_row, int64_t K, T alpha, T beta)
+      : dis(ce), div(static_cast<T>(1.0 - h_over_n_row / static_cast<double>(K))) {
+    loss = alpha * dis + beta * div;
+  }
+};
+
+// The gradients the backward pass sends into row b's logits and h, from those of (loss, dis,
+// div) (the row's, for "none"): per row of logits (g_dis + alpha g_loss) / sum_b w_{t_b} for
+// "mean" (sum_b w_{t_b} = B without weights), per element of h -(g_div + beta g_loss) / (B K
+// n_i) for "mean", without the 1/B otherwise.
 template <typename T>
 struct TailGradScale {
   T per_row, per_h;
-  MC_HD TailGradScale(T g_loss, T g_dis, T g_div, T alpha, T beta, int64_t B, int64_t K)
-      : per_row((g_dis + g_loss * alpha) / static_cast<T>(B)),
-        per_h(-(g_div + g_loss * beta) / (static_cast<T>(B) * static_cast<T>(K))) {}
+  MC_HD TailGradScale(T g_loss, T g_dis, T g_div, T alpha, T beta, int64_t reduction,
+                      T target_weight_sum, int64_t B, int64_t K)
+      : per_row((g_dis + g_loss * alpha) / (reduction == kReduceMean ? target_weight_sum : T(1))),
+        per_h(-(g_div + g_loss * beta) / (reduction == kReduceMean
+                                              ? static_cast<T>(B) * static_cast<T>(K)
+                                              : static_cast<T>(K))) {}
 };
 
 }  // namespace MCLOSS_NS

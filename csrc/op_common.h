@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
 #include "mcloss_math.h"
 
@@ -182,6 +183,26 @@ inline LossShape check_loss(const at::Tensor& x, const at::Tensor& targets,
   return s;
 }
 
+// The discriminality cross-entropy's options: weight (K,) in the accumulation dtype or none,
+// label_smoothing in [0, 1], reduction an at::Reduction (0 none, 1 mean, 2 sum).
+inline void check_cross_entropy(const std::optional<at::Tensor>& weight, double label_smoothing,
+                                int64_t reduction, const at::Tensor& x, int64_t K) {
+  if (weight.has_value()) {
+    const at::Tensor& w = *weight;
+    TORCH_CHECK_VALUE(w.device() == x.device(), "weight: expected device ", x.device(),
+                      " (that of x), got ", w.device());
+    TORCH_CHECK_TYPE(w.scalar_type() == acc_type_of(x), "weight: expected dtype ",
+                     acc_type_of(x), " (the accumulation dtype of x), got ", w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == K, "weight: expected shape (", K,
+                      ",), one weight per class, got ", w.sizes());
+    TORCH_CHECK_VALUE(w.is_contiguous(), "weight: expected a contiguous tensor");
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "label_smoothing: expected a value in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
+                    "reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
 // mc_loss_backward's arguments: those of the forward (the mask it used), its logits and lse,
 // and the gradients of its outputs, each undefined (zero) or in the accumulation dtype.
 inline LossShape check_loss_backward(const std::optional<at::Tensor>& g_loss,
@@ -191,9 +212,14 @@ inline LossShape check_loss_backward(const std::optional<at::Tensor>& g_loss,
                                      const at::Tensor& x, const at::Tensor& targets,
                                      const at::Tensor& offsets, int64_t max_group,
                                      const at::Tensor& mask, const at::Tensor& logits,
-                                     const at::Tensor& lse, ValueChecks values) {
+                                     const at::Tensor& lse,
+                                     const std::optional<at::Tensor>& weight,
+                                     double label_smoothing, int64_t reduction,
+                                     const std::optional<at::Tensor>& weight_sums,
+                                     ValueChecks values) {
   const LossShape s =
       check_loss(x, targets, offsets, max_group, mask, false, std::nullopt, values);
+  check_cross_entropy(weight, label_smoothing, reduction, x, s.K);
   const auto acc = acc_type_of(x);
   auto check_acc = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
     TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(),
@@ -205,14 +231,23 @@ inline LossShape check_loss_backward(const std::optional<at::Tensor>& g_loss,
   };
   const std::pair<const std::optional<at::Tensor>*, const char*> scalars[] = {
       {&g_loss, "grad_loss"}, {&g_dis, "grad_dis"}, {&g_div, "grad_div"}};
+  // 0-dim, or (B,) per sample with reduction none
+  const std::vector<int64_t> term_shape =
+      reduction == 0 ? std::vector<int64_t>{s.B} : std::vector<int64_t>{};
   for (const auto& [g, name] : scalars) {
-    if (g->has_value() && (*g)->defined()) check_acc(**g, name, {});
+    if (g->has_value() && (*g)->defined()) check_acc(**g, name, term_shape);
   }
   if (g_logits.has_value() && g_logits->defined()) {
     check_acc(*g_logits, "grad_logits", {s.B, s.K});
   }
   check_acc(logits, "logits", {s.B, s.K});
   check_acc(lse, "lse", {s.B, 2});
+  if (weight_sums.has_value()) {
+    check_acc(*weight_sums, "weight_sums", {2});
+  } else {
+    TORCH_CHECK_VALUE(!weight.has_value(), "weight_sums: expected the forward's weight_sums "
+                      "with a weight (None stands for B and K, the sums without weights)");
+  }
   return s;
 }
 

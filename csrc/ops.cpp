@@ -23,19 +23,27 @@ TORCH_LIBRARY(mcloss_cuda, m) {
   // per group d = drop (>= 0) or floor(n_i * drop_fraction) channels dropped, one row (C,) or,
   // per_sample_mask, (B, C), from generator (or the device's default), and returns it as
   // drawn_mask (bool, True = kept; (0,) when a mask is given). Given: bool or x's dtype, (C,) or
-  // (B, C). loss, dis, div 0-dim and logits (B, K) as mcloss_cuda.mc_loss; lse (B, 2): every row
-  // of logits' max and log sum exp(logit - max), kept for the backward. Accumulation dtype
-  // (fp64 for fp64 x, else fp32) for all but drawn_mask.
+  // (B, C). avg_pool: the logits average the group's masked channels (CCAP) instead of taking
+  // their max. weight ((K,) or None), label_smoothing and reduction (at::Reduction: 0 none,
+  // 1 mean, 2 sum) as F.cross_entropy's for dis. loss, dis, div 0-dim ((B,) for reduction
+  // none) and logits (B, K) as mcloss_cuda.mc_loss; kept for the backward: lse (B, 2), every
+  // row of logits' max and log sum exp(logit - max), and weight_sums (2,): sum_b weight[t_b]
+  // and sum_i weight[i] (B and K without weights). Accumulation dtype (fp64 for fp64 x, else
+  // fp32) for all but drawn_mask.
   m.def(
       "mc_loss(Tensor x, Tensor targets, Tensor offsets, int max_group, Tensor? mask, int drop, "
-      "float drop_fraction, bool per_sample_mask, Generator? generator, float alpha, float beta) "
-      "-> (Tensor loss, Tensor dis, Tensor div, Tensor logits, Tensor lse, Tensor drawn_mask)");
+      "float drop_fraction, bool per_sample_mask, Generator? generator, float alpha, float beta, "
+      "bool avg_pool=False, Tensor? weight=None, float label_smoothing=0.0, int reduction=1) "
+      "-> (Tensor loss, Tensor dis, Tensor div, Tensor logits, Tensor lse, Tensor drawn_mask, "
+      "Tensor weight_sums)");
   // dx from the gradients of (loss, dis, div, logits) (None: zero); mask: the one the forward
-  // used (given or drawn)
+  // used (given or drawn); weight_sums the forward's (None: B and K, right without weights)
   m.def(
       "mc_loss_backward(Tensor? grad_loss, Tensor? grad_dis, Tensor? grad_div, "
       "Tensor? grad_logits, Tensor x, Tensor targets, Tensor offsets, int max_group, Tensor mask, "
-      "Tensor logits, Tensor lse, float alpha, float beta) -> Tensor");
+      "Tensor logits, Tensor lse, float alpha, float beta, bool avg_pool=False, "
+      "Tensor? weight=None, float label_smoothing=0.0, int reduction=1, "
+      "Tensor? weight_sums=None) -> Tensor");
 }
 
 // A plain C extension module: importing it runs the registrations above (and those of the

@@ -23,9 +23,9 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 class MCLossOutput(NamedTuple):
     """The result of an MC-Loss evaluation.
 
-    loss:   alpha * dis + beta * div (scalar).
-    dis:    the discriminality term, cross-entropy of ``logits`` (scalar).
-    div:    the diversity term, 1 - mean_{b,i} h[b,i] / n_i (scalar).
+    loss:   alpha * dis + beta * div (scalar; (B,) per sample with reduction="none").
+    dis:    the discriminality term, cross-entropy of ``logits`` (scalar, or (B,)).
+    div:    the diversity term, 1 - mean_{b,i} h[b,i] / n_i (scalar, or (B,): the mean over i).
     logits: (B, K) masked CCMP + global average pooling, the input of ``dis``.
     """
 
@@ -372,20 +372,68 @@ def accumulate_in(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _group_sizes(h, counts):
+    """n_i, broadcastable over h (B, K)."""
+    if len(set(counts)) == 1:
+        return float(counts[0])
+    return group_tensor(counts, h.device, "sizes").to(h.dtype)
+
+
+def diversity_per_sample(h, counts):
+    """div_b = 1 - (1 / K) sum_i h[b,i] / n_i from the per-group sums h (B, K): (B,)."""
+    return 1.0 - (h / _group_sizes(h, counts)).mean(dim=1)
+
+
 def diversity_from_sums(h, counts):
     """L_div = 1 - (1 / (B K)) sum_{b,i} h[b,i] / n_i from the per-group sums h (B, K)."""
-    if len(set(counts)) == 1:
-        sizes = float(counts[0])
-    else:
-        sizes = group_tensor(counts, h.device, "sizes").to(h.dtype)
-    return 1.0 - (h / sizes).mean()
+    return 1.0 - (h / _group_sizes(h, counts)).mean()
 
 
-def assemble(h, logits, targets, counts, alpha, beta):
+def assemble(h, logits, targets, counts, alpha, beta, weight=None, label_smoothing=0.0,
+             reduction="mean"):
     """Turn the per-group diversity sums h (B, K) and the logits (B, K) into MCLossOutput."""
-    div = diversity_from_sums(h, counts)
-    dis = F.cross_entropy(logits, targets)
+    if weight is not None:
+        weight = weight.to(logits.dtype)
+    dis = F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing,
+                          reduction=reduction)
+    if reduction == "mean":
+        div = diversity_from_sums(h, counts)
+    else:
+        div = diversity_per_sample(h, counts)
+        div = div if reduction == "none" else div.sum()
     return MCLossOutput(alpha * dis + beta * div, dis, div, logits)
+
+
+POOLINGS = ("max", "avg")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_pooling(pooling):
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected 'max' (CCMP) or 'avg' (CCAP), got {pooling!r}")
+    return pooling
+
+
+def check_ce_options(weight, label_smoothing, reduction, num_classes, device):
+    """The discriminality cross-entropy's options, as F.cross_entropy takes them."""
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight: expected a torch.Tensor or None, got {type(weight).__name__}")
+        if weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"weight: expected a floating-point tensor, got {weight.dtype}")
+        if weight.shape != (num_classes,):
+            raise ValueError(f"weight: expected shape ({num_classes},), one weight per class, "
+                             f"got {tuple(weight.shape)}")
+        if weight.device != device:
+            raise ValueError(
+                f"weight: expected to be on the features' device {device}, got {weight.device}")
+    if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool):
+        raise TypeError(
+            f"label_smoothing: expected a real number, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def check_coefficients(alpha, beta):

@@ -111,25 +111,29 @@ if AVAILABLE:
 
     @torch.library.register_fake("mcloss_cuda::mc_loss")
     def _(x, targets, offsets, max_group, mask, drop, drop_fraction, per_sample_mask, generator,
-          alpha, beta):
+          alpha, beta, avg_pool=False, weight=None, label_smoothing=0.0, reduction=1):
         _one_device(x=x, targets=targets, offsets=offsets,
-                    **({} if mask is None else {"mask": mask}))
+                    **({} if mask is None else {"mask": mask}),
+                    **({} if weight is None else {"weight": weight}))
         _check_targets(targets, x)
         B, C, K = x.shape[0], x.shape[1], offsets.shape[0] - 1
         acc = acc_dtype(x.dtype)
-        scalar = lambda: x.new_empty((), dtype=acc)  # noqa: E731
+        per_term = (B,) if reduction == 0 else ()
+        term = lambda: x.new_empty(per_term, dtype=acc)  # noqa: E731
         if mask is None:
             drawn = x.new_empty((B, C) if per_sample_mask else (C,), dtype=torch.bool)
         else:
             drawn = x.new_empty((0,), dtype=torch.bool)
-        return (scalar(), scalar(), scalar(), x.new_empty((B, K), dtype=acc),
-                x.new_empty((B, 2), dtype=acc), drawn)
+        return (term(), term(), term(), x.new_empty((B, K), dtype=acc),
+                x.new_empty((B, 2), dtype=acc), drawn, x.new_empty((2,), dtype=acc))
 
     @torch.library.register_fake("mcloss_cuda::mc_loss_backward")
     def _(grad_loss, grad_dis, grad_div, grad_logits, x, targets, offsets, max_group, mask,
-          logits, lse, alpha, beta):
+          logits, lse, alpha, beta, avg_pool=False, weight=None, label_smoothing=0.0,
+          reduction=1, weight_sums=None):
         grads = {name: g for name, g in (("grad_loss", grad_loss), ("grad_dis", grad_dis),
-                                         ("grad_div", grad_div), ("grad_logits", grad_logits))
+                                         ("grad_div", grad_div), ("grad_logits", grad_logits),
+                                         ("weight", weight), ("weight_sums", weight_sums))
                  if g is not None}
         _one_device(x=x, targets=targets, offsets=offsets, mask=mask, logits=logits, lse=lse,
                     **grads)

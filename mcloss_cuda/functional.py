@@ -9,11 +9,13 @@ from . import reference
 from ._common import (
     MCLossOutput,
     accumulate_in,
+    check_ce_options,
     check_coefficients,
     check_features,
     check_mask,
     as_maps,
     check_generator,
+    check_pooling,
     check_targets,
     counts_for_ccmp,
     diversity_from_sums,
@@ -21,7 +23,9 @@ from ._common import (
     resolve_counts,
     resolve_drop,
 )
-from ._ops import backend, kernel_layout, ops
+from ._ops import acc_dtype, backend, kernel_layout, ops
+
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as the op takes it
 
 
 def _fused(x):
@@ -102,21 +106,28 @@ def discriminality_logits(x, num_classes, mask, cnum=None):
 
 
 def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, beta=20.0,
-            drop=None, per_sample_mask=False, generator=None):
+            drop=None, per_sample_mask=False, generator=None, pooling="max", weight=None,
+            label_smoothing=0.0, reduction="mean"):
     """Mutual-Channel Loss of a (B, C, *S) feature map ((B, C, H, W), (B, C, L), (B, C, D, H, W)...).
 
     Returns ``MCLossOutput(loss, dis, div, logits)`` with ``loss = alpha * dis + beta * div``.
     ``cnum``: channels per class (int), per-class counts, or None for C split evenly over the
     classes. ``mask=None`` draws a fresh random channel mask (``drop`` channels per group, an
-    int or a float fraction p for floor(n_i * p), default half of it rounded down; one draw for the batch, or per sample with
-    ``per_sample_mask``) from torch's RNG or ``generator``.
+    int or a float fraction p for floor(n_i * p), default half of it rounded down; one draw
+    for the batch, or per sample with ``per_sample_mask``) from torch's RNG or ``generator``.
+    ``pooling``: "max" (CCMP, published) or "avg" (CCAP) for the discriminality logits.
+    ``weight``, ``label_smoothing``, ``reduction``: the discriminality cross-entropy's, as
+    ``F.cross_entropy`` takes them; ``reduction="none"`` gives loss, dis and div per sample.
     """
     check_features(features)
     counts = resolve_counts(num_classes, cnum, features.shape[1])
+    check_pooling(pooling)
+    check_ce_options(weight, label_smoothing, reduction, len(counts), features.device)
     if not _fused(features):
         return reference.mc_loss(features, targets, num_classes, counts, mask=mask, alpha=alpha,
                                  beta=beta, drop=drop, per_sample_mask=per_sample_mask,
-                                 generator=generator)
+                                 generator=generator, pooling=pooling, weight=weight,
+                                 label_smoothing=label_smoothing, reduction=reduction)
     check_targets(targets, features.shape[0], len(counts), features.device, kernel_checks=True)
     check_coefficients(alpha, beta)
     drops = resolve_drop(drop, counts)  # checked here; the kernels draw with it
@@ -128,9 +139,12 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
     # one op, one autograd node: the fused kernels, the mask drawn inside them when none is
     # given, and the (B, K) tail (csrc/ops.cpp)
     x = kernel_layout(as_maps(features))
+    if weight is not None:  # the tail computes in the logits' dtype, as cross_entropy would
+        weight = weight.to(acc_dtype(x.dtype)).contiguous()
     # the kernels drop `drop` channels of every group when it is >= 0, else floor(n_i * p)
     count, fraction = (drops[0], 0.0) if _is_count(drop) else (-1, 0.5 if drop is None else drop)
-    loss, dis, div, logits, _, _ = ops.mc_loss(
+    loss, dis, div, logits, *_ = ops.mc_loss(
         x, targets.contiguous(), group_tensor(counts, x.device, "offsets"), max(counts), mask,
-        count, fraction, bool(per_sample_mask), generator, float(alpha), float(beta))
+        count, fraction, bool(per_sample_mask), generator, float(alpha), float(beta),
+        pooling == "avg", weight, float(label_smoothing), _REDUCTION_ENUM[reduction])
     return MCLossOutput(loss, dis, div, logits)

@@ -14,9 +14,11 @@ from ._common import (
     accumulate_in,
     MCLossOutput,
     assemble,
+    check_ce_options,
     check_coefficients,
     check_features,
     check_mask,
+    check_pooling,
     check_targets,
     counts_for_ccmp,
     diversity_from_sums,
@@ -69,9 +71,16 @@ def _diversity_sums(x, counts):
     return _group_max(_spatial_softmax(x), counts).flatten(2).sum(dim=2)
 
 
-def _masked_logits(x, mask, counts):
-    """logits[b, i] = mean_k max_{j in G_i} m[b, j] * x[b, j, k] (masked channels count as 0)."""
-    return _group_max(x * _mask_as(mask, x), counts).flatten(2).mean(dim=2)
+def _group_mean(x, counts):
+    """Cross-channel average pooling: (B, C, *S) -> (B, K, *S), the mean over each group."""
+    return torch.stack([g.mean(dim=1) for g in x.split(list(counts), dim=1)], dim=1)
+
+
+def _masked_logits(x, mask, counts, pooling="max"):
+    """logits[b, i] = mean_k pool_{j in G_i} m[b, j] * x[b, j, k], pool the max (CCMP, masked
+    channels count as 0) or the mean (CCAP)."""
+    pool = _group_max if pooling == "max" else _group_mean
+    return pool(x * _mask_as(mask, x), counts).flatten(2).mean(dim=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,17 +122,22 @@ def discriminality_logits(x, num_classes, mask, cnum=None):
 
 
 def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, beta=20.0,
-            drop=None, per_sample_mask=False, generator=None):
-    """MC-Loss: alpha * cross_entropy(logits, targets) + beta * L_div, as an MCLossOutput."""
+            drop=None, per_sample_mask=False, generator=None, pooling="max", weight=None,
+            label_smoothing=0.0, reduction="mean"):
+    """MC-Loss: alpha * cross_entropy(logits, targets) + beta * L_div, as an MCLossOutput
+    (weight, label_smoothing and reduction as F.cross_entropy takes them; with "none", loss,
+    dis and div are per sample)."""
     check_features(features)
     counts = resolve_counts(num_classes, cnum, features.shape[1])
     check_targets(targets, features.shape[0], len(counts), features.device)
     check_coefficients(alpha, beta)
+    check_pooling(pooling)
+    check_ce_options(weight, label_smoothing, reduction, len(counts), features.device)
     if mask is None:
         mask = draw_mask(features, counts, drop, per_sample_mask, generator)
     else:
         check_mask(mask, features.shape[0], features.shape[1], features.device)
     x = accumulate_in(features)
     h = _diversity_sums(x, counts)
-    logits = _masked_logits(x, mask, counts)
-    return assemble(h, logits, targets, counts, alpha, beta)
+    logits = _masked_logits(x, mask, counts, pooling)
+    return assemble(h, logits, targets, counts, alpha, beta, weight, label_smoothing, reduction)

@@ -16,7 +16,7 @@ standing in for the CPU kernels; the file name keeps it out of a plain ``pytest`
 - Uneven groups, maps whose H*W is not a multiple of 4, features, masks, targets and the
   backward's inputs at addresses that are not 16-byte aligned, channels_last, per-sample, bool
   and float masks (0/1 and other values): all against ``mcloss_cuda.reference`` with the same
-  explicit mask, forward (the six outputs, lse from the reference's logits) and backward (dx for
+  explicit mask, forward (the seven outputs, lse from the reference's logits) and backward (dx for
   upstream gradients with some of them None, against autograd through the reference).
 - The mask drawn inside the kernels (mask=None): exactly d_i channels dropped per row and group
   (floor(n_i / 2) by default, drop=1, drop_fraction=0.25, clamped), bitwise the same outputs for
@@ -76,7 +76,7 @@ def offsets_of(counts):
 
 def fwd(x, y, counts, mask, alpha=1.5, beta=20.0, drop=-1, drop_fraction=0.5, per_sample=False,
         generator=None, max_group=None, offsets=None):
-    """ops.mc_loss: (loss, dis, div, logits, lse, drawn_mask)."""
+    """ops.mc_loss: (loss, dis, div, logits, lse, drawn_mask, weight_sums)."""
     return ops.mc_loss(x, y, offsets_of(counts) if offsets is None else offsets,
                        max(counts) if max_group is None else max_group, mask, drop,
                        drop_fraction, per_sample, generator, alpha, beta)
@@ -609,7 +609,7 @@ def test_mask_drawn_inside_the_kernels(dtype, per_sample, draw):
     for i, (a, b) in enumerate(zip(first[:5], explicit[:5])):
         assert torch.equal(a, b), i
     dx = bwd(grads, x.detach(), y, counts, drawn, first[3], first[4], 0.9, 4.0)
-    assert torch.equal(dx, first[6])
+    assert torch.equal(dx, first[-1])
     # the default generator when none is given
     torch.manual_seed(seed)
     d1 = fwd(x.detach(), y, counts, None, **kw)

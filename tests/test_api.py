@@ -27,7 +27,9 @@ NO = P.empty
 SPEC_SIGNATURES = {
     "mc_loss": [("features", POS, NO), ("targets", POS, NO), ("num_classes", POS, NO),
                 ("cnum", POS, None), ("mask", KW, None), ("alpha", KW, 1.5), ("beta", KW, 20.0),
-                ("drop", KW, None), ("per_sample_mask", KW, False), ("generator", KW, None)],
+                ("drop", KW, None), ("per_sample_mask", KW, False), ("generator", KW, None),
+                ("pooling", KW, "max"), ("weight", KW, None), ("label_smoothing", KW, 0.0),
+                ("reduction", KW, "mean")],
     "spatial_softmax": [("x", POS, NO)],
     "channel_mask": [("x", POS, NO), ("mask", POS, NO)],
     "ccmp": [("x", POS, NO), ("cnum", POS, NO)],
@@ -39,7 +41,9 @@ SPEC_SIGNATURES = {
     "backend": [("device", POS, NO)],
 }
 MCLOSS_INIT = [("num_classes", POS, NO), ("cnum", POS, None), ("alpha", POS, 1.5),
-               ("beta", POS, 20.0), ("drop", POS, None), ("per_sample_mask", POS, False)]
+               ("beta", POS, 20.0), ("drop", POS, None), ("per_sample_mask", POS, False),
+               ("pooling", POS, "max"), ("weight", POS, None), ("label_smoothing", POS, 0.0),
+               ("reduction", POS, "mean")]
 MCLOSS_FORWARD = [("features", POS, NO), ("targets", POS, NO), ("mask", POS, None)]
 # docs/spec.md: mc.reference holds the pure-PyTorch versions of the functions (backend and the
 # module wrapper are about dispatch, not about numbers)

@@ -7,7 +7,7 @@ bool and float masks; gradcheck in float64; the parallel split, bitwise repeatab
 saved for backward, and that a CUDA build registers CUDA kernels for every op.
 
 The two loss ops are also called directly (``torch.ops.mcloss_cuda.mc_loss`` and
-``mc_loss_backward``, as the C++ autograd calls them): all six outputs (lse included) against
+``mc_loss_backward``, as the C++ autograd calls them): all seven outputs (lse included) against
 the reference, dx for upstream gradients with some of them None, max_group larger than needed,
 and the mask the op draws itself when given none (exactly d_i dropped per row and group,
 repeatable from the generator's state, the results of that mask passed explicitly, fresh at
@@ -427,18 +427,33 @@ def offsets_of(counts, device):
                         device=device)
 
 
+REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+
+
+def op_options(opts, x):
+    """The op's (avg_pool, weight, label_smoothing, reduction) from the Python API's options."""
+    weight = opts.get("weight")
+    if weight is not None:
+        weight = weight.to(F64 if x.dtype == F64 else F32)
+    return (opts.get("pooling", "max") == "avg", weight, float(opts.get("label_smoothing", 0.0)),
+            REDUCTION_ENUM[opts.get("reduction", "mean")])
+
+
 def op_forward(x, y, counts, mask, alpha=1.5, beta=20.0, drop=-1, drop_fraction=0.5,
-               per_sample=False, generator=None, max_group=None):
-    """ops.mc_loss: (loss, dis, div, logits, lse, drawn_mask)."""
+               per_sample=False, generator=None, max_group=None, opts=None):
+    """ops.mc_loss: (loss, dis, div, logits, lse, drawn_mask, weight_sums)."""
     mg = max(counts) if max_group is None else max_group
+    extra = op_options(opts, x) if opts else ()
     return OPS.mc_loss(x, y, offsets_of(counts, x.device), mg, mask, drop, drop_fraction,
-                       per_sample, generator, alpha, beta)
+                       per_sample, generator, alpha, beta, *extra)
 
 
-def op_backward(grads, x, y, counts, mask, logits, lse, alpha=1.5, beta=20.0, max_group=None):
+def op_backward(grads, x, y, counts, mask, logits, lse, alpha=1.5, beta=20.0, max_group=None,
+                opts=None, weight_sums=None):
     mg = max(counts) if max_group is None else max_group
+    extra = op_options(opts, x) + (weight_sums,) if opts else ()
     return OPS.mc_loss_backward(*grads, x, y, offsets_of(counts, x.device), mg, mask, logits,
-                                lse, alpha, beta)
+                                lse, alpha, beta, *extra)
 
 
 def lse_of(logits):
@@ -453,17 +468,20 @@ def weighted_sum(out, grads):
     g_loss, g_dis, g_div, g_logits = grads
     for g, t in ((g_loss, out[0]), (g_dis, out[1]), (g_div, out[2])):
         if g is not None:
-            total = g.to(t) * t if total is None else total + g.to(t) * t
+            term = (g.to(t) * t).sum()
+            total = term if total is None else total + term
     if g_logits is not None:
         t = (g_logits.to(out[3]) * out[3]).sum()
         total = t if total is None else total + t
     return total
 
 
-def grad_patterns(B, K, device, acc):
+def grad_patterns(B, K, device, acc, per_sample=False):
     """Upstream gradients (grad_loss, grad_dis, grad_div, grad_logits): all four, and with
-    some None (autograd passes None for an output that no gradient reaches)."""
-    s = lambda: torch.randn((), device=device, dtype=acc)  # noqa: E731
+    some None (autograd passes None for an output that no gradient reaches). per_sample: those
+    of loss, dis and div (B,), as reduction="none" gives them."""
+    shape = (B,) if per_sample else ()
+    s = lambda: torch.randn(shape, device=device, dtype=acc)  # noqa: E731
     gl = lambda: torch.randn(B, K, device=device, dtype=acc)  # noqa: E731
     return [(s(), s(), s(), gl()), (s(), None, None, None), (None, s(), s(), None),
             (None, None, None, gl()), (None, None, s(), gl()), (None, None, None, None)]
@@ -484,18 +502,26 @@ def assert_like_x(dx, x):
     assert dx.is_contiguous(memory_format=fmt), (dx.stride(), x.stride())
 
 
-def check_ops_against_reference(x, y, case, mask, alpha, beta, bwd, **kw):
-    """ops.mc_loss's six outputs and mc_loss_backward's dx (for every grad_patterns) against
-    autograd through mcloss_cuda.reference with the same mask."""
+def check_ops_against_reference(x, y, case, mask, alpha, beta, bwd, opts=None, **kw):
+    """ops.mc_loss's seven outputs and mc_loss_backward's dx (for every grad_patterns) against
+    autograd through mcloss_cuda.reference with the same mask. opts: the Python API's pooling,
+    weight, label_smoothing and reduction, if any."""
     xd = x.detach()
     acc = F64 if x.dtype == F64 else F32
-    out = op_forward(xd, y, case.counts, mask, alpha, beta, **kw)
-    assert len(out) == 6
-    loss, dis, div, logits, lse, drawn = out
-    ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask, alpha=alpha, beta=beta)
+    out = op_forward(xd, y, case.counts, mask, alpha, beta, opts=opts, **kw)
+    assert len(out) == 7
+    loss, dis, div, logits, lse, drawn, weight_sums = out
+    ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask, alpha=alpha, beta=beta, **(opts or {}))
+    # a weighted mean's divisor sum_b w[y_b] can be far from B: the value tolerance scales
+    weight = (opts or {}).get("weight")
+    w_scale = 1.0 if weight is None else (weight.abs().max() / weight[y].sum() * case.B).item()
     for a, b in zip((loss, dis, div, logits), ref):
         assert a.dtype == b.dtype == acc and a.shape == b.shape and a.device == b.device
-        assert_value_close(a, b, HW=case.HW, coeff=alpha + beta)
+        assert_value_close(a, b, HW=case.HW, coeff=(alpha + beta) * max(1.0, w_scale))
+    w = torch.ones(case.K, dtype=F64) if weight is None else weight.double().cpu()
+    expected_sums = torch.stack([w[y.cpu()].sum(), w.sum()]).to(weight_sums)
+    assert weight_sums.shape == (2,) and weight_sums.dtype == acc
+    torch.testing.assert_close(weight_sums, expected_sums)
     assert lse.shape == (case.B, 2) and lse.dtype == acc
     assert_value_close(lse, lse_of(ref.logits.detach()), HW=case.HW)
     # lse is that of the logits returned: the max exactly, the log-sum to rounding
@@ -504,16 +530,18 @@ def check_ops_against_reference(x, y, case, mask, alpha, beta, bwd, **kw):
     assert drawn.dtype == torch.bool and drawn.shape == (0,), drawn
     if not bwd:
         return out
-    for grads in grad_patterns(case.B, case.K, x.device, acc):
+    per_sample = (opts or {}).get("reduction") == "none"
+    for grads in grad_patterns(case.B, case.K, x.device, acc, per_sample):
         dx = op_backward(grads, xd, y, case.counts, mask, logits, lse, alpha, beta,
-                         kw.get("max_group"))
+                         kw.get("max_group"), opts, weight_sums)
         assert_like_x(dx, x)
         total = weighted_sum(ref, grads)
         if total is None:
             assert (dx == 0).all()
             continue
         (dx_ref,) = torch.autograd.grad(total, x, retain_graph=True)
-        assert_grad_close(dx, dx_ref, grad_terms(x, case.counts, grads, alpha, beta))
+        scale = max(1.0, w_scale) * (case.B if (opts or {}).get("reduction") == "sum" else 1)
+        assert_grad_close(dx, dx_ref, grad_terms(x, case.counts, grads, alpha, beta) * scale)
     return out
 
 
@@ -550,7 +578,7 @@ def test_loss_ops_direct(device, dtype, case, layout, bwd):
     # mask do not; the gradient is mc_loss_backward's
     out = op_forward(x, y, case.counts, shared, alpha, beta)
     assert all(t.requires_grad for t in out[:4]), [t.requires_grad for t in out]
-    assert not out[4].requires_grad and not out[5].requires_grad
+    assert not any(t.requires_grad for t in out[4:])
     if bwd:
         acc = F64 if dtype == F64 else F32
         grads = grad_patterns(case.B, case.K, device, acc)[0]
@@ -563,6 +591,57 @@ def test_loss_ops_direct(device, dtype, case, layout, bwd):
         ref = R.mc_loss(x, y, case.K, case.cnum, mask=shared, alpha=alpha, beta=beta)
         assert_grad_close(grad_of(out[3].sum(), x), grad_of(ref.logits.sum(), x),
                           mc_terms(x, case.counts, case.B, 0))
+
+
+# pooling (CCAP), class weights, label smoothing and the three reductions, in combinations
+# that between them take every option on and off
+LOSS_OPTIONS = {
+    "avg": dict(pooling="avg"),
+    "avg-none": dict(pooling="avg", reduction="none"),
+    "weight-smoothing": dict(weight="rand", label_smoothing=0.2),
+    "weight-sum": dict(weight="rand", reduction="sum"),
+    "smoothing-none": dict(label_smoothing=0.1, reduction="none"),
+    "avg-weight-smoothing-none": dict(pooling="avg", weight="rand", label_smoothing=0.3,
+                                      reduction="none"),
+}
+OPTION_CASES = ["uniform_14x14", "uneven_5x9", "map_1x1", "cnum64_9x9"]
+
+
+def option_params():
+    out = []
+    for device in DEVICES:
+        for dtype in DTYPES:
+            for name in OPTION_CASES:
+                for layout in ("contiguous", "channels_last"):
+                    bwd = grad_feasible(CASES[name], dtype)
+                    out.append(pytest.param(device, dtype, CASES[name], layout, bwd,
+                                            id=f"{device}-{str(dtype)[6:]}-{name}-{layout}"))
+    return out
+
+
+@fused_only
+@pytest.mark.parametrize(ARGS, option_params())
+def test_loss_ops_options(device, dtype, case, layout, bwd):
+    # every option combination through the two ops against the reference, forward and every
+    # upstream gradient pattern; then through mc.mc_loss and autograd, against the reference
+    x = make_features(case, dtype, device, layout, for_grad=bwd)
+    y = random_targets(case.B, case.K, device)
+    mask = torch.rand(case.C, device=device) < 0.5
+    for opts in LOSS_OPTIONS.values():
+        opts = dict(opts)
+        if opts.get("weight") == "rand":
+            opts["weight"] = 0.25 + torch.rand(case.K, device=device)
+        check_ops_against_reference(x, y, case, mask, 1.5, 20.0, bwd, opts=opts)
+        out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask, **opts)
+        ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask, **opts)
+        per_sample = opts.get("reduction") == "none"
+        for a, b in zip(out, ref):
+            assert a.shape == b.shape == ((case.B,) if per_sample and a.dim() < 2 else b.shape)
+        if bwd:
+            g = torch.randn(out.loss.shape, device=device, dtype=out.loss.dtype)
+            assert_grad_close(grad_of((out.loss * g).sum(), x), grad_of((ref.loss * g).sum(), x),
+                              mc_terms(x, case.counts, 1.5 * 4, 20.0) *
+                              (case.B if opts.get("reduction") == "sum" else 1))
 
 
 @fused_only

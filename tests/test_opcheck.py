@@ -30,6 +30,10 @@ FORWARD_OPS = ("spatial_softmax", "channel_mask", "ccmp", "mc_loss")
 MASK_KINDS = ("dtype", "bool", "drawn", "drawn_generator")
 # upstream gradients of mc_loss_backward, (loss, dis, div, logits): None is a zero gradient
 GRAD_KINDS = ("all", "loss", "dis_div", "logits")
+# the loss ops' trailing options (avg_pool, weight, label_smoothing, reduction): the schema's
+# defaults (left out of the call), CCAP, and class weights with smoothing under the per-sample
+# ("none", 0) and "sum" (2) reductions; "rand" stands for a (K,) weight
+LOSS_OPTIONS = (None, (True, None, 0.0, 1), (False, "rand", 0.1, 0), (True, "rand", 0.2, 2))
 
 
 # (B, counts, H, W)
@@ -60,10 +64,10 @@ def mask_for(B, C, dtype, device, per_sample):
     return (torch.rand(shape, device=device) < 0.5).to(dtype)
 
 
-def loss_args(x, counts, per_sample, mask_kind, seed):
+def loss_args(x, counts, per_sample, mask_kind, seed, options=None):
     """ops.mc_loss's arguments for x: targets, offsets, max_group, the mask as mask_kind says,
     drop / drop_fraction (the default floor(n_i / 2), or drop=1 with a drawn per-sample mask),
-    the generator, alpha, beta."""
+    the generator, alpha, beta, then the options (one of LOSS_OPTIONS) if any."""
     B, C, K = x.shape[0], x.shape[1], len(counts)
     device = x.device
     mask = None
@@ -73,13 +77,20 @@ def loss_args(x, counts, per_sample, mask_kind, seed):
     drop = 1 if mask_kind == "drawn" and per_sample else -1
     generator = (torch.Generator(device=device).manual_seed(seed)
                  if mask_kind == "drawn_generator" else None)
-    return (x, torch.randint(0, K, (B,), device=device), offsets_of(counts, device), max(counts),
+    args = (x, torch.randint(0, K, (B,), device=device), offsets_of(counts, device), max(counts),
             mask, drop, 0.5, per_sample, generator, float(torch.rand(()) + 0.5),
             float(torch.rand(()) * 20))
+    if options is None:
+        return args
+    avg_pool, weight, smoothing, reduction = options
+    if weight == "rand":
+        acc = F64 if x.dtype == F64 else F32
+        weight = 0.5 + torch.rand(K, device=device, dtype=acc)
+    return args + (avg_pool, weight, smoothing, reduction)
 
 
 def samples(op, device, dtype, shape, channels_last, per_sample, requires_grad, kind=None,
-            seed=0):
+            seed=0, options=None):
     """Sample args for ``op``; forward ops get requires_grad features when asked."""
     B, counts, H, W = SHAPES[shape]
     C, K = sum(counts), len(counts)
@@ -90,19 +101,22 @@ def samples(op, device, dtype, shape, channels_last, per_sample, requires_grad, 
     if op in FORWARD_OPS and requires_grad:
         x = x.detach().requires_grad_()
     if op == "mc_loss":
-        return loss_args(x, counts, per_sample, kind, seed)
+        return loss_args(x, counts, per_sample, kind, seed, options)
     if op == "mc_loss_backward":
         # the backward of a forward with the mask given (in x's dtype or bool) or drawn
         mask_kind = {"all": "dtype", "loss": "bool", "dis_div": "drawn",
                      "logits": "drawn_generator"}[kind]
-        fwd = loss_args(x, counts, per_sample, mask_kind, seed)
+        fwd = loss_args(x, counts, per_sample, mask_kind, seed, options)
         out = torch.ops.mcloss_cuda.mc_loss(*fwd)
         used = fwd[4] if fwd[4] is not None else out[5]
-        s = lambda: torch.randn((), device=device, dtype=acc)  # noqa: E731
+        term = (B,) if options is not None and options[3] == 0 else ()
+        s = lambda: torch.randn(term, device=device, dtype=acc)  # noqa: E731
         gl = torch.randn(B, K, device=device, dtype=acc)
         grads = {"all": (s(), s(), s(), gl), "loss": (s(), None, None, None),
                  "dis_div": (None, s(), s(), None), "logits": (None, None, None, gl)}[kind]
-        return (*grads, x, fwd[1], off, max(counts), used, out[3], out[4], fwd[9], fwd[10])
+        extra = () if options is None else (*fwd[11:], out[6])
+        return (*grads, x, fwd[1], off, max(counts), used, out[3], out[4], fwd[9], fwd[10],
+                *extra)
     like_x = torch.randn(x.shape, device=device).to(dtype)
     if channels_last:
         like_x = like_x.contiguous(memory_format=torch.channels_last)
@@ -140,14 +154,17 @@ def cases():
             for i, (dtype, shape, cl) in enumerate(combos):
                 per_sample = i % 2 == 1
                 kind = kinds[(i // 2) % len(kinds)] if kinds else None
+                # the options change every entry, out of step with the kinds
+                options = LOSS_OPTIONS[i % len(LOSS_OPTIONS)] if kinds else None
                 # forward ops get requires_grad features in fp32/fp64, so that opcheck's
                 # autograd and aot_dispatch checks run their registered backward
                 rg = op in FORWARD_OPS and dtype in (F32, F64)
+                opt_id = "" if options is None else f"-opt{i % len(LOSS_OPTIONS)}"
                 out.append(pytest.param(
-                    op, device, dtype, shape, cl, per_sample, rg, kind,
+                    op, device, dtype, shape, cl, per_sample, rg, kind, options,
                     id=f"{op}-{device}-{str(dtype)[6:]}-{shape}-"
                        f"{'cl' if cl else 'contig'}-{'bc' if per_sample else 'c'}"
-                       f"{'-' + kind if kind else ''}{'-grad' if rg else ''}"))
+                       f"{'-' + kind if kind else ''}{opt_id}{'-grad' if rg else ''}"))
     return out
 
 
@@ -161,12 +178,12 @@ ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
 
 
 @pytest.mark.parametrize("op, device, dtype, shape, channels_last, per_sample, requires_grad, "
-                         "kind", cases())
+                         "kind, options", cases())
 def test_opcheck(op, device, dtype, shape, channels_last, per_sample, requires_grad, kind,
-                 fresh_seed):
+                 options, fresh_seed):
     assert mc.backend(device) != "reference"
     args = samples(op, device, dtype, shape, channels_last, per_sample, requires_grad, kind,
-                   fresh_seed)
+                   fresh_seed, options)
     with_generator = any(isinstance(a, torch.Generator) for a in args)
     checks = ALL_CHECKS[:3] if with_generator else ALL_CHECKS
     result = torch.library.opcheck(getattr(torch.ops.mcloss_cuda, op), args, test_utils=checks)
@@ -178,8 +195,8 @@ def test_opcheck(op, device, dtype, shape, channels_last, per_sample, requires_g
         out = getattr(torch.ops.mcloss_cuda, op)(*args)
         outs = out if isinstance(out, tuple) else (out,)
         if op == "mc_loss":
-            # loss, dis, div, logits differentiable; lse and drawn_mask not
-            assert not outs[4].requires_grad and not outs[5].requires_grad
+            # loss, dis, div, logits differentiable; lse, drawn_mask and weight_sums not
+            assert not any(o.requires_grad for o in outs[4:])
             outs = outs[:4]
         assert all(o.requires_grad for o in outs)
         (dx,) = torch.autograd.grad(sum(o.float().sum() for o in outs), args[0])
@@ -229,7 +246,7 @@ def test_generator_draws_repeat(device, per_sample, fresh_seed):
     fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
     with mode:
         fake = torch.ops.mcloss_cuda.mc_loss(*fake_args)
-    for a, b in zip(eager[:6], fake):
+    for a, b in zip(eager[:7], fake):
         assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
 
 

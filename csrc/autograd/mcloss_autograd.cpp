@@ -85,43 +85,52 @@ class Ccmp : public torch::autograd::Function<Ccmp> {
 };
 
 // The whole loss: one node. Saved: x, the targets, offsets and the mask it used (given, or the
-// drawn one it returns), its logits and their (B, 2) log-softmax statistics. Gradients are not
-// materialised: an output that took no part reaches the backward op as None, with no fill.
+// drawn one it returns), its logits, their (B, 2) log-softmax statistics, the weight sums and
+// the weight. Gradients are not materialised: an output that took no part reaches the backward
+// op as None, with no fill.
 class McLoss : public torch::autograd::Function<McLoss> {
  public:
   using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                               at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, int64_t,
-                                           const std::optional<at::Tensor>&, int64_t, double,
-                                           bool, std::optional<at::Generator>, double, double);
+                               at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+      const std::optional<at::Tensor>&, int64_t, double, bool, std::optional<at::Generator>,
+      double, double, bool, const std::optional<at::Tensor>&, double, int64_t);
   using BackwardOp = at::Tensor(const std::optional<at::Tensor>&,
                                 const std::optional<at::Tensor>&,
                                 const std::optional<at::Tensor>&,
                                 const std::optional<at::Tensor>&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, double, double);
+                                const at::Tensor&, const at::Tensor&, double, double, bool,
+                                const std::optional<at::Tensor>&, double, int64_t,
+                                const std::optional<at::Tensor>&);
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
                                const at::Tensor& targets, const at::Tensor& offsets,
                                int64_t max_group, const std::optional<at::Tensor>& mask,
                                int64_t drop, double drop_fraction, bool per_sample_mask,
                                std::optional<at::Generator> generator, double alpha,
-                               double beta) {
+                               double beta, bool avg_pool,
+                               const std::optional<at::Tensor>& weight, double label_smoothing,
+                               int64_t reduction) {
     static const auto fwd = op<ForwardOp>("mcloss_cuda::mc_loss");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, dis, div, logits, lse, drawn] = fwd.call(
+    auto [loss, dis, div, logits, lse, drawn, weight_sums] = fwd.call(
         x, targets, offsets, max_group, mask, drop, drop_fraction, per_sample_mask,
-        std::move(generator), alpha, beta);
-    ctx->save_for_backward({x, targets, offsets, mask.has_value() ? *mask : drawn, logits, lse});
+        std::move(generator), alpha, beta, avg_pool, weight, label_smoothing, reduction);
+    ctx->save_for_backward({x, targets, offsets, mask.has_value() ? *mask : drawn, logits, lse,
+                            weight_sums, weight.has_value() ? *weight : at::Tensor()});
     ctx->saved_data["max_group"] = max_group;
     ctx->saved_data["alpha"] = alpha;
     ctx->saved_data["beta"] = beta;
+    ctx->saved_data["avg_pool"] = avg_pool;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["reduction"] = reduction;
     ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({lse, drawn});
-    return {loss, dis, div, logits, lse, drawn};
+    ctx->mark_non_differentiable({lse, drawn, weight_sums});
+    return {loss, dis, div, logits, lse, drawn, weight_sums};
   }
   // grads: of loss, dis, div and logits (undefined for an output that took no part), then of
-  // lse and drawn_mask (never defined)
+  // lse, drawn_mask and weight_sums (never defined)
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<BackwardOp>("mcloss_cuda::mc_loss_backward");
     const auto saved = ctx->get_saved_variables();
@@ -129,11 +138,16 @@ class McLoss : public torch::autograd::Function<McLoss> {
       if (!grads[i].defined()) return std::nullopt;
       return grads[i];
     };
+    const std::optional<at::Tensor> weight =
+        saved[7].defined() ? std::optional<at::Tensor>(saved[7]) : std::nullopt;
     const at::Tensor dx = bwd.call(
         grad(0), grad(1), grad(2), grad(3), saved[0], saved[1], saved[2],
         ctx->saved_data["max_group"].toInt(), saved[3], saved[4], saved[5],
-        ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble());
-    variable_list out(11);
+        ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(),
+        ctx->saved_data["avg_pool"].toBool(), weight,
+        ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["reduction"].toInt(),
+        saved[6]);
+    variable_list out(15);  // one per forward argument; only x has a gradient
     out[0] = dx;
     return out;
   }
@@ -154,10 +168,13 @@ TORCH_LIBRARY_IMPL(mcloss_cuda, Autograd, m) {
   m.impl("mc_loss", [](const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets,
                        int64_t max_group, const std::optional<at::Tensor>& mask, int64_t drop,
                        double drop_fraction, bool per_sample_mask,
-                       std::optional<at::Generator> generator, double alpha, double beta) {
+                       std::optional<at::Generator> generator, double alpha, double beta,
+                       bool avg_pool, const std::optional<at::Tensor>& weight,
+                       double label_smoothing, int64_t reduction) {
     auto out = autograd::McLoss::apply(x, targets, offsets, max_group, mask, drop, drop_fraction,
-                                       per_sample_mask, std::move(generator), alpha, beta);
-    return std::make_tuple(out[0], out[1], out[2], out[3], out[4], out[5]);
+                                       per_sample_mask, std::move(generator), alpha, beta,
+                                       avg_pool, weight, label_smoothing, reduction);
+    return std::make_tuple(out[0], out[1], out[2], out[3], out[4], out[5], out[6]);
   });
 }
 

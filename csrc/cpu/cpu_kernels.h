@@ -297,6 +297,24 @@ struct GroupScan {
     }
   }
 
+  // (1 / n) sum_j m_j sum_k v[j, k], after winners() (which sets m): the average pooling's
+  // logit times HW. m_j multiplies the channel's sum rather than each value: the same for
+  // a 0/1 mask, NaN included (0 * inf is NaN either way).
+  acc masked_mean(int64_t n) const {
+    const int64_t last = (chunks - 1) * L::N;
+    const Mask valid = L::lanes_below(HW - last);
+    acc total = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc* vj = v.data() + j * HWp;
+      V s{};
+      for (int64_t off = 0; off < last; off += L::N) s += L::load(vj + off);
+      const V x = L::load(vj + last);  // -inf in the pad lanes
+      s += valid ? x : V{};
+      total += apply_mask(L::sum(s), m[j]);
+    }
+    return total / static_cast<acc>(n);
+  }
+
  private:
   template <bool kIndices, bool kMaybeNaN, typename Visit>
   void scan_winners(int64_t n, Visit&& visit) const {
@@ -354,7 +372,8 @@ void mc_loss_forward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t 
       sum_m += best_m;
     });
     a.h[g] = Lanes<acc>::sum(sum_p);
-    a.logits[g] = Lanes<acc>::sum(sum_m) / static_cast<acc>(a.HW);
+    a.logits[g] = (a.avg_pool ? scan.masked_mean(n) : Lanes<acc>::sum(sum_m)) /
+                  static_cast<acc>(a.HW);
   }
 }
 
@@ -381,7 +400,9 @@ void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t
       L::store(scan.win_m.data() + c * L::N, at_m);
       L::store(scan.g_p.data() + c * L::N, gh * best_p);
     });
-    const acc gl_per_pos = a.grad_logits[g] / static_cast<acc>(HW);
+    // with average pooling (CCAP) every channel takes 1 / n_i of the group's logit gradient
+    const acc gl_per_pos =
+        a.grad_logits[g] / static_cast<acc>(HW) / (a.avg_pool ? static_cast<acc>(n) : acc(1));
     for (int64_t j = 0; j < n; ++j) {
       const Index jj = L::index(j);
       // S_j = sum_k g[j,k] p[j,k]: the gh * p of the positions channel j wins (the pad lanes
@@ -392,7 +413,7 @@ void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t
         s += L::load(scan.win_p.data() + off) == jj ? L::load(scan.g_p.data() + off) : V{};
       }
       const V s_j = L::splat(L::sum(s));
-      const LogitGrad<acc> gl(gl_per_pos, static_cast<acc>(mask_row[c0 + j]));
+      const LogitGrad<acc> gl(gl_per_pos, static_cast<acc>(mask_row[c0 + j]), a.avg_pool);
       const V gl_win = L::splat(gl.win), gl_lose = L::splat(gl.lose);
       const acc* ej = scan.e.data() + j * scan.HWp;
       scalar_t* out_row = a.out + lay.at(b, c0 + j, 0);

@@ -29,6 +29,7 @@ struct KernelArgs {
   acc* h = nullptr;                  // (B, K)
   acc* logits = nullptr;             // (B, K)
   int64_t B = 0, C = 0, K = 0, HW = 0, max_group = 0;
+  bool avg_pool = false;  // the fused loss's logits: the group's mean (CCAP), not its max
   int64_t x_str[3] = {0, 0, 0};
   int64_t g_str[3] = {0, 0, 0};
 };

@@ -228,81 +228,132 @@ at::Tensor draw_mask(const LossShape& s, const at::Tensor& offsets, int64_t drop
 
 // Per group (b, i): the diversity sum h and the logit, one pass over x.
 std::pair<at::Tensor, at::Tensor> group_sums(const at::Tensor& x, const LossShape& s,
-                                             const at::Tensor& offsets, const at::Tensor& mask) {
+                                             const at::Tensor& offsets, const at::Tensor& mask,
+                                             bool avg_pool) {
   auto h = at::empty({s.B, s.K}, x.options().dtype(acc_type_of(x)));
   auto logits = at::empty({s.B, s.K}, x.options().dtype(acc_type_of(x)));
   launch(x, s.B * s.K, s.C / s.K * s.HW, [](const auto& t) { return t.mc_loss_forward; },
          [&](auto& a) {
            using acc = typename std::decay_t<decltype(a)>::acc_type;
            set_groups(a, s, offsets, mask);
+           a.avg_pool = avg_pool;
            a.h = h.mutable_data_ptr<acc>();
            a.logits = logits.mutable_data_ptr<acc>();
          });
   return {h, logits};
 }
 
+template <typename T>
+CrossEntropyOptions<T> cross_entropy_options(const std::optional<at::Tensor>& weight,
+                                             double label_smoothing, int64_t reduction) {
+  return {weight.has_value() ? weight->const_data_ptr<T>() : nullptr,
+          static_cast<T>(label_smoothing), reduction};
+}
+
 // The (B, K) tail: a few thousand values, one thread, in the fixed order of the loops.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_tail(
+// Returns loss, dis, div, lse and weight_sums.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_tail(
     const at::Tensor& h, const at::Tensor& logits, const at::Tensor& targets,
-    const at::Tensor& offsets, const LossShape& s, double alpha, double beta) {
+    const at::Tensor& offsets, const LossShape& s, double alpha, double beta,
+    const std::optional<at::Tensor>& weight, double label_smoothing, int64_t reduction) {
   const int64_t B = s.B, K = s.K;
-  auto loss = at::empty({}, logits.options()), dis = at::empty({}, logits.options());
-  auto div = at::empty({}, logits.options()), lse = at::empty({B, 2}, logits.options());
+  const auto opts = logits.options();
+  const bool per_sample = reduction == kReduceNone;
+  auto term = [&] { return per_sample ? at::empty({B}, opts) : at::empty({}, opts); };
+  auto loss = term(), dis = term(), div = term();
+  auto lse = at::empty({B, 2}, opts), weight_sums = at::empty({2}, opts);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_cpu", [&] {
+    const auto ce = cross_entropy_options<scalar_t>(weight, label_smoothing, reduction);
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* lp = logits.const_data_ptr<scalar_t>();
     const int64_t* tp = targets.const_data_ptr<int64_t>();
     const int64_t* op = offsets.const_data_ptr<int64_t>();
     scalar_t* lse_p = lse.mutable_data_ptr<scalar_t>();
-    double nll = 0, h_over_n = 0;
+    const auto a = static_cast<scalar_t>(alpha), b_ = static_cast<scalar_t>(beta);
+    double ce_sum = 0, target_weight_sum = 0, h_over_n = 0;
     for (int64_t b = 0; b < B; ++b) {
       const scalar_t* row = lp + b * K;
       const auto ls = RowLogSoftmax<scalar_t>::of(row, K);
       lse_p[2 * b] = ls.max;
       lse_p[2 * b + 1] = ls.log_sum;
-      nll += target_nll(row, ls, tp[b], K);
+      scalar_t wt;
+      const scalar_t ce_b = row_cross_entropy(row, ls, tp[b], K, ce, wt);
+      ce_sum += ce_b;
+      target_weight_sum += wt;
+      double h_row = 0;
       for (int64_t i = 0; i < K; ++i) {
-        h_over_n += static_cast<double>(hp[b * K + i]) / group_size<double>(op, i);
+        h_row += static_cast<double>(hp[b * K + i]) / group_size<double>(op, i);
+      }
+      h_over_n += h_row;
+      if (per_sample) {
+        const RowScalars<scalar_t> r(ce_b, h_row, K, a, b_);
+        loss.mutable_data_ptr<scalar_t>()[b] = r.loss;
+        dis.mutable_data_ptr<scalar_t>()[b] = r.dis;
+        div.mutable_data_ptr<scalar_t>()[b] = r.div;
       }
     }
-    const TailScalars<scalar_t> r(nll, h_over_n, B, K, static_cast<scalar_t>(alpha),
-                                  static_cast<scalar_t>(beta));
-    *loss.mutable_data_ptr<scalar_t>() = r.loss;
-    *dis.mutable_data_ptr<scalar_t>() = r.dis;
-    *div.mutable_data_ptr<scalar_t>() = r.div;
+    if (!per_sample) {
+      const TailScalars<scalar_t> r(ce_sum, target_weight_sum, h_over_n, B, K, reduction, a, b_);
+      *loss.mutable_data_ptr<scalar_t>() = r.loss;
+      *dis.mutable_data_ptr<scalar_t>() = r.dis;
+      *div.mutable_data_ptr<scalar_t>() = r.div;
+    }
+    double weight_total = 0;
+    for (int64_t i = 0; i < K; ++i) weight_total += ce.weight_of(i);
+    weight_sums.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(target_weight_sum);
+    weight_sums.mutable_data_ptr<scalar_t>()[1] = static_cast<scalar_t>(weight_total);
   });
-  return {loss, dis, div, lse};
+  return {loss, dis, div, lse, weight_sums};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_cpu(
-    const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets, int64_t max_group,
-    const std::optional<at::Tensor>& mask, int64_t drop, double drop_fraction,
-    bool per_sample_mask, std::optional<at::Generator> generator, double alpha, double beta) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mc_loss_cpu(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets,
+            int64_t max_group, const std::optional<at::Tensor>& mask, int64_t drop,
+            double drop_fraction, bool per_sample_mask, std::optional<at::Generator> generator,
+            double alpha, double beta, bool avg_pool, const std::optional<at::Tensor>& weight,
+            double label_smoothing, int64_t reduction) {
   const LossShape s = check_loss(x, targets, offsets, max_group, mask, per_sample_mask,
                                  generator, ValueChecks::Host);
+  check_cross_entropy(weight, label_smoothing, reduction, x, s.K);
   const at::Tensor drawn = s.draw
                                ? draw_mask(s, offsets, drop, drop_fraction, per_sample_mask, generator, x)
                                : at::empty({0}, x.options().dtype(at::kBool));
-  const auto [h, logits] = group_sums(x, s, offsets, mask_values(s.draw ? drawn : *mask, x));
-  auto [loss, dis, div, lse] = loss_tail(h, logits, targets, offsets, s, alpha, beta);
-  return {loss, dis, div, logits, lse, drawn};
+  const auto [h, logits] =
+      group_sums(x, s, offsets, mask_values(s.draw ? drawn : *mask, x), avg_pool);
+  auto [loss, dis, div, lse, weight_sums] = loss_tail(h, logits, targets, offsets, s, alpha, beta,
+                                                      weight, label_smoothing, reduction);
+  return {loss, dis, div, logits, lse, drawn, weight_sums};
 }
 
+// The gradient g (0-dim, or (B,) with reduction none; undefined: 0) of row b.
 template <typename T>
-T value_or_zero(const std::optional<at::Tensor>& g) {
-  return g.has_value() && g->defined() ? g->item<T>() : T(0);
-}
+struct TermGrad {
+  at::Tensor t;
+  const T* p = nullptr;
+  int64_t stride = 0;
+  explicit TermGrad(const std::optional<at::Tensor>& g) {
+    if (!g.has_value() || !g->defined()) return;
+    t = g->contiguous();
+    p = t.const_data_ptr<T>();
+    stride = t.dim() == 0 ? 0 : 1;
+  }
+  T operator[](int64_t b) const { return p ? p[b * stride] : T(0); }
+};
 
-at::Tensor mc_loss_backward_cpu(const std::optional<at::Tensor>& g_loss,
-                                const std::optional<at::Tensor>& g_dis,
-                                const std::optional<at::Tensor>& g_div,
+at::Tensor mc_loss_backward_cpu(const std::optional<at::Tensor>& g_loss_in,
+                                const std::optional<at::Tensor>& g_dis_in,
+                                const std::optional<at::Tensor>& g_div_in,
                                 const std::optional<at::Tensor>& g_logits_in, const at::Tensor& x,
                                 const at::Tensor& targets, const at::Tensor& offsets,
                                 int64_t max_group, const at::Tensor& mask,
                                 const at::Tensor& logits_in, const at::Tensor& lse_in,
-                                double alpha, double beta) {
-  const LossShape s = check_loss_backward(g_loss, g_dis, g_div, g_logits_in, x, targets, offsets,
-                                          max_group, mask, logits_in, lse_in, ValueChecks::Host);
+                                double alpha, double beta, bool avg_pool,
+                                const std::optional<at::Tensor>& weight, double label_smoothing,
+                                int64_t reduction, const std::optional<at::Tensor>& weight_sums) {
+  const LossShape s = check_loss_backward(g_loss_in, g_dis_in, g_div_in, g_logits_in, x, targets,
+                                          offsets, max_group, mask, logits_in, lse_in, weight,
+                                          label_smoothing, reduction, weight_sums,
+                                          ValueChecks::Host);
   const int64_t B = s.B, K = s.K;
   const auto logits = logits_in.contiguous(), lse = lse_in.contiguous();
   const bool has_g_logits = g_logits_in.has_value() && g_logits_in->defined();
@@ -311,10 +362,12 @@ at::Tensor mc_loss_backward_cpu(const std::optional<at::Tensor>& g_loss,
   auto grad_h = at::empty({B, K}, logits.options());
   auto grad_logits = at::empty({B, K}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_backward_cpu", [&] {
-    const TailGradScale<scalar_t> scale(
-        value_or_zero<scalar_t>(g_loss), value_or_zero<scalar_t>(g_dis),
-        value_or_zero<scalar_t>(g_div), static_cast<scalar_t>(alpha),
-        static_cast<scalar_t>(beta), B, K);
+    const TermGrad<scalar_t> g_loss(g_loss_in), g_dis(g_dis_in), g_div(g_div_in);
+    const auto ce = cross_entropy_options<scalar_t>(weight, label_smoothing, reduction);
+    // sum_b weight[t_b] and sum_i weight[i], the forward's (B and K without weights)
+    const scalar_t ws[2] = {
+        weight_sums ? weight_sums->select(0, 0).item<scalar_t>() : static_cast<scalar_t>(B),
+        weight_sums ? weight_sums->select(0, 1).item<scalar_t>() : static_cast<scalar_t>(K)};
     const scalar_t* lp = logits.const_data_ptr<scalar_t>();
     const scalar_t* gp = has_g_logits ? g_logits.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* lse_p = lse.const_data_ptr<scalar_t>();
@@ -323,10 +376,14 @@ at::Tensor mc_loss_backward_cpu(const std::optional<at::Tensor>& g_loss,
     scalar_t* gh = grad_h.mutable_data_ptr<scalar_t>();
     scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b) {
+      const TailGradScale<scalar_t> scale(g_loss[b], g_dis[b], g_div[b],
+                                          static_cast<scalar_t>(alpha),
+                                          static_cast<scalar_t>(beta), reduction, ws[0], B, K);
       const RowLogSoftmax<scalar_t> ls(lse_p[2 * b], lse_p[2 * b + 1]);
       for (int64_t i = 0; i < K; ++i) {
         const int64_t e = b * K + i;
-        gl[e] = (gp ? gp[e] : scalar_t(0)) + nll_logit_grad(scale.per_row, lp[e], ls, i, tp[b], K);
+        gl[e] = (gp ? gp[e] : scalar_t(0)) +
+                ce_logit_grad(scale.per_row, lp[e], ls, i, tp[b], K, ce, ws[1]);
         gh[e] = scale.per_h / group_size<scalar_t>(op, i);
       }
     }
@@ -338,6 +395,7 @@ at::Tensor mc_loss_backward_cpu(const std::optional<at::Tensor>& g_loss,
            using scalar_t = scalar_of<decltype(a)>;
            using acc = typename std::decay_t<decltype(a)>::acc_type;
            set_groups(a, s, offsets, m);
+           a.avg_pool = avg_pool;
            a.grad_h = grad_h.const_data_ptr<acc>();
            a.grad_logits = grad_logits.const_data_ptr<acc>();
            a.out = dx.mutable_data_ptr<scalar_t>();

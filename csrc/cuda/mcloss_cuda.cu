@@ -266,34 +266,40 @@ struct LossParams {
   const int64_t* targets;
   MaskSource mask;
   int64_t B, C, K, HW, max_group;
+  bool avg_pool;  // the logits average the group's masked channels (CCAP), not their max
 };
 
-// What the backward takes from upstream: the gradients of loss, dis and div (0-dim, or null
-// for zero), of the logits (B, K, or null), and the forward's logits and lse.
+// What the backward takes from upstream: the gradients of loss, dis and div (null for zero;
+// 0-dim, or (B,) with reduction none: g_stride 0 or 1), of the logits (B, K, or null), the
+// forward's logits, lse and weight_sums, and the cross-entropy's options.
 template <typename acc>
 struct UpstreamGrads {
-  const acc *g_loss, *g_dis, *g_div, *g_logits, *logits, *lse;
+  const acc *g_loss, *g_dis, *g_div, *g_logits, *logits, *lse, *weight_sums;
+  int64_t g_stride;
   acc alpha, beta;
+  CrossEntropyOptions<acc> ce;
+
+  __device__ __forceinline__ acc term(const acc* g, int64_t b) const {
+    return g ? g[b * g_stride] : acc(0);
+  }
 };
 
 // The gradients the tail sends to group (b, i): of its h (gh) and its logit (gl).
 template <typename acc>
-__device__ __forceinline__ void group_grads(const UpstreamGrads<acc>& u,
-                                            const TailGradScale<acc>& scale,
-                                            const int64_t* offsets, const int64_t* targets,
-                                            int64_t b, int64_t i, int64_t K, acc& gh, acc& gl) {
+__device__ __forceinline__ void group_grads(const UpstreamGrads<acc>& u, const int64_t* offsets,
+                                            const int64_t* targets, int64_t b, int64_t i,
+                                            int64_t B, int64_t K, acc& gh, acc& gl) {
   const int64_t e = b * K + i, t = targets[b];
+  // sum_b weight[t_b] and sum_i weight[i], the forward's (B and K without weights)
+  const acc target_weight_sum = u.weight_sums ? u.weight_sums[0] : static_cast<acc>(B);
+  const acc weight_total = u.weight_sums ? u.weight_sums[1] : static_cast<acc>(K);
+  const TailGradScale<acc> scale(u.term(u.g_loss, b), u.term(u.g_dis, b), u.term(u.g_div, b),
+                                 u.alpha, u.beta, u.ce.reduction, target_weight_sum, B, K);
   const RowLogSoftmax<acc> ls(u.lse[2 * b], u.lse[2 * b + 1]);
   gh = scale.per_h / group_size<acc>(offsets, i);
-  gl = (u.g_logits ? u.g_logits[e] : acc(0)) + nll_logit_grad(scale.per_row, u.logits[e], ls, i, t, K);
+  gl = (u.g_logits ? u.g_logits[e] : acc(0)) +
+       ce_logit_grad(scale.per_row, u.logits[e], ls, i, t, K, u.ce, weight_total);
   trap_if_bad_target(t, K);
-}
-
-template <typename acc>
-__device__ __forceinline__ TailGradScale<acc> tail_grad_scale(const UpstreamGrads<acc>& u,
-                                                              int64_t B, int64_t K) {
-  return TailGradScale<acc>(u.g_loss ? *u.g_loss : acc(0), u.g_dis ? *u.g_dis : acc(0),
-                            u.g_div ? *u.g_div : acc(0), u.alpha, u.beta, B, K);
 }
 
 // NaN over h and the logits (and so over everything the tail computes from them), and a
@@ -517,7 +523,7 @@ __global__ void __launch_bounds__(kTileThreads)
       const int g = static_cast<int>(q / p.HW);
       const GroupWinners<acc> w = tile_winners(m, plan.ld, g, q - g * p.HW);
       m.win[q] = w.prob;
-      m.win_m[q] = w.masked;
+      m.win_m[q] = w.pooled(p.avg_pool);
     }
     __syncthreads();
     for (int64_t g = warp; g < s.ng; g += nwarps) {
@@ -529,8 +535,9 @@ __global__ void __launch_bounds__(kTileThreads)
       hs = warp_sum(hs);
       ls = warp_sum(ls);
       if (lane == 0) {
-        h_over_n[s.b * p.K + s.i0 + g] = hs / static_cast<acc>(m.gstart[g + 1] - m.gstart[g]);
-        logits[s.b * p.K + s.i0 + g] = ls / static_cast<acc>(p.HW);
+        const acc n = static_cast<acc>(m.gstart[g + 1] - m.gstart[g]);
+        h_over_n[s.b * p.K + s.i0 + g] = hs / n;
+        logits[s.b * p.K + s.i0 + g] = ls / static_cast<acc>(p.HW) / (p.avg_pool ? n : acc(1));
       }
     }
     __syncthreads();  // before the next tile reuses the shared memory
@@ -546,16 +553,17 @@ __global__ void __launch_bounds__(kTileThreads)
   if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_nan(dx, p.B * p.C * p.HW);
   TileMem<acc> m;
   TileMem<acc>::carve(tile_smem, plan.groups_per_tile, p.max_group, p.HW, plan.ld, true, &m);
-  const TailGradScale<acc> scale = tail_grad_scale(u, p.B, p.K);
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp, nwarps = blockDim.x / kWarp;
   const int64_t HW = p.HW, ld = plan.ld;
   for (int64_t t = blockIdx.x; t < p.B * plan.tiles_per_row; t += gridDim.x) {
     const TileSpan s = load_tile(p, plan, m, t);
     for (int64_t g = tid; g < s.ng; g += blockDim.x) {
       acc gh, gl;
-      group_grads(u, scale, p.offsets, p.targets, s.b, s.i0 + g, p.K, gh, gl);
+      group_grads(u, p.offsets, p.targets, s.b, s.i0 + g, p.B, p.K, gh, gl);
       m.gh[g] = gh;
-      m.glpp[g] = gl / static_cast<acc>(HW);
+      // with average pooling (CCAP) every channel takes 1 / n_i of the logit's gradient
+      const acc n = static_cast<acc>(m.gstart[g + 1] - m.gstart[g]);
+      m.glpp[g] = gl / static_cast<acc>(HW) / (p.avg_pool ? n : acc(1));
     }
     __syncthreads();
     for (int64_t q = tid; q < s.ng * HW; q += blockDim.x) {
@@ -583,7 +591,7 @@ __global__ void __launch_bounds__(kTileThreads)
       const int g = m.grp[c], j = static_cast<int>(c) - m.gstart[g];
       const int64_t q = g * HW + k;
       const acc pk = ChannelSoftmax<acc>::from(m.cmax[c], m.cinv[c])(m.x[c * ld + k]);
-      const LogitGrad<acc> gl(m.glpp[g], m.cmask[c]);
+      const LogitGrad<acc> gl(m.glpp[g], m.cmask[c], p.avg_pool);
       return static_cast<scalar_t>(
           mc_grad(div_grad_in(m.gh[g], m.at_p[q] == j), m.s[c], pk, gl.win, gl.lose, m.at_m[q] == j));
     };
@@ -698,13 +706,14 @@ __global__ void mc_loss_stream_forward_kernel(LossParams<scalar_t> p, StreamScra
     for (int64_t k = grp.lane; k < p.HW; k += kWarp) {
       const GroupWinners<acc> w = grp.winners_at(k);
       hs += w.prob;
-      ls += w.masked;
+      ls += w.pooled(p.avg_pool);
     }
     hs = warp_sum(hs);
     ls = warp_sum(ls);
     if (grp.lane == 0) {
-      h_over_n[grp.g] = hs / static_cast<acc>(grp.c1 - grp.c0);
-      logits[grp.g] = ls / static_cast<acc>(p.HW);
+      const acc n = static_cast<acc>(grp.c1 - grp.c0);
+      h_over_n[grp.g] = hs / n;
+      logits[grp.g] = ls / static_cast<acc>(p.HW) / (p.avg_pool ? n : acc(1));
     }
   });
 }
@@ -715,12 +724,11 @@ __global__ void mc_loss_stream_backward_kernel(LossParams<scalar_t> p, StreamScr
                                                scalar_t* __restrict__ dx) {
   using acc = acc_t<scalar_t>;
   if (!groups_ok(p.offsets, p.K, p.C, p.max_group)) return fill_nan(dx, p.B * p.C * p.HW);
-  const TailGradScale<acc> scale = tail_grad_scale(u, p.B, p.K);
   for_each_stream_group(p, sc, [&](const StreamGroup<scalar_t>& grp) {
     const int64_t b = grp.b, c0 = grp.c0, c1 = grp.c1, HW = p.HW;
     const int lane = grp.lane;
     acc gh, gl;
-    group_grads(u, scale, p.offsets, p.targets, b, grp.g % p.K, p.K, gh, gl);
+    group_grads(u, p.offsets, p.targets, b, grp.g % p.K, p.B, p.K, gh, gl);
     // S_j = sum_k g[j,k] p[j,k] (see mc_grad): the gh * p of the positions channel j wins.
     // One scan of the group per 32 channels: at each step of 32 positions (one per lane),
     // every channel's share is summed across the warp, and lane l keeps channel cb + l's
@@ -745,14 +753,15 @@ __global__ void mc_loss_stream_backward_kernel(LossParams<scalar_t> p, StreamScr
       if (cb + lane < cend) sc.s[grp.at(cb + lane)] = s_mine;
     }
     __syncwarp();
-    const acc gl_per_pos = gl / static_cast<acc>(HW);
+    const acc gl_per_pos =
+        gl / static_cast<acc>(HW) / (p.avg_pool ? static_cast<acc>(c1 - c0) : acc(1));
     for (int64_t k = lane; k < HW; k += kWarp) {
       const GroupWinners<acc> w = grp.winners_at(k);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t at = p.lay.at(b, c, k);
         const acc pk = grp.softmax_of(c)(static_cast<acc>(p.x[at]));
         const int64_t j = c - c0;
-        const LogitGrad<acc> lg(gl_per_pos, sc.mask[grp.at(c)]);
+        const LogitGrad<acc> lg(gl_per_pos, sc.mask[grp.at(c)], p.avg_pool);
         dx[at] = static_cast<scalar_t>(mc_grad(div_grad_in(gh, w.prob_at == j), sc.s[grp.at(c)], pk,
                                                lg.win, lg.lose, w.masked_at == j));
       }
@@ -764,39 +773,69 @@ __global__ void mc_loss_stream_backward_kernel(LossParams<scalar_t> p, StreamScr
 
 constexpr int kTailThreads = 256;
 
+// What the tail writes: loss, dis and div (0-dim, or (B,) with reduction none), lse (B, 2)
+// and weight_sums (2,).
+template <typename T>
+struct TailOutputs {
+  T *loss, *dis, *div, *lse, *weight_sums;
+};
+
 // h_over_n: h[b, i] / n_i, as the fused kernels write it (which know n_i without a division
 // here: a double division's slow-path call made ptxas spill around it).
 template <typename T>
 __global__ void __launch_bounds__(kTailThreads)
-    mc_loss_tail_kernel(const T* h_over_n, const T* logits, const int64_t* targets,
-                        int64_t B, int64_t K, T alpha, T beta, T* loss, T* dis, T* div, T* lse) {
-  __shared__ double nll_part[kTailThreads], h_part[kTailThreads];
+    mc_loss_tail_kernel(const T* h_over_n, const T* logits, const int64_t* targets, int64_t B,
+                        int64_t K, T alpha, T beta, CrossEntropyOptions<T> ce,
+                        TailOutputs<T> out) {
+  __shared__ double ce_part[kTailThreads], w_part[kTailThreads], h_part[kTailThreads];
   const int tid = threadIdx.x;
-  double nll = 0, h_sum = 0;
+  const bool per_sample = ce.reduction == kReduceNone;
+  double ce_sum = 0, w_sum = 0, h_sum = 0;
   for (int64_t b = tid; b < B; b += kTailThreads) {
     const T* row = logits + b * K;
     const auto ls = RowLogSoftmax<T>::of(row, K);
-    lse[2 * b] = ls.max;
-    lse[2 * b + 1] = ls.log_sum;
-    nll += target_nll(row, ls, targets[b], K);
+    out.lse[2 * b] = ls.max;
+    out.lse[2 * b + 1] = ls.log_sum;
+    T wt;
+    const T ce_b = row_cross_entropy(row, ls, targets[b], K, ce, wt);
     trap_if_bad_target(targets[b], K);
+    ce_sum += ce_b;
+    w_sum += wt;
+    if (per_sample) {
+      double h_row = 0;
+      for (int64_t i = 0; i < K; ++i) h_row += static_cast<double>(h_over_n[b * K + i]);
+      const RowScalars<T> r(ce_b, h_row, K, alpha, beta);
+      out.loss[b] = r.loss;
+      out.dis[b] = r.dis;
+      out.div[b] = r.div;
+    }
   }
-  for (int64_t e = tid; e < B * K; e += kTailThreads) h_sum += static_cast<double>(h_over_n[e]);
-  nll_part[tid] = nll;
+  if (!per_sample) {
+    for (int64_t e = tid; e < B * K; e += kTailThreads) h_sum += static_cast<double>(h_over_n[e]);
+  }
+  ce_part[tid] = ce_sum;
+  w_part[tid] = w_sum;
   h_part[tid] = h_sum;
   __syncthreads();
   for (int s = kTailThreads / 2; s > 0; s >>= 1) {
     if (tid < s) {
-      nll_part[tid] += nll_part[tid + s];
+      ce_part[tid] += ce_part[tid + s];
+      w_part[tid] += w_part[tid + s];
       h_part[tid] += h_part[tid + s];
     }
     __syncthreads();
   }
   if (tid == 0) {
-    const TailScalars<T> r(nll_part[0], h_part[0], B, K, alpha, beta);
-    *loss = r.loss;
-    *dis = r.dis;
-    *div = r.div;
+    if (!per_sample) {
+      const TailScalars<T> r(ce_part[0], w_part[0], h_part[0], B, K, ce.reduction, alpha, beta);
+      *out.loss = r.loss;
+      *out.dis = r.dis;
+      *out.div = r.div;
+    }
+    double weight_total = 0;
+    for (int64_t i = 0; i < K; ++i) weight_total += ce.weight_of(i);
+    out.weight_sums[0] = static_cast<T>(w_part[0]);
+    out.weight_sums[1] = static_cast<T>(weight_total);
   }
 }
 
@@ -949,10 +988,10 @@ at::PhiloxCudaState philox_state(const std::optional<at::Generator>& generator) 
 template <typename scalar_t>
 LossParams<scalar_t> loss_params(const at::Tensor& x, const at::Tensor& targets,
                                  const at::Tensor& offsets, const LossShape& s,
-                                 const MaskSource& mask) {
+                                 const MaskSource& mask, bool avg_pool) {
   return LossParams<scalar_t>{x.const_data_ptr<scalar_t>(), layout_of(x),
                               offsets.const_data_ptr<int64_t>(), targets.const_data_ptr<int64_t>(),
-                              mask, s.B, s.C, s.K, s.HW, s.max_group};
+                              mask, s.B, s.C, s.K, s.HW, s.max_group, avg_pool};
 }
 
 MaskSource given_mask(const at::Tensor& mask, const LossShape& s) {
@@ -977,16 +1016,30 @@ at::Tensor stream_scratch_tensor(const at::Tensor& x, const LossShape& s) {
   return at::empty({(4 * acc_bytes + 8) * s.B * s.C / acc_bytes}, x.options().dtype(acc_type_of(x)));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mc_loss_cuda(
-    const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets, int64_t max_group,
-    const std::optional<at::Tensor>& mask, int64_t drop, double drop_fraction,
-    bool per_sample_mask, std::optional<at::Generator> generator, double alpha, double beta) {
+template <typename T>
+CrossEntropyOptions<T> cross_entropy_options(const std::optional<at::Tensor>& weight,
+                                             double label_smoothing, int64_t reduction) {
+  return {weight.has_value() ? weight->const_data_ptr<T>() : nullptr,
+          static_cast<T>(label_smoothing), reduction};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mc_loss_cuda(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets,
+             int64_t max_group, const std::optional<at::Tensor>& mask, int64_t drop,
+             double drop_fraction, bool per_sample_mask, std::optional<at::Generator> generator,
+             double alpha, double beta, bool avg_pool, const std::optional<at::Tensor>& weight,
+             double label_smoothing, int64_t reduction) {
   const LossShape s = check_loss(x, targets, offsets, max_group, mask, per_sample_mask,
                                  generator, ValueChecks::Kernel);
+  check_cross_entropy(weight, label_smoothing, reduction, x, s.K);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc_opts = x.options().dtype(acc_type_of(x));
-  auto loss = at::empty({}, acc_opts), dis = at::empty({}, acc_opts), div = at::empty({}, acc_opts);
+  auto term = [&] {
+    return reduction == kReduceNone ? at::empty({s.B}, acc_opts) : at::empty({}, acc_opts);
+  };
+  auto loss = term(), dis = term(), div = term();
   auto logits = at::empty({s.B, s.K}, acc_opts), lse = at::empty({s.B, 2}, acc_opts);
+  auto weight_sums = at::empty({2}, acc_opts);
   auto h_over_n = at::empty({s.B, s.K}, acc_opts);
   // the drawn mask: (C,) shared by the batch, as a given mask would be, or (B, C) per sample
   const auto bool_opts = x.options().dtype(at::kBool);
@@ -1007,7 +1060,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_cuda", [&] {
     using acc = acc_t<scalar_t>;
-    const auto p = loss_params<scalar_t>(x, targets, offsets, s, ms);
+    const auto p = loss_params<scalar_t>(x, targets, offsets, s, ms, avg_pool);
     if (s.B > 0) {
       const auto [plan, smem] = plan_tiles<acc>(s, layout_of(x).sK == 1, false);
       if (plan.groups_per_tile > 0) {
@@ -1026,11 +1079,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     mc_loss_tail_kernel<acc><<<1, kTailThreads, 0, stream>>>(
         h_over_n.const_data_ptr<acc>(), logits.const_data_ptr<acc>(),
         targets.const_data_ptr<int64_t>(), s.B, s.K, static_cast<acc>(alpha), static_cast<acc>(beta),
-        loss.mutable_data_ptr<acc>(), dis.mutable_data_ptr<acc>(), div.mutable_data_ptr<acc>(),
-        lse.mutable_data_ptr<acc>());
+        cross_entropy_options<acc>(weight, label_smoothing, reduction),
+        TailOutputs<acc>{loss.mutable_data_ptr<acc>(), dis.mutable_data_ptr<acc>(),
+                         div.mutable_data_ptr<acc>(), lse.mutable_data_ptr<acc>(),
+                         weight_sums.mutable_data_ptr<acc>()});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, dis, div, logits, lse, drawn};
+  return {loss, dis, div, logits, lse, drawn, weight_sums};
 }
 
 template <typename T>
@@ -1038,31 +1093,51 @@ const T* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
 }
 
-at::Tensor mc_loss_backward_cuda(const std::optional<at::Tensor>& g_loss,
-                                 const std::optional<at::Tensor>& g_dis,
-                                 const std::optional<at::Tensor>& g_div,
+// a defined gradient, contiguous (a (B,) one may come expanded from a sum); else none
+std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& g) {
+  if (g.has_value() && g->defined()) return g->contiguous();
+  return std::nullopt;
+}
+
+
+at::Tensor mc_loss_backward_cuda(const std::optional<at::Tensor>& g_loss_in,
+                                 const std::optional<at::Tensor>& g_dis_in,
+                                 const std::optional<at::Tensor>& g_div_in,
                                  const std::optional<at::Tensor>& g_logits_in, const at::Tensor& x,
                                  const at::Tensor& targets, const at::Tensor& offsets,
                                  int64_t max_group, const at::Tensor& mask,
                                  const at::Tensor& logits_in, const at::Tensor& lse_in,
-                                 double alpha, double beta) {
-  const LossShape s = check_loss_backward(g_loss, g_dis, g_div, g_logits_in, x, targets, offsets,
-                                          max_group, mask, logits_in, lse_in, ValueChecks::Kernel);
+                                 double alpha, double beta, bool avg_pool,
+                                 const std::optional<at::Tensor>& weight, double label_smoothing,
+                                 int64_t reduction,
+                                 const std::optional<at::Tensor>& weight_sums_in) {
+  const LossShape s = check_loss_backward(g_loss_in, g_dis_in, g_div_in, g_logits_in, x, targets,
+                                          offsets, max_group, mask, logits_in, lse_in, weight,
+                                          label_smoothing, reduction, weight_sums_in,
+                                          ValueChecks::Kernel);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto logits = logits_in.contiguous(), lse = lse_in.contiguous();
-  std::optional<at::Tensor> g_logits;
-  if (g_logits_in.has_value() && g_logits_in->defined()) g_logits = g_logits_in->contiguous();
+  const auto weight_sums = contiguous_or_none(weight_sums_in);
+  const auto g_loss = contiguous_or_none(g_loss_in), g_dis = contiguous_or_none(g_dis_in);
+  const auto g_div = contiguous_or_none(g_div_in), g_logits = contiguous_or_none(g_logits_in);
   auto dx = at::empty_like(x);
   if (s.B == 0) return dx;
   const MaskSource ms = given_mask(mask, s);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_backward_cuda", [&] {
     using acc = acc_t<scalar_t>;
-    const auto p = loss_params<scalar_t>(x, targets, offsets, s, ms);
-    const UpstreamGrads<acc> u{data_or_null<acc>(g_loss), data_or_null<acc>(g_dis),
-                               data_or_null<acc>(g_div), data_or_null<acc>(g_logits),
-                               logits.const_data_ptr<acc>(), lse.const_data_ptr<acc>(),
-                               static_cast<acc>(alpha), static_cast<acc>(beta)};
+    const auto p = loss_params<scalar_t>(x, targets, offsets, s, ms, avg_pool);
+    const UpstreamGrads<acc> u{data_or_null<acc>(g_loss),
+                               data_or_null<acc>(g_dis),
+                               data_or_null<acc>(g_div),
+                               data_or_null<acc>(g_logits),
+                               logits.const_data_ptr<acc>(),
+                               lse.const_data_ptr<acc>(),
+                               data_or_null<acc>(weight_sums),
+                               reduction == kReduceNone ? 1 : 0,
+                               static_cast<acc>(alpha),
+                               static_cast<acc>(beta),
+                               cross_entropy_options<acc>(weight, label_smoothing, reduction)};
     const auto [plan, smem] = plan_tiles<acc>(s, layout_of(x).sK == 1, true);
     // fp64 (gradcheck's dtype, never a training one) takes the stream kernel: the tile
     // kernel's fp64 instantiation spills around the calls of fp64 division and exp
