@@ -229,17 +229,11 @@ struct ChannelSoftmax {
 template <typename T>
 struct GroupWinners {
   T prob, masked;
-  T masked_sum;  // the sum of the masked values, for average pooling (CCAP)
   int64_t prob_at, masked_at;
 
-  MC_HD GroupWinners() : prob(0), masked(0), masked_sum(0), prob_at(-1), masked_at(-1) {}
-
-  // the group's logit term at this position: the max (CCMP) or the sum (CCAP, divided by n_i
-  // with the rest of the logit)
-  MC_HD T pooled(bool avg_pool) const { return avg_pool ? masked_sum : masked; }
+  MC_HD GroupWinners() : prob(0), masked(0), prob_at(-1), masked_at(-1) {}
 
   MC_HD void offer(int64_t j, T p, T mv) {
-    masked_sum += mv;
     if (prob_at < 0 || beats(p, prob)) {
       prob = p;
       prob_at = j;

@@ -506,6 +506,17 @@ __device__ __forceinline__ GroupWinners<acc> tile_winners(const TileMem<acc>& m,
   return w;
 }
 
+// sum_{j in G_g} m_j x[j, k] of a tile's group at position k: average pooling's (CCAP) term
+// of the logit (divided by n_i with the rest). Summed where the logit is, not beside the
+// winners: the fp64 winners loop has no register to spare.
+template <typename acc>
+__device__ __forceinline__ acc tile_masked_sum(const TileMem<acc>& m, int64_t ld, int g,
+                                               int64_t k) {
+  acc sum = 0;
+  for (int c = m.gstart[g]; c < m.gstart[g + 1]; ++c) sum += apply_mask(m.x[c * ld + k], m.cmask[c]);
+  return sum;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kTileThreads)
     mc_loss_tile_forward_kernel(LossParams<scalar_t> p, TilePlan plan,
@@ -523,21 +534,23 @@ __global__ void __launch_bounds__(kTileThreads)
       const int g = static_cast<int>(q / p.HW);
       const GroupWinners<acc> w = tile_winners(m, plan.ld, g, q - g * p.HW);
       m.win[q] = w.prob;
-      m.win_m[q] = w.pooled(p.avg_pool);
+      m.win_m[q] = w.masked;
     }
     __syncthreads();
     for (int64_t g = warp; g < s.ng; g += nwarps) {
       acc hs = 0, ls = 0;
       for (int64_t k = lane; k < p.HW; k += kWarp) {
         hs += m.win[g * p.HW + k];
-        ls += m.win_m[g * p.HW + k];
+        ls += p.avg_pool ? tile_masked_sum(m, plan.ld, static_cast<int>(g), k)
+                         : m.win_m[g * p.HW + k];
       }
       hs = warp_sum(hs);
       ls = warp_sum(ls);
       if (lane == 0) {
-        const acc n = static_cast<acc>(m.gstart[g + 1] - m.gstart[g]);
-        h_over_n[s.b * p.K + s.i0 + g] = hs / n;
-        logits[s.b * p.K + s.i0 + g] = ls / static_cast<acc>(p.HW) / (p.avg_pool ? n : acc(1));
+        const int64_t n = m.gstart[g + 1] - m.gstart[g];
+        h_over_n[s.b * p.K + s.i0 + g] = hs / static_cast<acc>(n);
+        // one division (fp64's is a call with a slow path): by HW, times n_i for CCAP
+        logits[s.b * p.K + s.i0 + g] = ls / static_cast<acc>(p.avg_pool ? p.HW * n : p.HW);
       }
     }
     __syncthreads();  // before the next tile reuses the shared memory
@@ -562,8 +575,8 @@ __global__ void __launch_bounds__(kTileThreads)
       group_grads(u, p.offsets, p.targets, s.b, s.i0 + g, p.B, p.K, gh, gl);
       m.gh[g] = gh;
       // with average pooling (CCAP) every channel takes 1 / n_i of the logit's gradient
-      const acc n = static_cast<acc>(m.gstart[g + 1] - m.gstart[g]);
-      m.glpp[g] = gl / static_cast<acc>(HW) / (p.avg_pool ? n : acc(1));
+      const int64_t n = m.gstart[g + 1] - m.gstart[g];
+      m.glpp[g] = gl / static_cast<acc>(p.avg_pool ? HW * n : HW);
     }
     __syncthreads();
     for (int64_t q = tid; q < s.ng * HW; q += blockDim.x) {
@@ -642,6 +655,14 @@ struct StreamGroup {
   __device__ __forceinline__ ChannelSoftmax<acc> softmax_of(int64_t c) const {
     return ChannelSoftmax<acc>::from(sc.max[at(c)], sc.inv[at(c)]);
   }
+  // sum_j m_j x[j, k]: average pooling's (CCAP) term of the logit at k
+  __device__ __forceinline__ acc masked_sum_at(int64_t k) const {
+    acc sum = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      sum += apply_mask(static_cast<acc>(p.x[p.lay.at(b, c, k)]), sc.mask[at(c)]);
+    }
+    return sum;
+  }
   __device__ __forceinline__ GroupWinners<acc> winners_at(int64_t k) const {
     GroupWinners<acc> w;
     for (int64_t c = c0; c < c1; ++c) {
@@ -706,14 +727,14 @@ __global__ void mc_loss_stream_forward_kernel(LossParams<scalar_t> p, StreamScra
     for (int64_t k = grp.lane; k < p.HW; k += kWarp) {
       const GroupWinners<acc> w = grp.winners_at(k);
       hs += w.prob;
-      ls += w.pooled(p.avg_pool);
+      ls += p.avg_pool ? grp.masked_sum_at(k) : w.masked;
     }
     hs = warp_sum(hs);
     ls = warp_sum(ls);
     if (grp.lane == 0) {
-      const acc n = static_cast<acc>(grp.c1 - grp.c0);
-      h_over_n[grp.g] = hs / n;
-      logits[grp.g] = ls / static_cast<acc>(p.HW) / (p.avg_pool ? n : acc(1));
+      const int64_t n = grp.c1 - grp.c0;
+      h_over_n[grp.g] = hs / static_cast<acc>(n);
+      logits[grp.g] = ls / static_cast<acc>(p.avg_pool ? p.HW * n : p.HW);  // one division
     }
   });
 }
@@ -753,8 +774,7 @@ __global__ void mc_loss_stream_backward_kernel(LossParams<scalar_t> p, StreamScr
       if (cb + lane < cend) sc.s[grp.at(cb + lane)] = s_mine;
     }
     __syncwarp();
-    const acc gl_per_pos =
-        gl / static_cast<acc>(HW) / (p.avg_pool ? static_cast<acc>(c1 - c0) : acc(1));
+    const acc gl_per_pos = gl / static_cast<acc>(p.avg_pool ? HW * (c1 - c0) : HW);
     for (int64_t k = lane; k < HW; k += kWarp) {
       const GroupWinners<acc> w = grp.winners_at(k);
       for (int64_t c = c0; c < c1; ++c) {
