@@ -93,6 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, help="weight of L_div inside MC-Loss")
     p.add_argument("--mu", type=float, help="weight of MC-Loss next to the cross-entropy")
     p.add_argument("--drop", type=int, help="channels masked per group (default: half)")
+    p.add_argument("--pooling", choices=("max", "avg"), default="max",
+                   help="MC-Loss's discriminality pooling: max (CCMP, published) or avg (CCAP, "
+                        "the paper's ablation)")
     p.add_argument("--head", choices=("paper", "linear"), default="paper",
                    help="paper: max pool, BN, fc 512, BN, ELU, fc; linear: avg pool, fc")
     p.add_argument("--epochs", type=int, help="the last epoch (a resumed run goes on to it)")
@@ -412,7 +415,8 @@ def main(argv=None):
     backbone, channels = build_backbone(args.arch, args.weights, num_classes, args.cnum)
     cnum = (args.cnum or 3) if args.arch.startswith("vgg16") else args.cnum
     model = MCNet(backbone, channels, num_classes, args.head).to(device)
-    mcloss = mc.MCLoss(num_classes, cnum, alpha=args.alpha, beta=args.beta, drop=args.drop)
+    mcloss = mc.MCLoss(num_classes, cnum, alpha=args.alpha, beta=args.beta, drop=args.drop,
+                       pooling=args.pooling)
 
     optimizer = torch.optim.SGD(
         [{"params": model.head.parameters(), "lr_scale": 1.0},
