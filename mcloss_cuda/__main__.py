@@ -16,7 +16,7 @@ import sys
 import torch
 
 import mcloss_cuda as mc
-from mcloss_cuda import _diagnostics, _ops, _toolkit
+from mcloss_cuda import _diagnostics, _env, _ops, _toolkit
 
 # what changes how mcloss_cuda or torch builds or runs; every MCLOSS_* is shown too
 ENV_VARS = ("CUDA_HOME", "CUDA_PATH", "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS",
@@ -117,7 +117,7 @@ def _cpu_isa():
                           if line.startswith("flags")), [])
     except OSError:
         return "unknown"
-    if os.environ.get("MCLOSS_CPU_ISA") == "default":
+    if _env.baseline_cpu_isa():
         return "baseline x86-64 (MCLOSS_CPU_ISA=default)"
     return "AVX2+FMA" if {"avx2", "fma"} <= set(flags) else "baseline x86-64"
 

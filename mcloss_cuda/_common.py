@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import os
 from typing import NamedTuple, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from . import _env
 
 CnumLike = Union[None, int, Sequence[int]]
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -135,7 +136,7 @@ def check_targets(targets, batch: int, num_classes: int, device: torch.device,
             f"targets: expected to be on the features' device {device}, got {targets.device}")
     if batch == 0:
         return
-    if targets.device.type == "cpu" or _sync_checks_enabled():
+    if targets.device.type == "cpu" or _env.sync_checks():
         if torch.compiler.is_compiling():
             torch._check(bool(((targets >= 0) & (targets < num_classes)).all()),
                          lambda: f"targets: class indices must lie in [0, {num_classes})")
@@ -147,10 +148,6 @@ def check_targets(targets, batch: int, num_classes: int, device: torch.device,
     elif not kernel_checks:
         torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
                             f"targets: class indices must lie in [0, {num_classes})")
-
-
-def _sync_checks_enabled():
-    return os.environ.get("MCLOSS_SYNC_CHECKS", "0") not in ("", "0")
 
 
 def check_mask(mask, batch: int, channels: int, device: torch.device):

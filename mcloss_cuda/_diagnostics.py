@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from . import _env
+
 # From the source tree (or with the sdist's path instead of "."). --no-cache-dir: a wheel pip
 # built and cached from an sdist against the old torch would otherwise be installed again.
 REBUILD = "pip install --force-reinstall --no-deps --no-cache-dir ."
@@ -29,7 +31,7 @@ def build_info():
 
 
 def reference_forced():
-    return os.environ.get("MCLOSS_BACKEND", "").strip().lower() == "reference"
+    return _env.reference_forced()
 
 
 def explain_load_error(error):
