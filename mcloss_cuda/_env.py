@@ -1,10 +1,11 @@
-"""The environment variables mcloss_cuda reads at run time, read here and nowhere else in the
-package (the README's table lists them, with the build-time ones setup.py reads). Each is
+"""The environment variables the Python package reads at run time, read here and nowhere else
+(the README's table lists every MCLOSS_* variable: these, the build's and the tests'). Each is
 read at the call, so setting one in a running process takes effect at the next call."""
 
 from __future__ import annotations
 
 import os
+
 
 def reference_forced() -> bool:
     """MCLOSS_BACKEND=reference."""
