@@ -75,7 +75,8 @@ class Case:
     H: int
     W: int
     K: int
-    cnum: Optional[int]  # None: the balanced split of C over K (uneven groups when K does not divide C)
+    # None: the balanced split of C over K (uneven groups when K does not divide C)
+    cnum: Optional[int]
     why: str
 
     @property
@@ -775,12 +776,14 @@ def main(argv=None):
     p.add_argument("--dtype", nargs="+", metavar="DTYPE",
                    help="float32 bfloat16 float16 float64, a comma list, or 'all' "
                         "(= float32,bfloat16). Default: float32 with --quick, else all")
-    p.add_argument("--quick", action="store_true", help="a few small shapes (~1 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few small shapes (~1 min on 2 CPU cores)")
     p.add_argument("--impls", nargs="+", metavar="IMPL",
                    help=f"subset of {','.join(ALL_IMPLS)} (default: all)")
     p.add_argument("--repeats", type=int, default=None,
                    help="max timed runs per figure (default: 50 on cuda, 20 on cpu, 10 quick)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3 cuda, 2 cpu)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed runs first (default 3 cuda, 2 cpu)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds of timed runs per figure before stopping early (min 5 runs)")
     p.add_argument("--rounds", type=int, default=4,

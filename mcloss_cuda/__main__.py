@@ -79,7 +79,8 @@ def _extension():
                       f"MCLOSS_BUILD={info.get('BUILD_MODE')}, {kernels}")
     same = info.get("TORCH_VERSION") == torch.__version__
     _line("built against torch", f"{info.get('TORCH_VERSION')} ({info.get('TORCH_PATH')})"
-                                 + ("" if same else f"  <- NOT the running torch {torch.__version__}"))
+                                 + ("" if same else
+                                    f"  <- NOT the running torch {torch.__version__}"))
     _line("built with Python", info.get("PYTHON"))
     _line("built with compiler", info.get("CXX"))
     if info.get("WITH_CUDA"):

@@ -144,7 +144,8 @@ def check_targets(targets, batch: int, num_classes: int, device: torch.device,
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(
-                f"targets: class indices must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+                f"targets: class indices must lie in [0, {num_classes}), "
+                f"got values in [{lo}, {hi}]")
     elif not kernel_checks:
         torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
                             f"targets: class indices must lie in [0, {num_classes})")
@@ -159,7 +160,8 @@ def check_mask(mask, batch: int, channels: int, device: torch.device):
         raise ValueError(
             f"mask: expected shape ({channels},) or ({batch}, {channels}), got {tuple(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"mask: expected to be on the features' device {device}, got {mask.device}")
+        raise ValueError(
+            f"mask: expected to be on the features' device {device}, got {mask.device}")
 
 
 def resolve_drop(drop, counts: Sequence[int]) -> Tuple[int, ...]:

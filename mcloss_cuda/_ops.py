@@ -147,7 +147,8 @@ else:
 
 
 def _format_of(x):
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -108,7 +108,7 @@ def discriminality_logits(x, num_classes, mask, cnum=None):
 def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, beta=20.0,
             drop=None, per_sample_mask=False, generator=None, pooling="max", weight=None,
             label_smoothing=0.0, reduction="mean"):
-    """Mutual-Channel Loss of a (B, C, *S) feature map ((B, C, H, W), (B, C, L), (B, C, D, H, W)...).
+    """Mutual-Channel Loss of a (B, C, *S) feature map: (B, C, H, W), (B, C, L), (B, C, D, H, W)...
 
     Returns ``MCLossOutput(loss, dis, div, logits)`` with ``loss = alpha * dis + beta * div``.
     ``cnum``: channels per class (int), per-class counts, or None for C split evenly over the

@@ -27,7 +27,8 @@ class MCLoss(torch.nn.Module):
             ``torch.nn.CrossEntropyLoss``; ``weight`` (K,) is a buffer (moves with ``.to()``,
             saved in the state dict). ``reduction="none"``: loss, dis and div per sample.
 
-    ``forward(features, targets, mask=None)`` takes (B, C, *S) features and returns ``MCLossOutput(loss, dis, div, logits)``;
+    ``forward(features, targets, mask=None)`` takes (B, C, *S) features and returns
+    ``MCLossOutput(loss, dis, div, logits)``;
     add ``out.loss`` to the classifier's own cross-entropy.
     """
 

@@ -146,7 +146,8 @@ def test_every_cuda_kernel_is_launched(runs):
     kernels = global_kernels()
     assert kernels, "no __global__ kernel found in csrc/cuda"
     never = sorted(k for k in kernels if not launched.get(k))
-    assert not never, f"kernels never launched by the emulated suite: {never} (launched: {launched})"
+    assert not never, (f"kernels never launched by the emulated suite: {never} "
+                       f"(launched: {launched})")
 
 
 def test_cuda_kernels_under_asan_and_ubsan(runs):

@@ -128,7 +128,8 @@ def test_drop_fraction_bad_values():
     x = torch.randn(2, C, 3, 3)
     y = random_targets(2, K)
     for bad in (1.0, -0.1, float("nan")):
-        with pytest.raises(ValueError, match=r"drop: a fraction of each group must lie in \[0, 1\)"):
+        with pytest.raises(ValueError,
+                           match=r"drop: a fraction of each group must lie in \[0, 1\)"):
             mc.mc_loss(x, y, K, N, drop=bad)
 
 

@@ -3,7 +3,8 @@
 a GPU's architecture was not compiled for, the build backend finding the target's torch from
 inside an isolated build, the sdist's contents, and a repository that refers only to itself.
 
-CI installs with the plain ``pip install ".[test,recipe]"`` of README.md, so these run on that install.
+CI installs with the plain ``pip install ".[test,recipe]"`` of README.md, so these run on that
+install.
 """
 
 import importlib.machinery

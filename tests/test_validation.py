@@ -257,7 +257,8 @@ def build_cases():
             ("drop=-1",))
         add(f"{p}.rcm-drop-uneven", f"{rcm}(3, [2, 5, 3], drop=2)", "ValueError", "drop",
             ("drop=2", "group size 2"))
-        add(f"{p}.rcm-drop-float", f"{rcm}(4, 3, drop=1.0)", "ValueError", "drop", ("[0, 1)", "1.0"))
+        add(f"{p}.rcm-drop-float", f"{rcm}(4, 3, drop=1.0)", "ValueError", "drop",
+            ("[0, 1)", "1.0"))
         add(f"{p}.rcm-drop-negative-fraction", f"{rcm}(4, 3, drop=-0.5)", "ValueError", "drop",
             ("[0, 1)",))
         add(f"{p}.rcm-drop-str", f"{rcm}(4, 3, drop=\"1\")", "TypeError", "drop", ("str",))

@@ -282,7 +282,8 @@ def _inputs(repo: Path, with_cuda: bool = True):
     # the emulator's headers, stubs and registrations, and this script (not mutations.py and
     # the tests, which change no build)
     files += sorted(p for p in HERE.rglob("*")
-                    if p.is_file() and (p.suffix in (".h", ".cuh", ".cpp") or p == HERE / "build.py"))
+                    if p.is_file()
+                    and (p.suffix in (".h", ".cuh", ".cpp") or p == HERE / "build.py"))
     return files
 
 
