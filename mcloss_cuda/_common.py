@@ -426,6 +426,9 @@ def check_ce_options(weight, label_smoothing, reduction, num_classes, device):
         if weight.device != device:
             raise ValueError(
                 f"weight: expected to be on the features' device {device}, got {weight.device}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("weight: the class weights take no gradient (as in "
+                             "F.cross_entropy); pass weight.detach()")
     if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool):
         raise TypeError(
             f"label_smoothing: expected a real number, got {type(label_smoothing).__name__}")

@@ -109,6 +109,20 @@ if AVAILABLE:
             raise ValueError(f"targets: expected shape ({x.shape[0]},), one class index per "
                              f"sample, got {list(targets.shape)}")
 
+    def _check_cross_entropy(weight, label_smoothing, reduction, x, K):
+        # what check_cross_entropy (csrc/op_common.h) says of them, for traced calls
+        if weight is not None:
+            if weight.dtype != acc_dtype(x.dtype):
+                raise TypeError(f"weight: expected dtype {acc_dtype(x.dtype)} (the accumulation "
+                                f"dtype of x), got {weight.dtype}")
+            if weight.dim() != 1 or weight.shape[0] != K:
+                raise ValueError(f"weight: expected shape ({K},), one weight per class, got "
+                                 f"{list(weight.shape)}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+        if reduction not in (0, 1, 2):
+            raise ValueError(f"reduction: expected 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+
     @torch.library.register_fake("mcloss_cuda::mc_loss")
     def _(x, targets, offsets, max_group, mask, drop, drop_fraction, per_sample_mask, generator,
           alpha, beta, avg_pool=False, weight=None, label_smoothing=0.0, reduction=1):
@@ -116,6 +130,7 @@ if AVAILABLE:
                     **({} if mask is None else {"mask": mask}),
                     **({} if weight is None else {"weight": weight}))
         _check_targets(targets, x)
+        _check_cross_entropy(weight, label_smoothing, reduction, x, offsets.shape[0] - 1)
         B, C, K = x.shape[0], x.shape[1], offsets.shape[0] - 1
         acc = acc_dtype(x.dtype)
         per_term = (B,) if reduction == 0 else ()
@@ -138,6 +153,10 @@ if AVAILABLE:
         _one_device(x=x, targets=targets, offsets=offsets, mask=mask, logits=logits, lse=lse,
                     **grads)
         _check_targets(targets, x)
+        _check_cross_entropy(weight, label_smoothing, reduction, x, offsets.shape[0] - 1)
+        if weight is not None and weight_sums is None:
+            raise ValueError("weight_sums: expected the forward's weight_sums with a weight "
+                             "(None stands for B and K, the sums without weights)")
         return torch.empty_like(x)
 
     # Autograd: csrc/autograd/mcloss_autograd.cpp registers each forward op's backward (one

@@ -24,8 +24,9 @@ class MCLoss(torch.nn.Module):
         per_sample_mask: draw the random mask per sample instead of once for the batch.
         pooling: "max" (CCMP, published) or "avg" (CCAP) for the discriminality logits.
         weight, label_smoothing, reduction: the discriminality cross-entropy's, as in
-            ``torch.nn.CrossEntropyLoss``; ``weight`` (K,) is a buffer (moves with ``.to()``,
-            saved in the state dict). ``reduction="none"``: loss, dis and div per sample.
+            ``torch.nn.CrossEntropyLoss``; ``weight`` (K,) is a buffer, the tensor given (not a
+            copy): it moves with ``.to()`` (``.half()`` rounds it to fp16 too) and is saved in
+            the state dict. ``reduction="none"``: loss, dis and div per sample.
 
     ``forward(features, targets, mask=None)`` takes (B, C, *S) features and returns
     ``MCLossOutput(loss, dis, div, logits)``;

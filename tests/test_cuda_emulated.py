@@ -5,7 +5,8 @@ tools/cuemu/build.py compiles this checkout's ``csrc/`` (an edited ``.cu`` needs
 into a test-only ``mcloss_cuda._C`` whose CPU kernels are the CUDA host wrappers and kernels,
 every CUDA thread a fiber. Each test here runs pytest in a child process with that build loaded
 in place of the installed extension (``MCLOSS_EMULATED_EXTENSION``, see conftest.py): the CPU
-kernel suites (test_kernels, test_nan_inf, test_opcheck, test_repeatability, test_properties)
+kernel suites (test_kernels, test_nan_inf, test_opcheck, test_repeatability, test_properties,
+test_features_nd, test_loss_options)
 plus tests/cuda_emulated_cases.py, with the threads of a block resumed in forward, reverse and
 random order after every synchronisation point; a smaller set under AddressSanitizer + UBSan
 and under ThreadSanitizer with blocks on two OS threads. The forward run must launch every
@@ -32,7 +33,7 @@ import build as cuemu_build  # noqa: E402
 # process, which imports the installed extension: not the CUDA code)
 FULL = ["tests/test_kernels.py", "tests/test_nan_inf.py", "tests/test_opcheck.py",
         "tests/test_repeatability.py", "tests/test_properties.py", "tests/cuda_emulated_cases.py",
-        "tests/test_features_nd.py", "-k", "not baseline_isa"]
+        "tests/test_features_nd.py", "tests/test_loss_options.py", "-k", "not baseline_isa"]
 # Where a run is repeated (other schedules, sanitizers), it leaves out what adds no kernel path:
 # the strided layouts (copied to contiguous before any kernel) and the NaN, opcheck,
 # repeatability and hypothesis sweeps.

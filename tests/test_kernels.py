@@ -603,6 +603,8 @@ LOSS_OPTIONS = {
     "smoothing-none": dict(label_smoothing=0.1, reduction="none"),
     "avg-weight-smoothing-none": dict(pooling="avg", weight="rand", label_smoothing=0.3,
                                       reduction="none"),
+    "smoothing-sum": dict(label_smoothing=0.15, reduction="sum"),
+    "weight": dict(weight="rand"),
 }
 OPTION_CASES = ["uniform_14x14", "uneven_5x9", "map_1x1", "cnum64_9x9"]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mcloss_cuda as mc
-from helpers import fused_only
+from helpers import assert_grad_close, fused_only
 
 R = mc.reference
 F64 = torch.float64
@@ -119,6 +119,30 @@ def test_gradcheck_fused(options, layout):
         lambda t: tuple(mc.mc_loss(t, y, 2, counts, mask=mask, **options)), (x,))
 
 
+@fused_only
+@pytest.mark.parametrize("options", [dict(pooling="avg"),
+                                     dict(pooling="avg", weight=True, label_smoothing=0.2,
+                                          reduction="none")], ids=["avg", "avg-weight-none"])
+def test_groups_too_large_for_a_tile(options):
+    # 64 channels of 32x32 per group: on CUDA (and under the emulator) the stream kernels, not
+    # the tiles (tests/cuda_emulated_cases.py::test_launches_per_step); fp32 forward and
+    # backward against the reference
+    x = torch.randn(2, 128, 32, 32, requires_grad=True)
+    y = torch.tensor([1, 0])
+    mask = torch.rand(128) < 0.5
+    options = dict(options)
+    if options.get("weight"):
+        options["weight"] = torch.tensor([0.7, 1.6])
+    out = mc.mc_loss(x, y, 2, 64, mask=mask, **options)
+    ref = R.mc_loss(x, y, 2, 64, mask=mask, **options)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-5)
+    g = torch.randn(out.loss.shape)
+    (dx,) = torch.autograd.grad((out.loss * g).sum() + out.logits.sum(), x)
+    (dx_ref,) = torch.autograd.grad((ref.loss * g).sum() + ref.logits.sum(), x)
+    assert_grad_close(dx, dx_ref)
+
+
 def test_module_weight_is_a_buffer():
     w = torch.tensor([1.0, 2.0, 0.5])
     crit = mc.MCLoss(3, 2, weight=w, label_smoothing=0.1, reduction="sum", pooling="avg")
@@ -148,6 +172,7 @@ BAD_OPTIONS = [
     (dict(weight=torch.ones(4)), ValueError, r"weight: expected shape \(3,\)"),
     (dict(weight=torch.ones(1, 3)), ValueError, "weight"),
     (dict(weight=torch.ones(3, device="meta")), ValueError, "weight"),
+    (dict(weight=torch.ones(3, requires_grad=True)), ValueError, "weight: the class weights"),
     (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
     (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
     (dict(label_smoothing="0.1"), TypeError, "label_smoothing"),

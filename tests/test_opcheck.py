@@ -154,12 +154,13 @@ def cases():
             for i, (dtype, shape, cl) in enumerate(combos):
                 per_sample = i % 2 == 1
                 kind = kinds[(i // 2) % len(kinds)] if kinds else None
-                # the options change every entry, out of step with the kinds
-                options = LOSS_OPTIONS[i % len(LOSS_OPTIONS)] if kinds else None
+                # the options: each of them meets every kind and both mask shapes
+                opt = (i + i // 4) % len(LOSS_OPTIONS)
+                options = LOSS_OPTIONS[opt] if kinds else None
                 # forward ops get requires_grad features in fp32/fp64, so that opcheck's
                 # autograd and aot_dispatch checks run their registered backward
                 rg = op in FORWARD_OPS and dtype in (F32, F64)
-                opt_id = "" if options is None else f"-opt{i % len(LOSS_OPTIONS)}"
+                opt_id = "" if options is None else f"-opt{opt}"
                 out.append(pytest.param(
                     op, device, dtype, shape, cl, per_sample, rg, kind, options,
                     id=f"{op}-{device}-{str(dtype)[6:]}-{shape}-"

@@ -297,20 +297,21 @@ struct GroupScan {
     }
   }
 
-  // (1 / n) sum_j m_j sum_k v[j, k], after winners() (which sets m): the average pooling's
-  // logit times HW. m_j multiplies the channel's sum rather than each value: the same for
-  // a 0/1 mask, NaN included (0 * inf is NaN either way).
+  // (1 / n) sum_j sum_k m_j v[j, k], after winners() (which sets m): the average pooling's
+  // logit times HW. The mask multiplies each value, as x * mask does (for a mask value beyond
+  // 0/1 the product of the channel's sum would lose or make NaNs: inf - inf, 0 * overflow).
   acc masked_mean(int64_t n) const {
     const int64_t last = (chunks - 1) * L::N;
     const Mask valid = L::lanes_below(HW - last);
     acc total = 0;
     for (int64_t j = 0; j < n; ++j) {
       const acc* vj = v.data() + j * HWp;
+      const V mj = L::splat(m[j]);
       V s{};
-      for (int64_t off = 0; off < last; off += L::N) s += L::load(vj + off);
-      const V x = L::load(vj + last);  // -inf in the pad lanes
+      for (int64_t off = 0; off < last; off += L::N) s += apply_mask(L::load(vj + off), mj);
+      const V x = apply_mask(L::load(vj + last), mj);  // the pad lanes (-inf) dropped after
       s += valid ? x : V{};
-      total += apply_mask(L::sum(s), m[j]);
+      total += L::sum(s);
     }
     return total / static_cast<acc>(n);
   }
