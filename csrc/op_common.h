@@ -203,6 +203,14 @@ inline void check_cross_entropy(const std::optional<at::Tensor>& weight, double 
                     "reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
+// The kernels' view of the checked options (the weight in T, the accumulation dtype).
+template <typename T>
+CrossEntropyOptions<T> cross_entropy_options(const std::optional<at::Tensor>& weight,
+                                             double label_smoothing, int64_t reduction) {
+  return {weight.has_value() ? weight->const_data_ptr<T>() : nullptr,
+          static_cast<T>(label_smoothing), reduction};
+}
+
 // mc_loss_backward's arguments: those of the forward (the mask it used), its logits and lse,
 // and the gradients of its outputs, each undefined (zero) or in the accumulation dtype.
 inline LossShape check_loss_backward(const std::optional<at::Tensor>& g_loss,

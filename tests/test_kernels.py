@@ -549,11 +549,11 @@ OP_CASES = ["uniform_14x14", "uneven_5x9", "balanced_5x9", "map_1x1", "cnum64_9x
             "uneven64_9x9", "cnum1_7x7"]
 
 
-def op_params():
+def op_params(case_names=OP_CASES):
     out = []
     for device in DEVICES:
         for dtype in DTYPES:
-            for name in OP_CASES:
+            for name in case_names:
                 for layout in ("contiguous", "channels_last"):
                     bwd = grad_feasible(CASES[name], dtype)
                     out.append(pytest.param(device, dtype, CASES[name], layout, bwd,
@@ -609,20 +609,8 @@ LOSS_OPTIONS = {
 OPTION_CASES = ["uniform_14x14", "uneven_5x9", "map_1x1", "cnum64_9x9"]
 
 
-def option_params():
-    out = []
-    for device in DEVICES:
-        for dtype in DTYPES:
-            for name in OPTION_CASES:
-                for layout in ("contiguous", "channels_last"):
-                    bwd = grad_feasible(CASES[name], dtype)
-                    out.append(pytest.param(device, dtype, CASES[name], layout, bwd,
-                                            id=f"{device}-{str(dtype)[6:]}-{name}-{layout}"))
-    return out
-
-
 @fused_only
-@pytest.mark.parametrize(ARGS, option_params())
+@pytest.mark.parametrize(ARGS, op_params(OPTION_CASES))
 def test_loss_ops_options(device, dtype, case, layout, bwd):
     # every option combination through the two ops against the reference, forward and every
     # upstream gradient pattern; then through mc.mc_loss and autograd, against the reference

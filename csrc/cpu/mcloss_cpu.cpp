@@ -243,13 +243,6 @@ std::pair<at::Tensor, at::Tensor> group_sums(const at::Tensor& x, const LossShap
   return {h, logits};
 }
 
-template <typename T>
-CrossEntropyOptions<T> cross_entropy_options(const std::optional<at::Tensor>& weight,
-                                             double label_smoothing, int64_t reduction) {
-  return {weight.has_value() ? weight->const_data_ptr<T>() : nullptr,
-          static_cast<T>(label_smoothing), reduction};
-}
-
 // The (B, K) tail: a few thousand values, one thread, in the fixed order of the loops.
 // Returns loss, dis, div, lse and weight_sums.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_tail(

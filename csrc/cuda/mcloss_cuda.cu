@@ -1036,13 +1036,6 @@ at::Tensor stream_scratch_tensor(const at::Tensor& x, const LossShape& s) {
   return at::empty({(4 * acc_bytes + 8) * s.B * s.C / acc_bytes}, x.options().dtype(acc_type_of(x)));
 }
 
-template <typename T>
-CrossEntropyOptions<T> cross_entropy_options(const std::optional<at::Tensor>& weight,
-                                             double label_smoothing, int64_t reduction) {
-  return {weight.has_value() ? weight->const_data_ptr<T>() : nullptr,
-          static_cast<T>(label_smoothing), reduction};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 mc_loss_cuda(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets,
              int64_t max_group, const std::optional<at::Tensor>& mask, int64_t drop,
