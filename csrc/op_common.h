@@ -203,6 +203,12 @@ inline void check_cross_entropy(const std::optional<at::Tensor>& weight, double 
                     "reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
+// The shape of loss, dis and div (and of their gradients): (B,) per sample with reduction
+// none, else 0-dim.
+inline std::vector<int64_t> loss_term_shape(int64_t B, int64_t reduction) {
+  return reduction == kReduceNone ? std::vector<int64_t>{B} : std::vector<int64_t>{};
+}
+
 // The kernels' view of the checked options (the weight in T, the accumulation dtype).
 template <typename T>
 CrossEntropyOptions<T> cross_entropy_options(const std::optional<at::Tensor>& weight,
@@ -239,9 +245,7 @@ inline LossShape check_loss_backward(const std::optional<at::Tensor>& g_loss,
   };
   const std::pair<const std::optional<at::Tensor>*, const char*> scalars[] = {
       {&g_loss, "grad_loss"}, {&g_dis, "grad_dis"}, {&g_div, "grad_div"}};
-  // 0-dim, or (B,) per sample with reduction none
-  const std::vector<int64_t> term_shape =
-      reduction == 0 ? std::vector<int64_t>{s.B} : std::vector<int64_t>{};
+  const std::vector<int64_t> term_shape = loss_term_shape(s.B, reduction);
   for (const auto& [g, name] : scalars) {
     if (g->has_value() && (*g)->defined()) check_acc(**g, name, term_shape);
   }

@@ -252,8 +252,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_tail
   const int64_t B = s.B, K = s.K;
   const auto opts = logits.options();
   const bool per_sample = reduction == kReduceNone;
-  auto term = [&] { return per_sample ? at::empty({B}, opts) : at::empty({}, opts); };
-  auto loss = term(), dis = term(), div = term();
+  const std::vector<int64_t> term_shape = loss_term_shape(B, reduction);
+  auto loss = at::empty(term_shape, opts), dis = at::empty(term_shape, opts);
+  auto div = at::empty(term_shape, opts);
   auto lse = at::empty({B, 2}, opts), weight_sums = at::empty({2}, opts);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_cpu", [&] {
     const auto ce = cross_entropy_options<scalar_t>(weight, label_smoothing, reduction);

@@ -1047,10 +1047,9 @@ mc_loss_cuda(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& o
   check_cross_entropy(weight, label_smoothing, reduction, x, s.K);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc_opts = x.options().dtype(acc_type_of(x));
-  auto term = [&] {
-    return reduction == kReduceNone ? at::empty({s.B}, acc_opts) : at::empty({}, acc_opts);
-  };
-  auto loss = term(), dis = term(), div = term();
+  const std::vector<int64_t> term_shape = loss_term_shape(s.B, reduction);
+  auto loss = at::empty(term_shape, acc_opts), dis = at::empty(term_shape, acc_opts);
+  auto div = at::empty(term_shape, acc_opts);
   auto logits = at::empty({s.B, s.K}, acc_opts), lse = at::empty({s.B, 2}, acc_opts);
   auto weight_sums = at::empty({2}, acc_opts);
   auto h_over_n = at::empty({s.B, s.K}, acc_opts);
