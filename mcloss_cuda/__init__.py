@@ -11,7 +11,8 @@ what a bug report needs. The contract: docs/spec.md.
 
 from . import reference
 from ._version import __version__ as __version__
-from ._common import MCLossOutput, random_channel_mask
+from ._common import MCLossOutput
+from ._groups import random_channel_mask
 from ._ops import backend, built_with_cuda
 from .functional import (
     ccmp,

@@ -172,6 +172,14 @@ def _format_of(x):
     return torch.contiguous_format
 
 
+def as_maps(x):
+    """(B, C, *S) features as the (B, C, H, W) maps the kernels take: 4-D as they are, any other
+    number of spatial dimensions flattened into (B, C, L, 1), a view wherever the positions
+    have one stride (contiguous, channels_last_3d, and (B, N, C) tokens transposed to (B, C, N)
+    all do); the ops are the same, the positions being all that the loss sums or maxes over."""
+    return x if x.dim() == 4 else x.flatten(2).unsqueeze(-1)
+
+
 def kernel_layout(x):
     """The kernels read (B, C, H, W) contiguous or channels_last; anything else is copied once."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):

@@ -6,24 +6,10 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._common import (
-    MCLossOutput,
-    accumulate_in,
-    check_ce_options,
-    check_coefficients,
-    check_features,
-    check_mask,
-    as_maps,
-    check_generator,
-    check_pooling,
-    check_targets,
-    counts_for_ccmp,
-    diversity_from_sums,
-    group_tensor,
-    resolve_counts,
-    resolve_drop,
-)
-from ._ops import acc_dtype, backend, kernel_layout, ops
+from ._checks import check_features, check_loss_args, check_mask, counts_for_ccmp, resolve_counts
+from ._common import MCLossOutput, accumulate_in, diversity_from_sums
+from ._groups import group_tensor
+from ._ops import acc_dtype, as_maps, backend, kernel_layout, ops
 
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as the op takes it
 
@@ -119,22 +105,16 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
     ``weight``, ``label_smoothing``, ``reduction``: the discriminality cross-entropy's, as
     ``F.cross_entropy`` takes them; ``reduction="none"`` gives loss, dis and div per sample.
     """
-    check_features(features)
-    counts = resolve_counts(num_classes, cnum, features.shape[1])
-    check_pooling(pooling)
-    check_ce_options(weight, label_smoothing, reduction, len(counts), features.device)
-    if not _fused(features):
-        return reference.mc_loss(features, targets, num_classes, counts, mask=mask, alpha=alpha,
-                                 beta=beta, drop=drop, per_sample_mask=per_sample_mask,
-                                 generator=generator, pooling=pooling, weight=weight,
-                                 label_smoothing=label_smoothing, reduction=reduction)
-    check_targets(targets, features.shape[0], len(counts), features.device, kernel_checks=True)
-    check_coefficients(alpha, beta)
-    drops = resolve_drop(drop, counts)  # checked here; the kernels draw with it
-    if mask is None:
-        check_generator(generator, features.device)
-    else:
-        check_mask(mask, features.shape[0], features.shape[1], features.device)
+    fused = _fused(features)
+    args = check_loss_args(features, targets, num_classes, cnum, mask, alpha, beta, drop,
+                           generator, pooling, weight, label_smoothing, reduction,
+                           kernel_checks=fused)
+    if not fused:
+        return reference.checked_mc_loss(features, targets, args, mask, alpha, beta,
+                                         per_sample_mask, generator, pooling, weight,
+                                         label_smoothing, reduction)
+    counts = args.counts
+    if mask is not None:
         mask = _mask_for_loss(mask, features)
     # one op, one autograd node: the fused kernels, the mask drawn inside them when none is
     # given, and the (B, K) tail (csrc/ops.cpp)
@@ -142,7 +122,10 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
     if weight is not None:  # the tail computes in the logits' dtype, as cross_entropy would
         weight = weight.to(acc_dtype(x.dtype)).contiguous()
     # the kernels drop `drop` channels of every group when it is >= 0, else floor(n_i * p)
-    count, fraction = (drops[0], 0.0) if _is_count(drop) else (-1, 0.5 if drop is None else drop)
+    if _is_count(drop):
+        count, fraction = args.drops[0], 0.0
+    else:
+        count, fraction = -1, 0.5 if drop is None else drop
     loss, dis, div, logits, *_ = ops.mc_loss(
         x, targets.contiguous(), group_tensor(counts, x.device, "offsets"), max(counts), mask,
         count, fraction, bool(per_sample_mask), generator, float(alpha), float(beta),

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._common import (check_ce_options, check_coefficients, check_num_classes, check_pooling,
+from ._checks import (check_ce_options, check_coefficients, check_num_classes, check_pooling,
                       normalize_cnum)
 from .functional import mc_loss
 

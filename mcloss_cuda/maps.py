@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_features, resolve_counts
+from ._checks import check_features, resolve_counts
 from .functional import ccmp, spatial_softmax
 
 

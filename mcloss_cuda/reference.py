@@ -9,24 +9,17 @@ fp16/bf16 inputs are computed in fp32; gradients flow back in the input's dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ._common import (
-    accumulate_in,
-    MCLossOutput,
-    assemble,
-    check_ce_options,
-    check_coefficients,
+from ._checks import (
     check_features,
+    check_loss_args,
     check_mask,
-    check_pooling,
-    check_targets,
     counts_for_ccmp,
-    diversity_from_sums,
-    draw_mask,
-    group_tensor,
-    random_channel_mask,
     resolve_counts,
 )
+from ._common import MCLossOutput, accumulate_in, diversity_from_sums, diversity_per_sample
+from ._groups import draw_mask, group_tensor, random_channel_mask
 
 __all__ = [
     "spatial_softmax", "channel_mask", "ccmp", "diversity_loss", "discriminality_logits",
@@ -127,17 +120,28 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
     """MC-Loss: alpha * cross_entropy(logits, targets) + beta * L_div, as an MCLossOutput
     (weight, label_smoothing and reduction as F.cross_entropy takes them; with "none", loss,
     dis and div are per sample)."""
-    check_features(features)
-    counts = resolve_counts(num_classes, cnum, features.shape[1])
-    check_targets(targets, features.shape[0], len(counts), features.device)
-    check_coefficients(alpha, beta)
-    check_pooling(pooling)
-    check_ce_options(weight, label_smoothing, reduction, len(counts), features.device)
+    args = check_loss_args(features, targets, num_classes, cnum, mask, alpha, beta, drop,
+                           generator, pooling, weight, label_smoothing, reduction)
+    return checked_mc_loss(features, targets, args, mask, alpha, beta, per_sample_mask,
+                           generator, pooling, weight, label_smoothing, reduction)
+
+
+def checked_mc_loss(features, targets, args, mask, alpha, beta, per_sample_mask, generator,
+                    pooling, weight, label_smoothing, reduction):
+    """mc_loss once check_loss_args has passed (``args``): also the fused path's fallback."""
+    counts = args.counts
     if mask is None:
-        mask = draw_mask(features, counts, drop, per_sample_mask, generator)
-    else:
-        check_mask(mask, features.shape[0], features.shape[1], features.device)
+        mask = draw_mask(features, counts, args.drops, per_sample_mask, generator)
     x = accumulate_in(features)
     h = _diversity_sums(x, counts)
     logits = _masked_logits(x, mask, counts, pooling)
-    return assemble(h, logits, targets, counts, alpha, beta, weight, label_smoothing, reduction)
+    if weight is not None:  # cross_entropy computes in the logits' dtype
+        weight = weight.to(logits.dtype)
+    dis = F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing,
+                          reduction=reduction)
+    if reduction == "mean":
+        div = diversity_from_sums(h, counts)
+    else:
+        div = diversity_per_sample(h, counts)
+        div = div if reduction == "none" else div.sum()
+    return MCLossOutput(alpha * dis + beta * div, dis, div, logits)

@@ -9,7 +9,7 @@ import torch
 
 import mcloss_cuda as mc
 from mcloss_cuda import reference
-from mcloss_cuda._common import as_maps
+from mcloss_cuda._ops import as_maps
 from helpers import GRAD_TOL, VALUE_TOL, fused_only, random_targets
 
 ops = torch.ops.mcloss_cuda
