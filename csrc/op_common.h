@@ -7,7 +7,10 @@
 #include <ATen/core/Generator.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/ops/empty.h>
+
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "mcloss_math.h"
@@ -134,55 +137,6 @@ inline at::ScalarType acc_type_of(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The arguments of the mc_loss ops, checked once for both backends.
-struct LossShape {
-  int64_t B, C, K, HW, max_group;
-  bool draw;             // no mask given: the op draws one
-  bool mask_is_bool;     // a given mask's dtype: bool, else x's
-  int64_t mask_rows;     // rows of the mask given or drawn: 1, or B per sample
-  int64_t mask_bstride;  // 0 (one row for the batch) or C
-};
-
-// (generator: the forward's, for a drawn mask; none for the backward)
-inline LossShape check_loss(const at::Tensor& x, const at::Tensor& targets,
-                            const at::Tensor& offsets, int64_t max_group,
-                            const std::optional<at::Tensor>& mask, bool per_sample_mask,
-                            const std::optional<at::Generator>& generator, ValueChecks values) {
-  check_map(x, "x");
-  const int64_t K = check_offsets(offsets, x, values);
-  const int64_t B = x.size(0), C = x.size(1);
-  TORCH_CHECK_VALUE(max_group >= 1 && max_group <= C, "max_group: expected the largest group's "
-                    "size, in [1, C=", C, "], got ", max_group);
-  if (values == ValueChecks::Host) {
-    const int64_t* o = offsets.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < K; ++i) {
-      TORCH_CHECK_VALUE(o[i + 1] - o[i] <= max_group, "max_group: ", max_group,
-                        " is smaller than group ", i, " (", o[i + 1] - o[i], " channels)");
-    }
-  }
-  check_targets(targets, x, K, values);
-  LossShape s{B, C, K, x.size(2) * x.size(3), max_group, !mask.has_value(), false,
-              per_sample_mask ? B : 1, 0};
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    TORCH_CHECK_VALUE(m.device() == x.device(), "mask: expected device ", x.device(),
-                      " (that of x), got ", m.device());
-    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == x.scalar_type(),
-                     "mask: expected bool or ", x.scalar_type(), " (that of x), got ",
-                     m.scalar_type());
-    const bool shared = m.dim() == 1 && m.size(0) == C;
-    const bool per_sample = m.dim() == 2 && m.size(0) == B && m.size(1) == C;
-    TORCH_CHECK_VALUE(shared || per_sample, "mask: expected shape (", C, ",) or (", B, ", ", C,
-                      "), got ", m.sizes());
-    TORCH_CHECK_VALUE(m.is_contiguous(), "mask: expected a contiguous tensor");
-    s.mask_is_bool = m.scalar_type() == at::kBool;
-    s.mask_rows = shared ? 1 : B;
-  }
-  check_generator(generator, x);
-  s.mask_bstride = s.mask_rows == 1 ? 0 : C;
-  return s;
-}
-
 // The discriminality cross-entropy's options: weight (K,) in the accumulation dtype or none,
 // label_smoothing in [0, 1], reduction an at::Reduction (0 none, 1 mean, 2 sum).
 inline void check_cross_entropy(const std::optional<at::Tensor>& weight, double label_smoothing,
@@ -203,11 +157,92 @@ inline void check_cross_entropy(const std::optional<at::Tensor>& weight, double 
                     "reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
+// The arguments of the mc_loss ops, checked once for both backends: the one prologue of their
+// CPU and CUDA implementations.
+struct LossShape {
+  int64_t B, C, K, HW, max_group;
+  bool draw;             // no mask given: the op draws one
+  bool mask_is_bool;     // a given mask's dtype: bool, else x's
+  int64_t mask_rows;     // rows of the mask given or drawn: 1, or B per sample
+  int64_t mask_bstride;  // 0 (one row for the batch) or C
+  int64_t reduction;     // at::Reduction of the loss terms
+};
+
+// (generator: the forward's, for a drawn mask; none for the backward)
+inline LossShape check_loss(const at::Tensor& x, const at::Tensor& targets,
+                            const at::Tensor& offsets, int64_t max_group,
+                            const std::optional<at::Tensor>& mask, bool per_sample_mask,
+                            const std::optional<at::Generator>& generator,
+                            const std::optional<at::Tensor>& weight, double label_smoothing,
+                            int64_t reduction, ValueChecks values) {
+  check_map(x, "x");
+  const int64_t K = check_offsets(offsets, x, values);
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK_VALUE(max_group >= 1 && max_group <= C, "max_group: expected the largest group's "
+                    "size, in [1, C=", C, "], got ", max_group);
+  if (values == ValueChecks::Host) {
+    const int64_t* o = offsets.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < K; ++i) {
+      TORCH_CHECK_VALUE(o[i + 1] - o[i] <= max_group, "max_group: ", max_group,
+                        " is smaller than group ", i, " (", o[i + 1] - o[i], " channels)");
+    }
+  }
+  check_targets(targets, x, K, values);
+  check_cross_entropy(weight, label_smoothing, reduction, x, K);
+  LossShape s{B, C, K, x.size(2) * x.size(3), max_group, !mask.has_value(), false,
+              per_sample_mask ? B : 1, 0, reduction};
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK_VALUE(m.device() == x.device(), "mask: expected device ", x.device(),
+                      " (that of x), got ", m.device());
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == x.scalar_type(),
+                     "mask: expected bool or ", x.scalar_type(), " (that of x), got ",
+                     m.scalar_type());
+    const bool shared = m.dim() == 1 && m.size(0) == C;
+    const bool per_sample = m.dim() == 2 && m.size(0) == B && m.size(1) == C;
+    TORCH_CHECK_VALUE(shared || per_sample, "mask: expected shape (", C, ",) or (", B, ", ", C,
+                      "), got ", m.sizes());
+    TORCH_CHECK_VALUE(m.is_contiguous(), "mask: expected a contiguous tensor");
+    s.mask_is_bool = m.scalar_type() == at::kBool;
+    s.mask_rows = shared ? 1 : B;
+  }
+  check_generator(generator, x);
+  s.mask_bstride = s.mask_rows == 1 ? 0 : C;
+  return s;
+}
+
 // The shape of loss, dis and div (and of their gradients): (B,) per sample with reduction
 // none, else 0-dim.
 inline std::vector<int64_t> loss_term_shape(int64_t B, int64_t reduction) {
   return reduction == kReduceNone ? std::vector<int64_t>{B} : std::vector<int64_t>{};
 }
+
+// The outputs of the mc_loss op, allocated once for both backends (see the schema in ops.cpp).
+// drawn_mask is (C,) shared by the batch, as a given mask would be, or (B, C) per sample; (0,)
+// when a mask was given.
+struct LossOutputs {
+  at::Tensor loss, dis, div, logits, lse, drawn_mask, weight_sums;
+
+  LossOutputs(const at::Tensor& x, const LossShape& s, bool per_sample_mask) {
+    const auto acc = x.options().dtype(acc_type_of(x));
+    const std::vector<int64_t> term = loss_term_shape(s.B, s.reduction);
+    loss = at::empty(term, acc);
+    dis = at::empty(term, acc);
+    div = at::empty(term, acc);
+    logits = at::empty({s.B, s.K}, acc);
+    lse = at::empty({s.B, 2}, acc);
+    weight_sums = at::empty({2}, acc);
+    const auto bool_opts = x.options().dtype(at::kBool);
+    drawn_mask = !s.draw           ? at::empty({0}, bool_opts)
+                 : per_sample_mask ? at::empty({s.B, s.C}, bool_opts)
+                                   : at::empty({s.C}, bool_opts);
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  as_tuple() const {
+    return {loss, dis, div, logits, lse, drawn_mask, weight_sums};
+  }
+};
 
 // The kernels' view of the checked options (the weight in T, the accumulation dtype).
 template <typename T>
@@ -231,9 +266,8 @@ inline LossShape check_loss_backward(const std::optional<at::Tensor>& g_loss,
                                      double label_smoothing, int64_t reduction,
                                      const std::optional<at::Tensor>& weight_sums,
                                      ValueChecks values) {
-  const LossShape s =
-      check_loss(x, targets, offsets, max_group, mask, false, std::nullopt, values);
-  check_cross_entropy(weight, label_smoothing, reduction, x, s.K);
+  const LossShape s = check_loss(x, targets, offsets, max_group, mask, false, std::nullopt,
+                                 weight, label_smoothing, reduction, values);
   const auto acc = acc_type_of(x);
   auto check_acc = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
     TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(),

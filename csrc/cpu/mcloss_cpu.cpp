@@ -202,16 +202,15 @@ std::pair<uint64_t, uint64_t> philox_seed_offset(const std::optional<at::Generat
   return {seed, gen->random64()};
 }
 
-// The channel mask (mask_rows, C), True = kept: the draw of mcloss_math.h, group by group.
-at::Tensor draw_mask(const LossShape& s, const at::Tensor& offsets, int64_t drop,
-                     double drop_fraction, bool per_sample_mask,
-                     const std::optional<at::Generator>& generator, const at::Tensor& x) {
+// The channel mask (mask_rows, C), True = kept, into `keep`: the draw of mcloss_math.h, group
+// by group.
+void draw_mask(at::Tensor& keep, const LossShape& s, const at::Tensor& offsets, int64_t drop,
+               double drop_fraction, const std::optional<at::Generator>& generator) {
   const auto [seed, offset] = philox_seed_offset(generator);
-  // (C,) for one row shared by the batch, as a given mask would be; (B, C) per sample
-  auto keep = per_sample_mask
-                  ? at::empty({s.B, s.C}, x.options().dtype(at::kBool))
-                  : at::empty({s.C}, x.options().dtype(at::kBool));
-  if (s.B == 0) return keep.zero_();  // no sample to draw for, as on CUDA
+  if (s.B == 0) {  // no sample to draw for, as on CUDA
+    keep.zero_();
+    return;
+  }
   bool* out = keep.mutable_data_ptr<bool>();
   const int64_t* o = offsets.const_data_ptr<int64_t>();
   std::vector<uint64_t> keys(static_cast<size_t>(s.max_group));
@@ -223,15 +222,11 @@ at::Tensor draw_mask(const LossShape& s, const at::Tensor& offsets, int64_t drop
       for (int64_t j = 0; j < n; ++j) out[r * s.C + c0 + j] = channel_kept(keys.data(), n, j, d);
     }
   }
-  return keep;
 }
 
 // Per group (b, i): the diversity sum h and the logit, one pass over x.
-std::pair<at::Tensor, at::Tensor> group_sums(const at::Tensor& x, const LossShape& s,
-                                             const at::Tensor& offsets, const at::Tensor& mask,
-                                             bool avg_pool) {
-  auto h = at::empty({s.B, s.K}, x.options().dtype(acc_type_of(x)));
-  auto logits = at::empty({s.B, s.K}, x.options().dtype(acc_type_of(x)));
+void group_sums(at::Tensor& h, at::Tensor& logits, const at::Tensor& x, const LossShape& s,
+                const at::Tensor& offsets, const at::Tensor& mask, bool avg_pool) {
   launch(x, s.B * s.K, s.C / s.K * s.HW, [](const auto& t) { return t.mc_loss_forward; },
          [&](auto& a) {
            using acc = typename std::decay_t<decltype(a)>::acc_type;
@@ -240,22 +235,18 @@ std::pair<at::Tensor, at::Tensor> group_sums(const at::Tensor& x, const LossShap
            a.h = h.mutable_data_ptr<acc>();
            a.logits = logits.mutable_data_ptr<acc>();
          });
-  return {h, logits};
 }
 
-// The (B, K) tail: a few thousand values, one thread, in the fixed order of the loops.
-// Returns loss, dis, div, lse and weight_sums.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_tail(
-    const at::Tensor& h, const at::Tensor& logits, const at::Tensor& targets,
-    const at::Tensor& offsets, const LossShape& s, double alpha, double beta,
-    const std::optional<at::Tensor>& weight, double label_smoothing, int64_t reduction) {
-  const int64_t B = s.B, K = s.K;
-  const auto opts = logits.options();
+// The (B, K) tail: a few thousand values, one thread, in the fixed order of the loops. Writes
+// loss, dis, div, lse and weight_sums of `out` from h and out.logits.
+void loss_tail(LossOutputs& out, const at::Tensor& h, const at::Tensor& targets,
+               const at::Tensor& offsets, const LossShape& s, double alpha, double beta,
+               const std::optional<at::Tensor>& weight, double label_smoothing) {
+  const int64_t B = s.B, K = s.K, reduction = s.reduction;
   const bool per_sample = reduction == kReduceNone;
-  const std::vector<int64_t> term_shape = loss_term_shape(B, reduction);
-  auto loss = at::empty(term_shape, opts), dis = at::empty(term_shape, opts);
-  auto div = at::empty(term_shape, opts);
-  auto lse = at::empty({B, 2}, opts), weight_sums = at::empty({2}, opts);
+  at::Tensor &loss = out.loss, &dis = out.dis, &div = out.div;
+  at::Tensor &lse = out.lse, &weight_sums = out.weight_sums;
+  const at::Tensor& logits = out.logits;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "mc_loss_tail_cpu", [&] {
     const auto ce = cross_entropy_options<scalar_t>(weight, label_smoothing, reduction);
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
@@ -297,7 +288,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_tail
     weight_sums.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(target_weight_sum);
     weight_sums.mutable_data_ptr<scalar_t>()[1] = static_cast<scalar_t>(weight_total);
   });
-  return {loss, dis, div, lse, weight_sums};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -307,16 +297,14 @@ mc_loss_cpu(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& of
             double alpha, double beta, bool avg_pool, const std::optional<at::Tensor>& weight,
             double label_smoothing, int64_t reduction) {
   const LossShape s = check_loss(x, targets, offsets, max_group, mask, per_sample_mask,
-                                 generator, ValueChecks::Host);
-  check_cross_entropy(weight, label_smoothing, reduction, x, s.K);
-  const at::Tensor drawn = s.draw
-                               ? draw_mask(s, offsets, drop, drop_fraction, per_sample_mask, generator, x)
-                               : at::empty({0}, x.options().dtype(at::kBool));
-  const auto [h, logits] =
-      group_sums(x, s, offsets, mask_values(s.draw ? drawn : *mask, x), avg_pool);
-  auto [loss, dis, div, lse, weight_sums] = loss_tail(h, logits, targets, offsets, s, alpha, beta,
-                                                      weight, label_smoothing, reduction);
-  return {loss, dis, div, logits, lse, drawn, weight_sums};
+                                 generator, weight, label_smoothing, reduction, ValueChecks::Host);
+  LossOutputs out(x, s, per_sample_mask);
+  if (s.draw) draw_mask(out.drawn_mask, s, offsets, drop, drop_fraction, generator);
+  auto h = at::empty({s.B, s.K}, out.logits.options());
+  group_sums(h, out.logits, x, s, offsets, mask_values(s.draw ? out.drawn_mask : *mask, x),
+             avg_pool);
+  loss_tail(out, h, targets, offsets, s, alpha, beta, weight, label_smoothing);
+  return out.as_tuple();
 }
 
 // The gradient g (0-dim, or (B,) with reduction none; undefined: 0) of row b.

@@ -1043,32 +1043,23 @@ mc_loss_cuda(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& o
              double alpha, double beta, bool avg_pool, const std::optional<at::Tensor>& weight,
              double label_smoothing, int64_t reduction) {
   const LossShape s = check_loss(x, targets, offsets, max_group, mask, per_sample_mask,
-                                 generator, ValueChecks::Kernel);
-  check_cross_entropy(weight, label_smoothing, reduction, x, s.K);
+                                 generator, weight, label_smoothing, reduction,
+                                 ValueChecks::Kernel);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc_opts = x.options().dtype(acc_type_of(x));
-  const std::vector<int64_t> term_shape = loss_term_shape(s.B, reduction);
-  auto loss = at::empty(term_shape, acc_opts), dis = at::empty(term_shape, acc_opts);
-  auto div = at::empty(term_shape, acc_opts);
-  auto logits = at::empty({s.B, s.K}, acc_opts), lse = at::empty({s.B, 2}, acc_opts);
-  auto weight_sums = at::empty({2}, acc_opts);
-  auto h_over_n = at::empty({s.B, s.K}, acc_opts);
-  // the drawn mask: (C,) shared by the batch, as a given mask would be, or (B, C) per sample
-  const auto bool_opts = x.options().dtype(at::kBool);
-  auto drawn = !s.draw ? at::empty({0}, bool_opts)
-               : per_sample_mask ? at::empty({s.B, s.C}, bool_opts) : at::empty({s.C}, bool_opts);
+  LossOutputs out(x, s, per_sample_mask);
+  auto h_over_n = at::empty({s.B, s.K}, out.logits.options());
   MaskSource ms{};
   if (s.draw) {
     ms.philox = philox_state(generator);
     ms.drop = drop;
     ms.drop_fraction = drop_fraction;
     ms.per_sample = per_sample_mask;
-    ms.drawn = drawn.mutable_data_ptr<bool>();
+    ms.drawn = out.drawn_mask.mutable_data_ptr<bool>();
     ms.rows = s.mask_rows;
   } else {
     ms = given_mask(*mask, s);
   }
-  if (s.B == 0 && s.draw) drawn.zero_();  // no row to draw for (and no kernel to write it)
+  if (s.B == 0 && s.draw) out.drawn_mask.zero_();  // no row to draw for (nor a kernel to)
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_cuda", [&] {
     using acc = acc_t<scalar_t>;
@@ -1078,26 +1069,26 @@ mc_loss_cuda(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& o
       if (plan.groups_per_tile > 0) {
         allow_shared_memory(&mc_loss_tile_forward_kernel<scalar_t>, smem);
         mc_loss_tile_forward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), plan.threads, smem, stream>>>(
-            p, plan, h_over_n.mutable_data_ptr<acc>(), logits.mutable_data_ptr<acc>());
+            p, plan, h_over_n.mutable_data_ptr<acc>(), out.logits.mutable_data_ptr<acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         const at::Tensor scratch = stream_scratch_tensor(x, s);
         mc_loss_stream_forward_kernel<scalar_t><<<blocks_for(s.B * s.K, kWarpsPerBlock), kThreads, 0, stream>>>(
             p, stream_scratch<acc>(scratch, s), h_over_n.mutable_data_ptr<acc>(),
-            logits.mutable_data_ptr<acc>());
+            out.logits.mutable_data_ptr<acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
     mc_loss_tail_kernel<acc><<<1, kTailThreads, 0, stream>>>(
-        h_over_n.const_data_ptr<acc>(), logits.const_data_ptr<acc>(),
+        h_over_n.const_data_ptr<acc>(), out.logits.const_data_ptr<acc>(),
         targets.const_data_ptr<int64_t>(), s.B, s.K, static_cast<acc>(alpha), static_cast<acc>(beta),
         cross_entropy_options<acc>(weight, label_smoothing, reduction),
-        TailOutputs<acc>{loss.mutable_data_ptr<acc>(), dis.mutable_data_ptr<acc>(),
-                         div.mutable_data_ptr<acc>(), lse.mutable_data_ptr<acc>(),
-                         weight_sums.mutable_data_ptr<acc>()});
+        TailOutputs<acc>{out.loss.mutable_data_ptr<acc>(), out.dis.mutable_data_ptr<acc>(),
+                         out.div.mutable_data_ptr<acc>(), out.lse.mutable_data_ptr<acc>(),
+                         out.weight_sums.mutable_data_ptr<acc>()});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, dis, div, logits, lse, drawn, weight_sums};
+  return out.as_tuple();
 }
 
 template <typename T>
