@@ -154,3 +154,13 @@ def test_host_headers_skip_conditional_and_device_side_includes(tmp_path):
     # the stub's own host headers come first like the others
     assert cuemu_build.host_headers(cu, [tmp_path]) == [
         "ATen/core/Tensor.h", "c10/core/Device.h", "c10/util/Half.h"]
+
+
+def test_every_mutation_finds_its_line():
+    """tools/cuemu/mutations.py edits the CUDA source by exact text: each line it mutates must
+    still be there exactly once, or the mutation table tests nothing (it is too slow for CI, so
+    this is what keeps it in step with the source)."""
+    import mutations
+
+    stale = [m.name for m in mutations.MUTATIONS if (REPO / m.path).read_text().count(m.old) != 1]
+    assert not stale, f"mutations whose line is not in the source exactly once: {stale}"

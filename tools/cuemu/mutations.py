@@ -54,7 +54,7 @@ MUTATIONS = [
     Mutation("no __syncwarp after S_j", CU,
              "= s_mine;\n    }\n    __syncwarp();\n", "= s_mine;\n    }\n"),
     Mutation("no __syncthreads before the tail's tree", CU,
-             "  h_part[tid] = h_over_n;\n  __syncthreads();\n", "  h_part[tid] = h_over_n;\n"),
+             "  h_part[tid] = h_sum;\n  __syncthreads();\n", "  h_part[tid] = h_sum;\n"),
     Mutation("no __syncthreads in the tail's tree", CU,
              "    }\n    __syncthreads();\n  }\n  if (tid == 0) {", "    }\n  }\n  if (tid == 0) {"),
     Mutation("groups_ok without its barrier", CU,
