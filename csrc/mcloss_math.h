@@ -152,9 +152,7 @@ MC_HD F exp_f32(F x) {
   return p * O::pow2_plus64(shifted);
 }
 
-MC_HD double exp_f64(double x) {
-  return exp(x);
-}
+MC_HD double exp_f64(double x) { return exp(x); }
 
 // fp32 exp for x <= 0 (softmax only takes exp of x - max). On the GPU: exp2f(x * log2 e),
 // which nvcc compiles to the special-function unit's EX2 (MUFU.EX2, ~2 ulp) plus its range
@@ -168,9 +166,7 @@ MC_HD float exp_acc(float x) {
   return exp_f32(x);
 #endif
 }
-MC_HD double exp_acc(double x) {
-  return exp_f64(x);
-}
+MC_HD double exp_acc(double x) { return exp_f64(x); }
 
 // Softmax statistics of one channel's map: its max M and S = sum_k exp(x_k - M), built online
 // one element at a time (add) and combined across threads (merge). NaN and +-Inf behave as in
@@ -345,8 +341,8 @@ MC_HD T row_cross_entropy(const T* row, const RowLogSoftmax<T>& ls, int64_t t, i
 //   (1 - eps) w_t (p_i - [i == t]) + (eps / K) (W p_i - w_i),   W = sum_i w_i;
 // NaN over the row for a class index t outside [0, K), as row_cross_entropy gives.
 template <typename T>
-MC_HD T ce_logit_grad(T g_row, T logit, const RowLogSoftmax<T>& ls, int64_t i, int64_t t,
-                      int64_t K, const CrossEntropyOptions<T>& o, T weight_total) {
+MC_HD T ce_logit_grad(T g_row, T logit, const RowLogSoftmax<T>& ls, int64_t i, int64_t t, int64_t K,
+                      const CrossEntropyOptions<T>& o, T weight_total) {
   if (t < 0 || t >= K) return T(NAN);
   const T p = exp_acc(ls(logit));
   T d = p - (i == t ? T(1) : T(0));

@@ -72,11 +72,12 @@ inline int64_t check_offsets(const at::Tensor& offsets, const at::Tensor& x, Val
   const int64_t K = offsets.size(0) - 1;
   if (values == ValueChecks::Host) {
     const int64_t* o = offsets.data_ptr<int64_t>();
-    TORCH_CHECK_VALUE(o[0] == 0 && o[K] == x.size(1), "offsets: expected to start at 0 and end at C=",
-                      x.size(1), ", got ", o[0], " and ", o[K]);
+    TORCH_CHECK_VALUE(o[0] == 0 && o[K] == x.size(1),
+                      "offsets: expected to start at 0 and end at C=", x.size(1), ", got ", o[0],
+                      " and ", o[K]);
     for (int64_t i = 0; i < K; ++i) {
-      TORCH_CHECK_VALUE(o[i + 1] > o[i], "offsets: group ", i, " is empty (offsets[", i, "]=",
-                        o[i], ", offsets[", i + 1, "]=", o[i + 1], ")");
+      TORCH_CHECK_VALUE(o[i + 1] > o[i], "offsets: group ", i, " is empty (offsets[", i, "]=", o[i],
+                        ", offsets[", i + 1, "]=", o[i + 1], ")");
     }
   }
   return K;
@@ -99,8 +100,7 @@ inline int64_t check_mask(const at::Tensor& mask, const at::Tensor& x) {
 inline void check_map_grad(const at::Tensor& grad, const at::Tensor& ref, const char* ref_name,
                            at::IntArrayRef shape) {
   check_like(grad, ref, "grad", ref_name);
-  TORCH_CHECK_VALUE(grad.sizes() == shape, "grad: expected shape ", shape, ", got ",
-                    grad.sizes());
+  TORCH_CHECK_VALUE(grad.sizes() == shape, "grad: expected shape ", shape, ", got ", grad.sizes());
 }
 
 // targets: int64 (B,) class indices in [0, K), on x's device. Left to the kernels (CUDA), a
@@ -145,8 +145,8 @@ inline void check_cross_entropy(const std::optional<at::Tensor>& weight, double 
     const at::Tensor& w = *weight;
     TORCH_CHECK_VALUE(w.device() == x.device(), "weight: expected device ", x.device(),
                       " (that of x), got ", w.device());
-    TORCH_CHECK_TYPE(w.scalar_type() == acc_type_of(x), "weight: expected dtype ",
-                     acc_type_of(x), " (the accumulation dtype of x), got ", w.scalar_type());
+    TORCH_CHECK_TYPE(w.scalar_type() == acc_type_of(x), "weight: expected dtype ", acc_type_of(x),
+                     " (the accumulation dtype of x), got ", w.scalar_type());
     TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == K, "weight: expected shape (", K,
                       ",), one weight per class, got ", w.sizes());
     TORCH_CHECK_VALUE(w.is_contiguous(), "weight: expected a contiguous tensor");
@@ -178,8 +178,10 @@ inline LossShape check_loss(const at::Tensor& x, const at::Tensor& targets,
   check_map(x, "x");
   const int64_t K = check_offsets(offsets, x, values);
   const int64_t B = x.size(0), C = x.size(1);
-  TORCH_CHECK_VALUE(max_group >= 1 && max_group <= C, "max_group: expected the largest group's "
-                    "size, in [1, C=", C, "], got ", max_group);
+  TORCH_CHECK_VALUE(max_group >= 1 && max_group <= C,
+                    "max_group: expected the largest group's "
+                    "size, in [1, C=",
+                    C, "], got ", max_group);
   if (values == ValueChecks::Host) {
     const int64_t* o = offsets.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < K; ++i) {
@@ -189,8 +191,11 @@ inline LossShape check_loss(const at::Tensor& x, const at::Tensor& targets,
   }
   check_targets(targets, x, K, values);
   check_cross_entropy(weight, label_smoothing, reduction, x, K);
-  LossShape s{B, C, K, x.size(2) * x.size(3), max_group, !mask.has_value(), false,
-              per_sample_mask ? B : 1, 0, reduction};
+  LossShape s{B,         C,
+              K,         x.size(2) * x.size(3),
+              max_group, !mask.has_value(),
+              false,     per_sample_mask ? B : 1,
+              0,         reduction};
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     TORCH_CHECK_VALUE(m.device() == x.device(), "mask: expected device ", x.device(),
@@ -254,28 +259,22 @@ CrossEntropyOptions<T> cross_entropy_options(const std::optional<at::Tensor>& we
 
 // mc_loss_backward's arguments: those of the forward (the mask it used), its logits and lse,
 // and the gradients of its outputs, each undefined (zero) or in the accumulation dtype.
-inline LossShape check_loss_backward(const std::optional<at::Tensor>& g_loss,
-                                     const std::optional<at::Tensor>& g_dis,
-                                     const std::optional<at::Tensor>& g_div,
-                                     const std::optional<at::Tensor>& g_logits,
-                                     const at::Tensor& x, const at::Tensor& targets,
-                                     const at::Tensor& offsets, int64_t max_group,
-                                     const at::Tensor& mask, const at::Tensor& logits,
-                                     const at::Tensor& lse,
-                                     const std::optional<at::Tensor>& weight,
-                                     double label_smoothing, int64_t reduction,
-                                     const std::optional<at::Tensor>& weight_sums,
-                                     ValueChecks values) {
-  const LossShape s = check_loss(x, targets, offsets, max_group, mask, false, std::nullopt,
-                                 weight, label_smoothing, reduction, values);
+inline LossShape check_loss_backward(
+    const std::optional<at::Tensor>& g_loss, const std::optional<at::Tensor>& g_dis,
+    const std::optional<at::Tensor>& g_div, const std::optional<at::Tensor>& g_logits,
+    const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets, int64_t max_group,
+    const at::Tensor& mask, const at::Tensor& logits, const at::Tensor& lse,
+    const std::optional<at::Tensor>& weight, double label_smoothing, int64_t reduction,
+    const std::optional<at::Tensor>& weight_sums, ValueChecks values) {
+  const LossShape s = check_loss(x, targets, offsets, max_group, mask, false, std::nullopt, weight,
+                                 label_smoothing, reduction, values);
   const auto acc = acc_type_of(x);
   auto check_acc = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
     TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(),
                       " (that of x), got ", t.device());
     TORCH_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", acc, ", got ",
                      t.scalar_type());
-    TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ",
-                      t.sizes());
+    TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
   };
   const std::pair<const std::optional<at::Tensor>*, const char*> scalars[] = {
       {&g_loss, "grad_loss"}, {&g_dis, "grad_dis"}, {&g_div, "grad_div"}};
@@ -291,7 +290,8 @@ inline LossShape check_loss_backward(const std::optional<at::Tensor>& g_loss,
   if (weight_sums.has_value()) {
     check_acc(*weight_sums, "weight_sums", {2});
   } else {
-    TORCH_CHECK_VALUE(!weight.has_value(), "weight_sums: expected the forward's weight_sums "
+    TORCH_CHECK_VALUE(!weight.has_value(),
+                      "weight_sums: expected the forward's weight_sums "
                       "with a weight (None stands for B and K, the sums without weights)");
   }
   return s;

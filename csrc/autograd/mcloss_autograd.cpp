@@ -93,30 +93,27 @@ class McLoss : public torch::autograd::Function<McLoss> {
   using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-      const std::optional<at::Tensor>&, int64_t, double, bool, std::optional<at::Generator>,
-      double, double, bool, const std::optional<at::Tensor>&, double, int64_t);
-  using BackwardOp = at::Tensor(const std::optional<at::Tensor>&,
-                                const std::optional<at::Tensor>&,
-                                const std::optional<at::Tensor>&,
-                                const std::optional<at::Tensor>&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, double, double, bool,
-                                const std::optional<at::Tensor>&, double, int64_t,
+      const std::optional<at::Tensor>&, int64_t, double, bool, std::optional<at::Generator>, double,
+      double, bool, const std::optional<at::Tensor>&, double, int64_t);
+  using BackwardOp = at::Tensor(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                double, bool, const std::optional<at::Tensor>&, double, int64_t,
                                 const std::optional<at::Tensor>&);
 
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               const at::Tensor& targets, const at::Tensor& offsets,
-                               int64_t max_group, const std::optional<at::Tensor>& mask,
-                               int64_t drop, double drop_fraction, bool per_sample_mask,
-                               std::optional<at::Generator> generator, double alpha,
-                               double beta, bool avg_pool,
-                               const std::optional<at::Tensor>& weight, double label_smoothing,
-                               int64_t reduction) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& targets,
+                               const at::Tensor& offsets, int64_t max_group,
+                               const std::optional<at::Tensor>& mask, int64_t drop,
+                               double drop_fraction, bool per_sample_mask,
+                               std::optional<at::Generator> generator, double alpha, double beta,
+                               bool avg_pool, const std::optional<at::Tensor>& weight,
+                               double label_smoothing, int64_t reduction) {
     static const auto fwd = op<ForwardOp>("mcloss_cuda::mc_loss");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, dis, div, logits, lse, drawn, weight_sums] = fwd.call(
-        x, targets, offsets, max_group, mask, drop, drop_fraction, per_sample_mask,
-        std::move(generator), alpha, beta, avg_pool, weight, label_smoothing, reduction);
+    auto [loss, dis, div, logits, lse, drawn, weight_sums] =
+        fwd.call(x, targets, offsets, max_group, mask, drop, drop_fraction, per_sample_mask,
+                 std::move(generator), alpha, beta, avg_pool, weight, label_smoothing, reduction);
     ctx->save_for_backward({x, targets, offsets, mask.has_value() ? *mask : drawn, logits, lse,
                             weight_sums, weight.has_value() ? *weight : at::Tensor()});
     ctx->saved_data["max_group"] = max_group;
@@ -144,9 +141,8 @@ class McLoss : public torch::autograd::Function<McLoss> {
         grad(0), grad(1), grad(2), grad(3), saved[0], saved[1], saved[2],
         ctx->saved_data["max_group"].toInt(), saved[3], saved[4], saved[5],
         ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(),
-        ctx->saved_data["avg_pool"].toBool(), weight,
-        ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["reduction"].toInt(),
-        saved[6]);
+        ctx->saved_data["avg_pool"].toBool(), weight, ctx->saved_data["label_smoothing"].toDouble(),
+        ctx->saved_data["reduction"].toInt(), saved[6]);
     variable_list out(15);  // one per forward argument; only x has a gradient
     out[0] = dx;
     return out;
@@ -157,8 +153,7 @@ class McLoss : public torch::autograd::Function<McLoss> {
 }  // namespace autograd
 
 TORCH_LIBRARY_IMPL(mcloss_cuda, Autograd, m) {
-  m.impl("spatial_softmax",
-         [](const at::Tensor& x) { return autograd::SpatialSoftmax::apply(x); });
+  m.impl("spatial_softmax", [](const at::Tensor& x) { return autograd::SpatialSoftmax::apply(x); });
   m.impl("channel_mask", [](const at::Tensor& x, const at::Tensor& mask) {
     return autograd::ChannelMask::apply(x, mask);
   });
@@ -172,8 +167,8 @@ TORCH_LIBRARY_IMPL(mcloss_cuda, Autograd, m) {
                        bool avg_pool, const std::optional<at::Tensor>& weight,
                        double label_smoothing, int64_t reduction) {
     auto out = autograd::McLoss::apply(x, targets, offsets, max_group, mask, drop, drop_fraction,
-                                       per_sample_mask, std::move(generator), alpha, beta,
-                                       avg_pool, weight, label_smoothing, reduction);
+                                       per_sample_mask, std::move(generator), alpha, beta, avg_pool,
+                                       weight, label_smoothing, reduction);
     return std::make_tuple(out[0], out[1], out[2], out[3], out[4], out[5], out[6]);
   });
 }

@@ -206,17 +206,23 @@ struct GroupScan {
   using Index = typename L::Index;
 
   int64_t HW, HWp, chunks;
-  std::vector<acc> v, e, inv;  // values, exp(v - M_j), 1 / S_j
-  std::vector<acc> m;          // the group's mask values
+  std::vector<acc> v, e, inv;                       // values, exp(v - M_j), 1 / S_j
+  std::vector<acc> m;                               // the group's mask values
   std::vector<typename L::IndexLane> win_p, win_m;  // per position (backward)
-  std::vector<acc> g_p;  // per position, gh * the winning p (backward)
+  std::vector<acc> g_p;                             // per position, gh * the winning p (backward)
   bool maybe_nan = false;  // the group may hold a NaN p or masked value (see softmax)
 
   // for_backward: also the per-position buffers win_p, win_m and g_p
   GroupScan(int64_t HW_, int64_t max_group, bool for_backward)
-      : HW(HW_), HWp((HW_ + L::N - 1) / L::N * L::N), chunks(HWp / L::N),
-        v(max_group * HWp), e(max_group * HWp), inv(max_group), m(max_group),
-        win_p(for_backward ? HWp : 0), win_m(for_backward ? HWp : 0),
+      : HW(HW_),
+        HWp((HW_ + L::N - 1) / L::N * L::N),
+        chunks(HWp / L::N),
+        v(max_group * HWp),
+        e(max_group * HWp),
+        inv(max_group),
+        m(max_group),
+        win_p(for_backward ? HWp : 0),
+        win_m(for_backward ? HWp : 0),
         g_p(for_backward ? HWp : 0) {}
 
   // v, e and inv for channels [c0, c0 + n) of sample b: the softmax of every channel, with
@@ -368,13 +374,14 @@ void mc_loss_forward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t 
     const int64_t b = g / a.K, i = g % a.K, c0 = a.offsets[i], n = a.offsets[i + 1] - c0;
     scan.softmax(a, lay, b, c0, n);
     V sum_p{}, sum_m{};
-    scan.template winners<false>(a.mask + b * a.mask_bstride, c0, n, [&](int64_t, V best_p, auto, V best_m, auto) {
-      sum_p += best_p;
-      sum_m += best_m;
-    });
+    scan.template winners<false>(a.mask + b * a.mask_bstride, c0, n,
+                                 [&](int64_t, V best_p, auto, V best_m, auto) {
+                                   sum_p += best_p;
+                                   sum_m += best_m;
+                                 });
     a.h[g] = Lanes<acc>::sum(sum_p);
-    a.logits[g] = (a.avg_pool ? scan.masked_mean(n) : Lanes<acc>::sum(sum_m)) /
-                  static_cast<acc>(a.HW);
+    a.logits[g] =
+        (a.avg_pool ? scan.masked_mean(n) : Lanes<acc>::sum(sum_m)) / static_cast<acc>(a.HW);
   }
 }
 
@@ -396,11 +403,12 @@ void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t
     const scalar_t* mask_row = a.mask + b * a.mask_bstride;
     scan.softmax(a, lay, b, c0, n);
     const V gh = L::splat(a.grad_h[g]);
-    scan.template winners<true>(mask_row, c0, n, [&](int64_t c, V best_p, Index at_p, V, Index at_m) {
-      L::store(scan.win_p.data() + c * L::N, at_p);
-      L::store(scan.win_m.data() + c * L::N, at_m);
-      L::store(scan.g_p.data() + c * L::N, gh * best_p);
-    });
+    scan.template winners<true>(mask_row, c0, n,
+                                [&](int64_t c, V best_p, Index at_p, V, Index at_m) {
+                                  L::store(scan.win_p.data() + c * L::N, at_p);
+                                  L::store(scan.win_m.data() + c * L::N, at_m);
+                                  L::store(scan.g_p.data() + c * L::N, gh * best_p);
+                                });
     // with average pooling (CCAP) every channel takes 1 / n_i of the group's logit gradient
     const acc gl_per_pos =
         a.grad_logits[g] / static_cast<acc>(HW) / (a.avg_pool ? static_cast<acc>(n) : acc(1));
@@ -422,7 +430,8 @@ void mc_loss_backward(const KernelArgs<scalar_t, acc>& a, int64_t begin, int64_t
       for (int64_t c = 0; c < scan.chunks; ++c) {
         const int64_t off = c * L::N;
         const V p = L::load(ej + off) * scan.inv[j];
-        const Index at_p = L::load(scan.win_p.data() + off), at_m = L::load(scan.win_m.data() + off);
+        const Index at_p = L::load(scan.win_p.data() + off),
+                    at_m = L::load(scan.win_m.data() + off);
         const V dx = mc_grad(div_grad_in(gh, at_p == jj), s_j, p, gl_win, gl_lose, at_m == jj);
         if (off + L::N <= HW) {
           L::store(dst + off, dx);

@@ -50,13 +50,21 @@ const KernelTables& tables() {
 template <typename scalar_t>
 const auto& table_for();
 template <>
-const auto& table_for<float>() { return tables().f32; }
+const auto& table_for<float>() {
+  return tables().f32;
+}
 template <>
-const auto& table_for<double>() { return tables().f64; }
+const auto& table_for<double>() {
+  return tables().f64;
+}
 template <>
-const auto& table_for<c10::Half>() { return tables().f16; }
+const auto& table_for<c10::Half>() {
+  return tables().f16;
+}
 template <>
-const auto& table_for<c10::BFloat16>() { return tables().bf16; }
+const auto& table_for<c10::BFloat16>() {
+  return tables().bf16;
+}
 
 constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
 // What one item (row or group) costs beyond its elements, in elements: its reductions across
@@ -102,9 +110,10 @@ void launch(const at::Tensor& x, int64_t items, int64_t elements_per_item, Pick 
 at::Tensor spatial_softmax_cpu(const at::Tensor& x) {
   check_map(x, "x");
   auto out = at::empty_like(x);
-  launch(x, x.size(0) * x.size(1), x.size(2) * x.size(3),
-         [](const auto& t) { return t.spatial_softmax; },
-         [&](auto& a) { a.out = out.mutable_data_ptr<scalar_of<decltype(a)>>(); });
+  launch(
+      x, x.size(0) * x.size(1), x.size(2) * x.size(3),
+      [](const auto& t) { return t.spatial_softmax; },
+      [&](auto& a) { a.out = out.mutable_data_ptr<scalar_of<decltype(a)>>(); });
   return out;
 }
 
@@ -113,12 +122,14 @@ at::Tensor spatial_softmax_backward_cpu(const at::Tensor& grad_in, const at::Ten
   check_map_grad(grad_in, out, "out", out.sizes());
   const auto grad = grad_in.contiguous(format_of(out));
   auto dx = at::empty_like(out);
-  launch(out, out.size(0) * out.size(1), out.size(2) * out.size(3),
-         [](const auto& t) { return t.spatial_softmax_backward; }, [&](auto& a) {
-           using scalar_t = scalar_of<decltype(a)>;
-           a.grad = grad.const_data_ptr<scalar_t>();
-           a.out = dx.mutable_data_ptr<scalar_t>();
-         });
+  launch(
+      out, out.size(0) * out.size(1), out.size(2) * out.size(3),
+      [](const auto& t) { return t.spatial_softmax_backward; },
+      [&](auto& a) {
+        using scalar_t = scalar_of<decltype(a)>;
+        a.grad = grad.const_data_ptr<scalar_t>();
+        a.out = dx.mutable_data_ptr<scalar_t>();
+      });
   return dx;
 }
 
@@ -128,13 +139,14 @@ at::Tensor channel_mask_cpu(const at::Tensor& x, const at::Tensor& mask) {
   check_map(x, "x");
   const int64_t mask_bstride = check_mask(mask, x);
   auto out = at::empty_like(x);
-  launch(x, x.size(0) * x.size(1), x.size(2) * x.size(3),
-         [](const auto& t) { return t.channel_mask; }, [&](auto& a) {
-           using scalar_t = scalar_of<decltype(a)>;
-           a.mask = mask.const_data_ptr<scalar_t>();
-           a.mask_bstride = mask_bstride;
-           a.out = out.mutable_data_ptr<scalar_t>();
-         });
+  launch(
+      x, x.size(0) * x.size(1), x.size(2) * x.size(3), [](const auto& t) { return t.channel_mask; },
+      [&](auto& a) {
+        using scalar_t = scalar_of<decltype(a)>;
+        a.mask = mask.const_data_ptr<scalar_t>();
+        a.mask_bstride = mask_bstride;
+        a.out = out.mutable_data_ptr<scalar_t>();
+      });
   return out;
 }
 
@@ -143,16 +155,17 @@ at::Tensor channel_mask_cpu(const at::Tensor& x, const at::Tensor& mask) {
 at::Tensor ccmp_cpu(const at::Tensor& x, const at::Tensor& offsets) {
   check_map(x, "x");
   const int64_t K = check_offsets(offsets, x, ValueChecks::Host);
-  auto out = at::empty({x.size(0), K, x.size(2), x.size(3)},
-                       x.options().memory_format(format_of(x)));
-  launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
-         [](const auto& t) { return t.ccmp; }, [&](auto& a) {
-           using scalar_t = scalar_of<decltype(a)>;
-           a.K = K;
-           a.offsets = offsets.const_data_ptr<int64_t>();
-           a.out = out.mutable_data_ptr<scalar_t>();
-           set_strides(a.g_str, out);
-         });
+  auto out =
+      at::empty({x.size(0), K, x.size(2), x.size(3)}, x.options().memory_format(format_of(x)));
+  launch(
+      x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3), [](const auto& t) { return t.ccmp; },
+      [&](auto& a) {
+        using scalar_t = scalar_of<decltype(a)>;
+        a.K = K;
+        a.offsets = offsets.const_data_ptr<int64_t>();
+        a.out = out.mutable_data_ptr<scalar_t>();
+        set_strides(a.g_str, out);
+      });
   return out;
 }
 
@@ -163,15 +176,17 @@ at::Tensor ccmp_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x,
   check_map_grad(grad_in, x, "x", {x.size(0), K, x.size(2), x.size(3)});
   const auto grad = grad_in.contiguous(format_of(x));
   auto dx = at::empty_like(x);
-  launch(x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
-         [](const auto& t) { return t.ccmp_backward; }, [&](auto& a) {
-           using scalar_t = scalar_of<decltype(a)>;
-           a.K = K;
-           a.offsets = offsets.const_data_ptr<int64_t>();
-           a.grad = grad.const_data_ptr<scalar_t>();
-           set_strides(a.g_str, grad);
-           a.out = dx.mutable_data_ptr<scalar_t>();
-         });
+  launch(
+      x, x.size(0) * K, x.size(1) / K * x.size(2) * x.size(3),
+      [](const auto& t) { return t.ccmp_backward; },
+      [&](auto& a) {
+        using scalar_t = scalar_of<decltype(a)>;
+        a.K = K;
+        a.offsets = offsets.const_data_ptr<int64_t>();
+        a.grad = grad.const_data_ptr<scalar_t>();
+        set_strides(a.g_str, grad);
+        a.out = dx.mutable_data_ptr<scalar_t>();
+      });
   return dx;
 }
 
@@ -227,14 +242,15 @@ void draw_mask(at::Tensor& keep, const LossShape& s, const at::Tensor& offsets, 
 // Per group (b, i): the diversity sum h and the logit, one pass over x.
 void group_sums(at::Tensor& h, at::Tensor& logits, const at::Tensor& x, const LossShape& s,
                 const at::Tensor& offsets, const at::Tensor& mask, bool avg_pool) {
-  launch(x, s.B * s.K, s.C / s.K * s.HW, [](const auto& t) { return t.mc_loss_forward; },
-         [&](auto& a) {
-           using acc = typename std::decay_t<decltype(a)>::acc_type;
-           set_groups(a, s, offsets, mask);
-           a.avg_pool = avg_pool;
-           a.h = h.mutable_data_ptr<acc>();
-           a.logits = logits.mutable_data_ptr<acc>();
-         });
+  launch(
+      x, s.B * s.K, s.C / s.K * s.HW, [](const auto& t) { return t.mc_loss_forward; },
+      [&](auto& a) {
+        using acc = typename std::decay_t<decltype(a)>::acc_type;
+        set_groups(a, s, offsets, mask);
+        a.avg_pool = avg_pool;
+        a.h = h.mutable_data_ptr<acc>();
+        a.logits = logits.mutable_data_ptr<acc>();
+      });
 }
 
 // The (B, K) tail: a few thousand values, one thread, in the fixed order of the loops. Writes
@@ -296,8 +312,8 @@ mc_loss_cpu(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& of
             double drop_fraction, bool per_sample_mask, std::optional<at::Generator> generator,
             double alpha, double beta, bool avg_pool, const std::optional<at::Tensor>& weight,
             double label_smoothing, int64_t reduction) {
-  const LossShape s = check_loss(x, targets, offsets, max_group, mask, per_sample_mask,
-                                 generator, weight, label_smoothing, reduction, ValueChecks::Host);
+  const LossShape s = check_loss(x, targets, offsets, max_group, mask, per_sample_mask, generator,
+                                 weight, label_smoothing, reduction, ValueChecks::Host);
   LossOutputs out(x, s, per_sample_mask);
   if (s.draw) draw_mask(out.drawn_mask, s, offsets, drop, drop_fraction, generator);
   auto h = at::empty({s.B, s.K}, out.logits.options());
@@ -322,20 +338,16 @@ struct TermGrad {
   T operator[](int64_t b) const { return p ? p[b * stride] : T(0); }
 };
 
-at::Tensor mc_loss_backward_cpu(const std::optional<at::Tensor>& g_loss_in,
-                                const std::optional<at::Tensor>& g_dis_in,
-                                const std::optional<at::Tensor>& g_div_in,
-                                const std::optional<at::Tensor>& g_logits_in, const at::Tensor& x,
-                                const at::Tensor& targets, const at::Tensor& offsets,
-                                int64_t max_group, const at::Tensor& mask,
-                                const at::Tensor& logits_in, const at::Tensor& lse_in,
-                                double alpha, double beta, bool avg_pool,
-                                const std::optional<at::Tensor>& weight, double label_smoothing,
-                                int64_t reduction, const std::optional<at::Tensor>& weight_sums) {
-  const LossShape s = check_loss_backward(g_loss_in, g_dis_in, g_div_in, g_logits_in, x, targets,
-                                          offsets, max_group, mask, logits_in, lse_in, weight,
-                                          label_smoothing, reduction, weight_sums,
-                                          ValueChecks::Host);
+at::Tensor mc_loss_backward_cpu(
+    const std::optional<at::Tensor>& g_loss_in, const std::optional<at::Tensor>& g_dis_in,
+    const std::optional<at::Tensor>& g_div_in, const std::optional<at::Tensor>& g_logits_in,
+    const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets, int64_t max_group,
+    const at::Tensor& mask, const at::Tensor& logits_in, const at::Tensor& lse_in, double alpha,
+    double beta, bool avg_pool, const std::optional<at::Tensor>& weight, double label_smoothing,
+    int64_t reduction, const std::optional<at::Tensor>& weight_sums) {
+  const LossShape s = check_loss_backward(
+      g_loss_in, g_dis_in, g_div_in, g_logits_in, x, targets, offsets, max_group, mask, logits_in,
+      lse_in, weight, label_smoothing, reduction, weight_sums, ValueChecks::Host);
   const int64_t B = s.B, K = s.K;
   const auto logits = logits_in.contiguous(), lse = lse_in.contiguous();
   const bool has_g_logits = g_logits_in.has_value() && g_logits_in->defined();
@@ -359,8 +371,8 @@ at::Tensor mc_loss_backward_cpu(const std::optional<at::Tensor>& g_loss_in,
     scalar_t* gl = grad_logits.mutable_data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b) {
       const TailGradScale<scalar_t> scale(g_loss[b], g_dis[b], g_div[b],
-                                          static_cast<scalar_t>(alpha),
-                                          static_cast<scalar_t>(beta), reduction, ws[0], B, K);
+                                          static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta),
+                                          reduction, ws[0], B, K);
       const RowLogSoftmax<scalar_t> ls(lse_p[2 * b], lse_p[2 * b + 1]);
       for (int64_t i = 0; i < K; ++i) {
         const int64_t e = b * K + i;
@@ -372,16 +384,17 @@ at::Tensor mc_loss_backward_cpu(const std::optional<at::Tensor>& g_loss_in,
   });
   const at::Tensor m = mask_values(mask, x);
   auto dx = at::empty_like(x);
-  launch(x, B * K, s.C / K * s.HW, [](const auto& t) { return t.mc_loss_backward; },
-         [&](auto& a) {
-           using scalar_t = scalar_of<decltype(a)>;
-           using acc = typename std::decay_t<decltype(a)>::acc_type;
-           set_groups(a, s, offsets, m);
-           a.avg_pool = avg_pool;
-           a.grad_h = grad_h.const_data_ptr<acc>();
-           a.grad_logits = grad_logits.const_data_ptr<acc>();
-           a.out = dx.mutable_data_ptr<scalar_t>();
-         });
+  launch(
+      x, B * K, s.C / K * s.HW, [](const auto& t) { return t.mc_loss_backward; },
+      [&](auto& a) {
+        using scalar_t = scalar_of<decltype(a)>;
+        using acc = typename std::decay_t<decltype(a)>::acc_type;
+        set_groups(a, s, offsets, m);
+        a.avg_pool = avg_pool;
+        a.grad_h = grad_h.const_data_ptr<acc>();
+        a.grad_logits = grad_logits.const_data_ptr<acc>();
+        a.out = dx.mutable_data_ptr<scalar_t>();
+      });
   return dx;
 }
 

@@ -34,7 +34,8 @@ constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
 
 unsigned blocks_for(int64_t items, int64_t per_block) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(kMaxBlocks, (items + per_block - 1) / per_block)));
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min(kMaxBlocks, (items + per_block - 1) / per_block)));
 }
 
 template <typename T>
@@ -74,8 +75,8 @@ __device__ __forceinline__ bool groups_ok(const int64_t* offsets, int64_t K, int
   for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
     const int64_t lo = offsets[i], hi = offsets[i + 1];
     // (the size taken unsigned: hi - lo of two int64 can overflow, the unsigned one cannot)
-    ok &= lo < hi && static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) <=
-                         static_cast<uint64_t>(max_group);
+    ok &= lo < hi &&
+          static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) <= static_cast<uint64_t>(max_group);
   }
   return __syncthreads_and(ok) != 0;
 }
@@ -101,7 +102,8 @@ __global__ void spatial_softmax_kernel(const scalar_t* __restrict__ x, scalar_t*
     const int64_t base = lay.at(r / C, r % C, 0);
     const ChannelSoftmax<acc> softmax(row_stats<scalar_t, acc>(x, base, lay.sK, HW, lane));
     for (int64_t k = lane; k < HW; k += kWarp) {
-      out[base + k * lay.sK] = static_cast<scalar_t>(softmax(static_cast<acc>(x[base + k * lay.sK])));
+      out[base + k * lay.sK] =
+          static_cast<scalar_t>(softmax(static_cast<acc>(x[base + k * lay.sK])));
     }
   }
 }
@@ -133,9 +135,10 @@ __global__ void spatial_softmax_backward_kernel(const scalar_t* __restrict__ gra
 // ---- channel mask: one thread per element, in memory order
 
 template <typename scalar_t>
-__global__ void channel_mask_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ mask,
-                                    int64_t mask_bstride, scalar_t* __restrict__ out, MapLayout lay,
-                                    int64_t numel, int64_t C, int64_t HW) {
+__global__ void channel_mask_kernel(const scalar_t* __restrict__ x,
+                                    const scalar_t* __restrict__ mask, int64_t mask_bstride,
+                                    scalar_t* __restrict__ out, MapLayout lay, int64_t numel,
+                                    int64_t C, int64_t HW) {
   using acc = acc_t<scalar_t>;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
        e += int64_t(gridDim.x) * blockDim.x) {
@@ -178,9 +181,9 @@ __global__ void ccmp_kernel(const scalar_t* __restrict__ x, const int64_t* __res
 template <typename scalar_t>
 __global__ void ccmp_backward_kernel(const scalar_t* __restrict__ grad,
                                      const scalar_t* __restrict__ x,
-                                     const int64_t* __restrict__ offsets,
-                                     scalar_t* __restrict__ dx, MapLayout lay, MapLayout g_lay,
-                                     int64_t total, int64_t C, int64_t K, int64_t HW) {
+                                     const int64_t* __restrict__ offsets, scalar_t* __restrict__ dx,
+                                     MapLayout lay, MapLayout g_lay, int64_t total, int64_t C,
+                                     int64_t K, int64_t HW) {
   using acc = acc_t<scalar_t>;
   if (!groups_ok(offsets, K, C, C)) return fill_nan(dx, total / K * C);
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
@@ -287,8 +290,8 @@ struct UpstreamGrads {
 // The gradients the tail sends to group (b, i): of its h (gh) and its logit (gl).
 template <typename acc>
 __device__ __forceinline__ void group_grads(const UpstreamGrads<acc>& u, const int64_t* offsets,
-                                            const int64_t* targets, int64_t b, int64_t i,
-                                            int64_t B, int64_t K, acc& gh, acc& gl) {
+                                            const int64_t* targets, int64_t b, int64_t i, int64_t B,
+                                            int64_t K, acc& gh, acc& gl) {
   const int64_t e = b * K + i, t = targets[b];
   // sum_b weight[t_b] and sum_i weight[i], the forward's (B and K without weights)
   const acc target_weight_sum = u.weight_sums ? u.weight_sums[0] : static_cast<acc>(B);
@@ -322,25 +325,25 @@ __device__ void fill_unusable(const LossParams<scalar_t>& p, acc_t<scalar_t>* h,
 struct TilePlan {
   int64_t groups_per_tile, tiles_per_row;
   int threads;  // per block: a multiple of 32, at most kTileThreads
-  int64_t ld;  // a channel's row stride in the tile: H*W, odd for channels_last (the
-               // transposing writes then hit distinct banks)
+  int64_t ld;   // a channel's row stride in the tile: H*W, odd for channels_last (the
+                // transposing writes then hit distinct banks)
 };
 
 // One tile's shared memory, carved from the dynamic allocation in this order (8-byte items
 // first); the host sizes the allocation with the same function.
 template <typename acc>
 struct TileMem {
-  uint64_t* key;         // [nch] the draw's channel keys
-  acc* x;                // [nch * ld] the features
-  acc *cmax, *cinv;      // [nch] softmax statistics
-  acc* cmask;            // [nch] mask values
-  acc* s;                // [nch] backward: S_j
-  acc* win;              // [items] forward: the best probability; backward: gh times it
-  acc* win_m;            // [items] forward: the best masked value
-  acc *gh, *glpp;        // [gpt] backward: gradient of h, of the logit per position
-  int *at_p, *at_m;      // [items] backward: the winners (channel within the group)
-  int* grp;              // [nch] the group of each channel in the tile
-  int* gstart;           // [gpt + 1] where each group starts in the tile
+  uint64_t* key;     // [nch] the draw's channel keys
+  acc* x;            // [nch * ld] the features
+  acc *cmax, *cinv;  // [nch] softmax statistics
+  acc* cmask;        // [nch] mask values
+  acc* s;            // [nch] backward: S_j
+  acc* win;          // [items] forward: the best probability; backward: gh times it
+  acc* win_m;        // [items] forward: the best masked value
+  acc *gh, *glpp;    // [gpt] backward: gradient of h, of the logit per position
+  int *at_p, *at_m;  // [items] backward: the winners (channel within the group)
+  int* grp;          // [nch] the group of each channel in the tile
+  int* gstart;       // [gpt + 1] where each group starts in the tile
 
   // Bytes for gpt groups of up to max_group channels; the pointers too when base is given.
   __host__ __device__ static size_t carve(unsigned char* base, int64_t gpt, int64_t max_group,
@@ -439,7 +442,8 @@ __device__ TileSpan load_tile(const LossParams<scalar_t>& p, const TilePlan& pla
   s.nch = p.offsets[s.i0 + s.ng] - s.ca;
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp, nwarps = blockDim.x / kWarp;
   const int64_t HW = p.HW, ld = plan.ld;
-  for (int64_t g = tid; g <= s.ng; g += blockDim.x) m.gstart[g] = static_cast<int>(p.offsets[s.i0 + g] - s.ca);
+  for (int64_t g = tid; g <= s.ng; g += blockDim.x)
+    m.gstart[g] = static_cast<int>(p.offsets[s.i0 + g] - s.ca);
   acc* xs = m.x;
   if (p.lay.sK == 1) {  // contiguous: the tile is one span of nch * HW elements (ld == HW)
     load_span(p.x + p.lay.at(s.b, s.ca, 0), s.nch * HW,
@@ -495,8 +499,8 @@ __device__ TileSpan load_tile(const LossParams<scalar_t>& p, const TilePlan& pla
 
 // Position k of tile group g: both winners.
 template <typename acc>
-__device__ __forceinline__ GroupWinners<acc> tile_winners(const TileMem<acc>& m, int64_t ld,
-                                                          int g, int64_t k) {
+__device__ __forceinline__ GroupWinners<acc> tile_winners(const TileMem<acc>& m, int64_t ld, int g,
+                                                          int64_t k) {
   GroupWinners<acc> w;
   const int c0 = m.gstart[g], c1 = m.gstart[g + 1];
   for (int c = c0; c < c1; ++c) {
@@ -513,7 +517,8 @@ template <typename acc>
 __device__ __forceinline__ acc tile_masked_sum(const TileMem<acc>& m, int64_t ld, int g,
                                                int64_t k) {
   acc sum = 0;
-  for (int c = m.gstart[g]; c < m.gstart[g + 1]; ++c) sum += apply_mask(m.x[c * ld + k], m.cmask[c]);
+  for (int c = m.gstart[g]; c < m.gstart[g + 1]; ++c)
+    sum += apply_mask(m.x[c * ld + k], m.cmask[c]);
   return sum;
 }
 
@@ -605,8 +610,8 @@ __global__ void __launch_bounds__(kTileThreads)
       const int64_t q = g * HW + k;
       const acc pk = ChannelSoftmax<acc>::from(m.cmax[c], m.cinv[c])(m.x[c * ld + k]);
       const LogitGrad<acc> gl(m.glpp[g], m.cmask[c], p.avg_pool);
-      return static_cast<scalar_t>(
-          mc_grad(div_grad_in(m.gh[g], m.at_p[q] == j), m.s[c], pk, gl.win, gl.lose, m.at_m[q] == j));
+      return static_cast<scalar_t>(mc_grad(div_grad_in(m.gh[g], m.at_p[q] == j), m.s[c], pk, gl.win,
+                                           gl.lose, m.at_m[q] == j));
     };
     if (p.lay.sK == 1) {
       store_span(dx + p.lay.at(s.b, s.ca, 0), s.nch * HW, [&](int64_t e, int count, scalar_t* out) {
@@ -686,7 +691,8 @@ __device__ __forceinline__ void for_each_stream_group(const LossParams<scalar_t>
     const int64_t b = g / p.K, i = g % p.K, c0 = p.offsets[i], c1 = p.offsets[i + 1];
     const StreamGroup<scalar_t> grp{p, sc, g, b, c0, c1, lane};
     for (int64_t c = c0; c < c1; ++c) {
-      const SoftmaxStats<acc> st = row_stats<scalar_t, acc>(p.x, p.lay.at(b, c, 0), p.lay.sK, p.HW, lane);
+      const SoftmaxStats<acc> st =
+          row_stats<scalar_t, acc>(p.x, p.lay.at(b, c, 0), p.lay.sK, p.HW, lane);
       if (lane == 0) {
         const ChannelSoftmax<acc> softmax(st);
         sc.max[grp.at(c)] = softmax.max;
@@ -717,7 +723,8 @@ __device__ __forceinline__ void for_each_stream_group(const LossParams<scalar_t>
 }
 
 template <typename scalar_t>
-__global__ void mc_loss_stream_forward_kernel(LossParams<scalar_t> p, StreamScratch<acc_t<scalar_t>> sc,
+__global__ void mc_loss_stream_forward_kernel(LossParams<scalar_t> p,
+                                              StreamScratch<acc_t<scalar_t>> sc,
                                               acc_t<scalar_t>* __restrict__ h_over_n,
                                               acc_t<scalar_t>* __restrict__ logits) {
   using acc = acc_t<scalar_t>;
@@ -740,7 +747,8 @@ __global__ void mc_loss_stream_forward_kernel(LossParams<scalar_t> p, StreamScra
 }
 
 template <typename scalar_t>
-__global__ void mc_loss_stream_backward_kernel(LossParams<scalar_t> p, StreamScratch<acc_t<scalar_t>> sc,
+__global__ void mc_loss_stream_backward_kernel(LossParams<scalar_t> p,
+                                               StreamScratch<acc_t<scalar_t>> sc,
                                                UpstreamGrads<acc_t<scalar_t>> u,
                                                scalar_t* __restrict__ dx) {
   using acc = acc_t<scalar_t>;
@@ -805,8 +813,7 @@ struct TailOutputs {
 template <typename T>
 __global__ void __launch_bounds__(kTailThreads)
     mc_loss_tail_kernel(const T* h_over_n, const T* logits, const int64_t* targets, int64_t B,
-                        int64_t K, T alpha, T beta, CrossEntropyOptions<T> ce,
-                        TailOutputs<T> out) {
+                        int64_t K, T alpha, T beta, CrossEntropyOptions<T> ce, TailOutputs<T> out) {
   __shared__ double ce_part[kTailThreads], w_part[kTailThreads], h_part[kTailThreads];
   const int tid = threadIdx.x;
   const bool per_sample = ce.reduction == kReduceNone;
@@ -869,11 +876,13 @@ at::Tensor spatial_softmax_cuda(const at::Tensor& x) {
   const int64_t rows = x.size(0) * x.size(1), HW = x.size(2) * x.size(3);
   if (rows == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_softmax_cuda", [&] {
-    spatial_softmax_kernel<scalar_t><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), layout_of(x), rows, x.size(1), HW);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_softmax_cuda", [&] {
+        spatial_softmax_kernel<scalar_t><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), layout_of(x), rows,
+            x.size(1), HW);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return out;
 }
 
@@ -886,12 +895,14 @@ at::Tensor spatial_softmax_backward_cuda(const at::Tensor& grad_in, const at::Te
   const int64_t rows = out.size(0) * out.size(1), HW = out.size(2) * out.size(3);
   if (rows == 0) return dx;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "spatial_softmax_backward_cuda", [&] {
-    spatial_softmax_backward_kernel<scalar_t><<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
-        layout_of(out), rows, out.size(1), HW);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, out.scalar_type(), "spatial_softmax_backward_cuda", [&] {
+        spatial_softmax_backward_kernel<scalar_t>
+            <<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
+                grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+                dx.mutable_data_ptr<scalar_t>(), layout_of(out), rows, out.size(1), HW);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return dx;
 }
 
@@ -903,12 +914,14 @@ at::Tensor channel_mask_cuda(const at::Tensor& x, const at::Tensor& mask) {
   const int64_t numel = x.numel();
   if (numel == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_mask_cuda", [&] {
-    channel_mask_kernel<scalar_t><<<blocks_for(numel, 256), 256, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(), mask_bstride,
-        out.mutable_data_ptr<scalar_t>(), layout_of(x), numel, x.size(1), x.size(2) * x.size(3));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "channel_mask_cuda", [&] {
+        channel_mask_kernel<scalar_t><<<blocks_for(numel, 256), 256, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(), mask_bstride,
+            out.mutable_data_ptr<scalar_t>(), layout_of(x), numel, x.size(1),
+            x.size(2) * x.size(3));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return out;
 }
 
@@ -916,20 +929,22 @@ at::Tensor ccmp_cuda(const at::Tensor& x, const at::Tensor& offsets) {
   check_map(x, "x");
   const int64_t K = check_offsets(offsets, x, ValueChecks::Kernel);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty({x.size(0), K, x.size(2), x.size(3)}, x.options().memory_format(format_of(x)));
+  auto out =
+      at::empty({x.size(0), K, x.size(2), x.size(3)}, x.options().memory_format(format_of(x)));
   const int64_t HW = x.size(2) * x.size(3), total = x.size(0) * K * HW;
   if (total == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ccmp_cuda", [&] {
     ccmp_kernel<scalar_t><<<blocks_for(total, 256), 256, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(),
-        layout_of(x), layout_of(out), total, x.size(1), K, HW);
+        x.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(),
+        out.mutable_data_ptr<scalar_t>(), layout_of(x), layout_of(out), total, x.size(1), K, HW);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-at::Tensor ccmp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& offsets) {
+at::Tensor ccmp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x,
+                              const at::Tensor& offsets) {
   check_map(x, "x");
   const int64_t K = check_offsets(offsets, x, ValueChecks::Kernel);
   check_map_grad(grad_in, x, "x", {x.size(0), K, x.size(2), x.size(3)});
@@ -941,12 +956,14 @@ at::Tensor ccmp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x, co
   const int64_t HW = x.size(2) * x.size(3), total = x.size(0) * K * HW;
   if (total == 0) return dx;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ccmp_backward_cuda", [&] {
-    ccmp_backward_kernel<scalar_t><<<blocks_for(total, 256), 256, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(),
-        dx.mutable_data_ptr<scalar_t>(), layout_of(x), layout_of(grad), total, x.size(1), K, HW);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "ccmp_backward_cuda", [&] {
+        ccmp_backward_kernel<scalar_t><<<blocks_for(total, 256), 256, 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            offsets.const_data_ptr<int64_t>(), dx.mutable_data_ptr<scalar_t>(), layout_of(x),
+            layout_of(grad), total, x.size(1), K, HW);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return dx;
 }
 
@@ -977,7 +994,9 @@ std::pair<TilePlan, size_t> plan_tiles(const LossShape& s, bool contiguous, bool
   if (one > std::min(kMaxTileBytes, shared_memory_optin())) return {plan, 0};
   int64_t gpt = std::max<int64_t>(1, static_cast<int64_t>(kTileBudget / one));
   gpt = std::min({gpt, s.K, std::max<int64_t>(1, s.B * s.K / kMinTiles)});
-  while (gpt > 1 && TileMem<acc>::carve(nullptr, gpt, s.max_group, s.HW, plan.ld, backward, nullptr) > kTileBudget) --gpt;
+  while (gpt > 1 && TileMem<acc>::carve(nullptr, gpt, s.max_group, s.HW, plan.ld, backward,
+                                        nullptr) > kTileBudget)
+    --gpt;
   plan.groups_per_tile = gpt;
   plan.tiles_per_row = (s.K + gpt - 1) / gpt;
   // about 16 elements per thread or more (enough loads in flight), 64 threads at least
@@ -1009,9 +1028,17 @@ template <typename scalar_t>
 LossParams<scalar_t> loss_params(const at::Tensor& x, const at::Tensor& targets,
                                  const at::Tensor& offsets, const LossShape& s,
                                  const MaskSource& mask, bool avg_pool) {
-  return LossParams<scalar_t>{x.const_data_ptr<scalar_t>(), layout_of(x),
-                              offsets.const_data_ptr<int64_t>(), targets.const_data_ptr<int64_t>(),
-                              mask, s.B, s.C, s.K, s.HW, s.max_group, avg_pool};
+  return LossParams<scalar_t>{x.const_data_ptr<scalar_t>(),
+                              layout_of(x),
+                              offsets.const_data_ptr<int64_t>(),
+                              targets.const_data_ptr<int64_t>(),
+                              mask,
+                              s.B,
+                              s.C,
+                              s.K,
+                              s.HW,
+                              s.max_group,
+                              avg_pool};
 }
 
 MaskSource given_mask(const at::Tensor& mask, const LossShape& s) {
@@ -1033,7 +1060,8 @@ StreamScratch<acc> stream_scratch(const at::Tensor& scratch, const LossShape& s)
 // (B, C) arrays for the stream kernels: four of acc and the keys.
 at::Tensor stream_scratch_tensor(const at::Tensor& x, const LossShape& s) {
   const int64_t acc_bytes = x.scalar_type() == at::kDouble ? 8 : 4;
-  return at::empty({(4 * acc_bytes + 8) * s.B * s.C / acc_bytes}, x.options().dtype(acc_type_of(x)));
+  return at::empty({(4 * acc_bytes + 8) * s.B * s.C / acc_bytes},
+                   x.options().dtype(acc_type_of(x)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -1042,9 +1070,8 @@ mc_loss_cuda(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& o
              double drop_fraction, bool per_sample_mask, std::optional<at::Generator> generator,
              double alpha, double beta, bool avg_pool, const std::optional<at::Tensor>& weight,
              double label_smoothing, int64_t reduction) {
-  const LossShape s = check_loss(x, targets, offsets, max_group, mask, per_sample_mask,
-                                 generator, weight, label_smoothing, reduction,
-                                 ValueChecks::Kernel);
+  const LossShape s = check_loss(x, targets, offsets, max_group, mask, per_sample_mask, generator,
+                                 weight, label_smoothing, reduction, ValueChecks::Kernel);
   const c10::cuda::CUDAGuard guard(x.device());
   LossOutputs out(x, s, per_sample_mask);
   auto h_over_n = at::empty({s.B, s.K}, out.logits.options());
@@ -1068,21 +1095,23 @@ mc_loss_cuda(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& o
       const auto [plan, smem] = plan_tiles<acc>(s, layout_of(x).sK == 1, false);
       if (plan.groups_per_tile > 0) {
         allow_shared_memory(&mc_loss_tile_forward_kernel<scalar_t>, smem);
-        mc_loss_tile_forward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), plan.threads, smem, stream>>>(
-            p, plan, h_over_n.mutable_data_ptr<acc>(), out.logits.mutable_data_ptr<acc>());
+        mc_loss_tile_forward_kernel<scalar_t>
+            <<<blocks_for(s.B * plan.tiles_per_row, 1), plan.threads, smem, stream>>>(
+                p, plan, h_over_n.mutable_data_ptr<acc>(), out.logits.mutable_data_ptr<acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         const at::Tensor scratch = stream_scratch_tensor(x, s);
-        mc_loss_stream_forward_kernel<scalar_t><<<blocks_for(s.B * s.K, kWarpsPerBlock), kThreads, 0, stream>>>(
-            p, stream_scratch<acc>(scratch, s), h_over_n.mutable_data_ptr<acc>(),
-            out.logits.mutable_data_ptr<acc>());
+        mc_loss_stream_forward_kernel<scalar_t>
+            <<<blocks_for(s.B * s.K, kWarpsPerBlock), kThreads, 0, stream>>>(
+                p, stream_scratch<acc>(scratch, s), h_over_n.mutable_data_ptr<acc>(),
+                out.logits.mutable_data_ptr<acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
     mc_loss_tail_kernel<acc><<<1, kTailThreads, 0, stream>>>(
         h_over_n.const_data_ptr<acc>(), out.logits.const_data_ptr<acc>(),
-        targets.const_data_ptr<int64_t>(), s.B, s.K, static_cast<acc>(alpha), static_cast<acc>(beta),
-        cross_entropy_options<acc>(weight, label_smoothing, reduction),
+        targets.const_data_ptr<int64_t>(), s.B, s.K, static_cast<acc>(alpha),
+        static_cast<acc>(beta), cross_entropy_options<acc>(weight, label_smoothing, reduction),
         TailOutputs<acc>{out.loss.mutable_data_ptr<acc>(), out.dis.mutable_data_ptr<acc>(),
                          out.div.mutable_data_ptr<acc>(), out.lse.mutable_data_ptr<acc>(),
                          out.weight_sums.mutable_data_ptr<acc>()});
@@ -1102,22 +1131,16 @@ std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& g)
   return std::nullopt;
 }
 
-
-at::Tensor mc_loss_backward_cuda(const std::optional<at::Tensor>& g_loss_in,
-                                 const std::optional<at::Tensor>& g_dis_in,
-                                 const std::optional<at::Tensor>& g_div_in,
-                                 const std::optional<at::Tensor>& g_logits_in, const at::Tensor& x,
-                                 const at::Tensor& targets, const at::Tensor& offsets,
-                                 int64_t max_group, const at::Tensor& mask,
-                                 const at::Tensor& logits_in, const at::Tensor& lse_in,
-                                 double alpha, double beta, bool avg_pool,
-                                 const std::optional<at::Tensor>& weight, double label_smoothing,
-                                 int64_t reduction,
-                                 const std::optional<at::Tensor>& weight_sums_in) {
-  const LossShape s = check_loss_backward(g_loss_in, g_dis_in, g_div_in, g_logits_in, x, targets,
-                                          offsets, max_group, mask, logits_in, lse_in, weight,
-                                          label_smoothing, reduction, weight_sums_in,
-                                          ValueChecks::Kernel);
+at::Tensor mc_loss_backward_cuda(
+    const std::optional<at::Tensor>& g_loss_in, const std::optional<at::Tensor>& g_dis_in,
+    const std::optional<at::Tensor>& g_div_in, const std::optional<at::Tensor>& g_logits_in,
+    const at::Tensor& x, const at::Tensor& targets, const at::Tensor& offsets, int64_t max_group,
+    const at::Tensor& mask, const at::Tensor& logits_in, const at::Tensor& lse_in, double alpha,
+    double beta, bool avg_pool, const std::optional<at::Tensor>& weight, double label_smoothing,
+    int64_t reduction, const std::optional<at::Tensor>& weight_sums_in) {
+  const LossShape s = check_loss_backward(
+      g_loss_in, g_dis_in, g_div_in, g_logits_in, x, targets, offsets, max_group, mask, logits_in,
+      lse_in, weight, label_smoothing, reduction, weight_sums_in, ValueChecks::Kernel);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto logits = logits_in.contiguous(), lse = lse_in.contiguous();
   const auto weight_sums = contiguous_or_none(weight_sums_in);
@@ -1127,40 +1150,43 @@ at::Tensor mc_loss_backward_cuda(const std::optional<at::Tensor>& g_loss_in,
   if (s.B == 0) return dx;
   const MaskSource ms = given_mask(mask, s);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_backward_cuda", [&] {
-    using acc = acc_t<scalar_t>;
-    const auto p = loss_params<scalar_t>(x, targets, offsets, s, ms, avg_pool);
-    const UpstreamGrads<acc> u{data_or_null<acc>(g_loss),
-                               data_or_null<acc>(g_dis),
-                               data_or_null<acc>(g_div),
-                               data_or_null<acc>(g_logits),
-                               logits.const_data_ptr<acc>(),
-                               lse.const_data_ptr<acc>(),
-                               data_or_null<acc>(weight_sums),
-                               reduction == kReduceNone ? 1 : 0,
-                               static_cast<acc>(alpha),
-                               static_cast<acc>(beta),
-                               cross_entropy_options<acc>(weight, label_smoothing, reduction)};
-    const auto [plan, smem] = plan_tiles<acc>(s, layout_of(x).sK == 1, true);
-    // fp64 (gradcheck's dtype, never a training one) takes the stream kernel: the tile
-    // kernel's fp64 instantiation spills around the calls of fp64 division and exp
-    constexpr bool tiles = !std::is_same_v<scalar_t, double>;
-    if constexpr (tiles) {
-      if (plan.groups_per_tile > 0) {
-        allow_shared_memory(&mc_loss_tile_backward_kernel<scalar_t>, smem);
-        mc_loss_tile_backward_kernel<scalar_t><<<blocks_for(s.B * plan.tiles_per_row, 1), plan.threads, smem, stream>>>(
-            p, plan, u, dx.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;
-      }
-    }
-    {
-      const at::Tensor scratch = stream_scratch_tensor(x, s);
-      mc_loss_stream_backward_kernel<scalar_t><<<blocks_for(s.B * s.K, kWarpsPerBlock), kThreads, 0, stream>>>(
-          p, stream_scratch<acc>(scratch, s), u, dx.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "mc_loss_backward_cuda", [&] {
+        using acc = acc_t<scalar_t>;
+        const auto p = loss_params<scalar_t>(x, targets, offsets, s, ms, avg_pool);
+        const UpstreamGrads<acc> u{data_or_null<acc>(g_loss),
+                                   data_or_null<acc>(g_dis),
+                                   data_or_null<acc>(g_div),
+                                   data_or_null<acc>(g_logits),
+                                   logits.const_data_ptr<acc>(),
+                                   lse.const_data_ptr<acc>(),
+                                   data_or_null<acc>(weight_sums),
+                                   reduction == kReduceNone ? 1 : 0,
+                                   static_cast<acc>(alpha),
+                                   static_cast<acc>(beta),
+                                   cross_entropy_options<acc>(weight, label_smoothing, reduction)};
+        const auto [plan, smem] = plan_tiles<acc>(s, layout_of(x).sK == 1, true);
+        // fp64 (gradcheck's dtype, never a training one) takes the stream kernel: the tile
+        // kernel's fp64 instantiation spills around the calls of fp64 division and exp
+        constexpr bool tiles = !std::is_same_v<scalar_t, double>;
+        if constexpr (tiles) {
+          if (plan.groups_per_tile > 0) {
+            allow_shared_memory(&mc_loss_tile_backward_kernel<scalar_t>, smem);
+            mc_loss_tile_backward_kernel<scalar_t>
+                <<<blocks_for(s.B * plan.tiles_per_row, 1), plan.threads, smem, stream>>>(
+                    p, plan, u, dx.mutable_data_ptr<scalar_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            return;
+          }
+        }
+        {
+          const at::Tensor scratch = stream_scratch_tensor(x, s);
+          mc_loss_stream_backward_kernel<scalar_t>
+              <<<blocks_for(s.B * s.K, kWarpsPerBlock), kThreads, 0, stream>>>(
+                  p, stream_scratch<acc>(scratch, s), u, dx.mutable_data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
   return dx;
 }
 

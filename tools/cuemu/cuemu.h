@@ -111,36 +111,30 @@ inline constexpr int warpSize = 32;
 
 // CUDA's vector types, with the alignment nvcc gives them (what makes float4 a 16-byte load;
 // UBSan's alignment check reports one made from a misaligned pointer).
-#define CUEMU_VEC2(T, N, ALIGN)                        \
-  struct alignas(ALIGN) N##2 {                         \
-    T x, y;                                            \
-  };                                                   \
-  inline N##2 make_##N##2(T x, T y) { return N##2{x, y}; }
-#define CUEMU_VEC3(T, N)                                                  \
-  struct N##3 {                                                           \
-    T x, y, z;                                                            \
-  };                                                                      \
-  inline N##3 make_##N##3(T x, T y, T z) { return N##3{x, y, z}; }
-#define CUEMU_VEC4(T, N, ALIGN)                                                     \
-  struct alignas(ALIGN) N##4 {                                                      \
-    T x, y, z, w;                                                                   \
-  };                                                                                \
-  inline N##4 make_##N##4(T x, T y, T z, T w) { return N##4{x, y, z, w}; }
-CUEMU_VEC2(signed char, char, 2) CUEMU_VEC4(signed char, char, 4)
-CUEMU_VEC2(unsigned char, uchar, 2) CUEMU_VEC4(unsigned char, uchar, 4)
-CUEMU_VEC2(short, short, 4) CUEMU_VEC4(short, short, 8)
-CUEMU_VEC2(unsigned short, ushort, 4) CUEMU_VEC4(unsigned short, ushort, 8)
-CUEMU_VEC2(int, int, 8) CUEMU_VEC3(int, int) CUEMU_VEC4(int, int, 16)
-CUEMU_VEC2(unsigned, uint, 8) CUEMU_VEC4(unsigned, uint, 16)
-CUEMU_VEC2(long long, longlong, 16)
-CUEMU_VEC2(unsigned long long, ulonglong, 16)
-CUEMU_VEC2(float, float, 8) CUEMU_VEC3(float, float) CUEMU_VEC4(float, float, 16)
-CUEMU_VEC2(double, double, 16)
+#define CUEMU_VEC2(T, N, ALIGN)           \
+  struct alignas(ALIGN) N##2 { T x, y; }; \
+  inline N##2 make_##N##2(T x, T y) { return N##2 {x, y}; }
+#define CUEMU_VEC3(T, N)      \
+  struct N##3 { T x, y, z; }; \
+  inline N##3 make_##N##3(T x, T y, T z) { return N##3 {x, y, z}; }
+#define CUEMU_VEC4(T, N, ALIGN)                 \
+  struct alignas(ALIGN) N##4 { T x, y, z, w; }; \
+  inline N##4 make_##N##4(T x, T y, T z, T w) { return N##4 {x, y, z, w}; }
+CUEMU_VEC2(signed char, char, 2)
+CUEMU_VEC4(signed char, char, 4) CUEMU_VEC2(unsigned char, uchar, 2)
+    CUEMU_VEC4(unsigned char, uchar, 4) CUEMU_VEC2(short, short, 4) CUEMU_VEC4(short, short, 8)
+        CUEMU_VEC2(unsigned short, ushort, 4) CUEMU_VEC4(unsigned short, ushort, 8)
+            CUEMU_VEC2(int, int, 8) CUEMU_VEC3(int, int) CUEMU_VEC4(int, int, 16)
+                CUEMU_VEC2(unsigned, uint, 8) CUEMU_VEC4(unsigned, uint, 16)
+                    CUEMU_VEC2(long long, longlong, 16)
+                        CUEMU_VEC2(unsigned long long, ulonglong, 16) CUEMU_VEC2(float, float, 8)
+                            CUEMU_VEC3(float, float) CUEMU_VEC4(float, float, 16)
+                                CUEMU_VEC2(double, double, 16)
 #undef CUEMU_VEC2
 #undef CUEMU_VEC3
 #undef CUEMU_VEC4
 
-typedef struct CUstream_st* cudaStream_t;
+                                    typedef struct CUstream_st* cudaStream_t;
 enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
@@ -202,15 +196,42 @@ struct Internal {
 
 enum class Policy { Forward, Reverse, Random };
 enum class St : unsigned char { Ready, WaitWarp, WaitBar, Exited };
-enum Op : int { OpSyncwarp = 1, OpShfl, OpShflUp, OpShflDown, OpShflXor, OpBallot, OpAll, OpAny,
-                OpRedAdd, OpRedMin, OpRedMax, OpRedAnd, OpRedOr, OpRedXor, OpRedMinS, OpRedMaxS };
+enum Op : int {
+  OpSyncwarp = 1,
+  OpShfl,
+  OpShflUp,
+  OpShflDown,
+  OpShflXor,
+  OpBallot,
+  OpAll,
+  OpAny,
+  OpRedAdd,
+  OpRedMin,
+  OpRedMax,
+  OpRedAnd,
+  OpRedOr,
+  OpRedXor,
+  OpRedMinS,
+  OpRedMaxS
+};
 
 inline const char* op_name(int k) {
-  static const char* const n[] = {"?", "__syncwarp", "__shfl_sync", "__shfl_up_sync",
-                                  "__shfl_down_sync", "__shfl_xor_sync", "__ballot_sync",
-                                  "__all_sync", "__any_sync", "__reduce_add_sync",
-                                  "__reduce_min_sync", "__reduce_max_sync", "__reduce_and_sync",
-                                  "__reduce_or_sync", "__reduce_xor_sync", "__reduce_min_sync",
+  static const char* const n[] = {"?",
+                                  "__syncwarp",
+                                  "__shfl_sync",
+                                  "__shfl_up_sync",
+                                  "__shfl_down_sync",
+                                  "__shfl_xor_sync",
+                                  "__ballot_sync",
+                                  "__all_sync",
+                                  "__any_sync",
+                                  "__reduce_add_sync",
+                                  "__reduce_min_sync",
+                                  "__reduce_max_sync",
+                                  "__reduce_and_sync",
+                                  "__reduce_or_sync",
+                                  "__reduce_xor_sync",
+                                  "__reduce_min_sync",
                                   "__reduce_max_sync"};
   return k > 0 && k <= OpRedMaxS ? n[k] : n[0];
 }
@@ -223,11 +244,14 @@ struct Config {
   bool strict = false;
   Config() {
     if (const char* s = std::getenv("CUEMU_SCHEDULE")) {
-      if (!std::strcmp(s, "reverse")) policy = Policy::Reverse;
-      else if (!std::strcmp(s, "random")) policy = Policy::Random;
+      if (!std::strcmp(s, "reverse"))
+        policy = Policy::Reverse;
+      else if (!std::strcmp(s, "random"))
+        policy = Policy::Random;
     }
     if (const char* s = std::getenv("CUEMU_SEED")) seed = unsigned(std::strtoul(s, nullptr, 10));
-    if (const char* s = std::getenv("CUEMU_THREADS")) threads = std::max(1ul, std::strtoul(s, nullptr, 10));
+    if (const char* s = std::getenv("CUEMU_THREADS"))
+      threads = std::max(1ul, std::strtoul(s, nullptr, 10));
     if (const char* s = std::getenv("CUEMU_STACK")) stack = std::strtoul(s, nullptr, 10);
     if (const char* s = std::getenv("CUEMU_STRICT")) strict = s[0] == '1';
 #if defined(CUEMU_ASAN) || defined(CUEMU_TSAN)
@@ -281,9 +305,9 @@ struct Fiber {
   St st = St::Ready;
   uint3 tid{0, 0, 0};
   unsigned lin = 0, lane = 0, warp = 0;
-  unsigned bars = 0;   // __syncthreads passed
+  unsigned bars = 0;  // __syncthreads passed
   bool started = false;
-  int wait_op = 0;     // what it waits in, for reports
+  int wait_op = 0;  // what it waits in, for reports
   unsigned wait_mask = 0;
   alignas(16) unsigned char res[16];  // result of its last warp collective
 };
@@ -342,15 +366,15 @@ struct Worker {
   dim3 bdim, gdim;
   uint3 bid{0, 0, 0};
   unsigned n = 0, live = 0, bar_arrived = 0;
-  int bar_acc = 0;       // __syncthreads_count / _and / _or accumulator
+  int bar_acc = 0;  // __syncthreads_count / _and / _or accumulator
   int bar_result = 0;
-  int bar_kind = 0;      // 0 plain, 1 count, 2 and, 3 or
+  int bar_kind = 0;  // 0 plain, 1 count, 2 and, 3 or
   bool err = false;
   std::string msg;
   std::vector<unsigned> tmp;
   std::vector<std::max_align_t> dyn_shared;  // this block's `extern __shared__` memory
 #if defined(CUEMU_TSAN)
-  char tsan_bar[2];  // release/acquire objects of alternate barrier generations
+  char tsan_bar[2];       // release/acquire objects of alternate barrier generations
   char tsan_block_begin;  // the scheduler's set-up of a block -> its threads
   char tsan_block_end;    // a block's threads -> the scheduler (-> the next block)
   unsigned bar_gen = 0;
@@ -402,8 +426,10 @@ struct Worker {
   }
   // make ready, in the policy's order
   void release(std::vector<unsigned>& v) {
-    if (cfg.policy == Policy::Reverse) std::reverse(v.begin(), v.end());
-    else if (cfg.policy == Policy::Random) std::shuffle(v.begin(), v.end(), rng);
+    if (cfg.policy == Policy::Reverse)
+      std::reverse(v.begin(), v.end());
+    else if (cfg.policy == Policy::Random)
+      std::shuffle(v.begin(), v.end(), rng);
     for (unsigned i : v) {
       fibers[i].st = St::Ready;
       push(i);
@@ -523,8 +549,10 @@ inline void Worker::deadlock() {
     for (auto& op : warps[w].ops) {
       std::vector<unsigned> in, missing;
       for (unsigned l = 0; l < 32; ++l) {
-        if (op.arrived >> l & 1) in.push_back(w * 32 + l);
-        else if (op.mask >> l & 1) missing.push_back(w * 32 + l);
+        if (op.arrived >> l & 1)
+          in.push_back(w * 32 + l);
+        else if (op.mask >> l & 1)
+          missing.push_back(w * 32 + l);
       }
       m += " threads " + ranges(in) + " wait in " + op_name(op.kind) + "(mask " + hex(op.mask) +
            ") for threads " + ranges(missing) + ";";
@@ -743,7 +771,8 @@ inline void check_width(Worker& w, Fiber& f, int kind, int width) {
 
 // The calling lane joins the collective `kind` over `mask`, with value `val` (size bytes) and
 // argument `arg`; returns when every lane of the mask has joined, its result in f.res.
-inline void collective(int kind, unsigned mask, const void* val, unsigned size, int arg, int width) {
+inline void collective(int kind, unsigned mask, const void* val, unsigned size, int arg,
+                       int width) {
   Internal in;
   Worker& w = *tl_worker;
   Fiber& f = *tl_cur;
@@ -760,14 +789,16 @@ inline void collective(int kind, unsigned mask, const void* val, unsigned size, 
            hex(mask & wp.exited));
   PendingOp* op = nullptr;
   for (auto& o : wp.ops)
-    if (o.mask & bit) op = &o;
+    if (o.mask & bit)
+      op = &o;
     else if (o.mask & mask)
       w.fail(w.who(f) + " calls " + op_name(kind) + " with mask " + hex(mask) + " while lanes " +
              hex(o.arrived) + " wait in " + op_name(o.kind) + " with mask " + hex(o.mask));
   if (op && (op->kind != kind || op->mask != mask || op->size != size || op->width != width))
     w.fail(w.who(f) + " calls " + op_name(kind) + "(mask " + hex(mask) + ", width " +
            std::to_string(width) + ") while lanes " + hex(op->arrived) + " wait in " +
-           op_name(op->kind) + "(mask " + hex(op->mask) + ", width " + std::to_string(op->width) + ")");
+           op_name(op->kind) + "(mask " + hex(op->mask) + ", width " + std::to_string(op->width) +
+           ")");
   if (!op) {
     wp.ops.push_back(PendingOp{mask, 0, kind, width, size});
     op = &wp.ops.back();
@@ -790,11 +821,21 @@ inline void collective(int kind, unsigned mask, const void* val, unsigned size, 
       int src = int(l);
       const int seg = int(l) & ~(c - 1);
       switch (kind) {
-        case OpShfl: src = seg + (wp.arg[l] & (c - 1)); break;
-        case OpShflUp: src = (int(l) - seg) >= wp.arg[l] ? int(l) - wp.arg[l] : int(l); break;
-        case OpShflDown: src = (int(l) - seg) + wp.arg[l] < c ? int(l) + wp.arg[l] : int(l); break;
-        case OpShflXor: src = int(l) ^ wp.arg[l]; if (src >= seg + c) src = int(l); break;
-        default: break;
+        case OpShfl:
+          src = seg + (wp.arg[l] & (c - 1));
+          break;
+        case OpShflUp:
+          src = (int(l) - seg) >= wp.arg[l] ? int(l) - wp.arg[l] : int(l);
+          break;
+        case OpShflDown:
+          src = (int(l) - seg) + wp.arg[l] < c ? int(l) + wp.arg[l] : int(l);
+          break;
+        case OpShflXor:
+          src = int(l) ^ wp.arg[l];
+          if (src >= seg + c) src = int(l);
+          break;
+        default:
+          break;
       }
       if (kind >= OpShfl && kind <= OpShflXor) {
         if (src < 0 || src > 31 || !(m >> src & 1))
@@ -805,7 +846,9 @@ inline void collective(int kind, unsigned mask, const void* val, unsigned size, 
         unsigned b = 0;
         for (unsigned k = 0; k < 32; ++k)
           if ((m >> k & 1) && wp.arg[k]) b |= 1u << k;
-        const unsigned r = kind == OpBallot ? b : kind == OpAll ? unsigned(b == m) : unsigned(b != 0);
+        const unsigned r = kind == OpBallot ? b
+                           : kind == OpAll  ? unsigned(b == m)
+                                            : unsigned(b != 0);
         std::memcpy(lf.res, &r, 4);
       } else if (kind >= OpRedAdd) {
         unsigned r = kind == OpRedMin ? ~0u : kind == OpRedAnd ? ~0u : 0u;
@@ -815,14 +858,30 @@ inline void collective(int kind, unsigned mask, const void* val, unsigned size, 
           unsigned v;
           std::memcpy(&v, wp.val[k], 4);
           switch (kind) {
-            case OpRedAdd: r += v; break;
-            case OpRedMin: r = std::min(r, v); break;
-            case OpRedMax: r = std::max(r, v); break;
-            case OpRedAnd: r &= v; break;
-            case OpRedOr: r |= v; break;
-            case OpRedXor: r ^= v; break;
-            case OpRedMinS: rs = std::min(rs, int(v)); break;
-            case OpRedMaxS: rs = std::max(rs, int(v)); break;
+            case OpRedAdd:
+              r += v;
+              break;
+            case OpRedMin:
+              r = std::min(r, v);
+              break;
+            case OpRedMax:
+              r = std::max(r, v);
+              break;
+            case OpRedAnd:
+              r &= v;
+              break;
+            case OpRedOr:
+              r |= v;
+              break;
+            case OpRedXor:
+              r ^= v;
+              break;
+            case OpRedMinS:
+              rs = std::min(rs, int(v));
+              break;
+            case OpRedMaxS:
+              rs = std::max(rs, int(v));
+              break;
           }
         }
         if (kind == OpRedMinS || kind == OpRedMaxS) std::memcpy(&r, &rs, 4);
@@ -860,9 +919,12 @@ inline int block_barrier(int kind, int pred) {
     w.bar_kind = kind;
     w.bar_acc = kind == 2 ? 1 : 0;
   }
-  if (kind == 1) w.bar_acc += pred != 0;
-  else if (kind == 2) w.bar_acc &= pred != 0;
-  else if (kind == 3) w.bar_acc |= pred != 0;
+  if (kind == 1)
+    w.bar_acc += pred != 0;
+  else if (kind == 2)
+    w.bar_acc &= pred != 0;
+  else if (kind == 3)
+    w.bar_acc |= pred != 0;
   ++f.bars;
   f.st = St::WaitBar;
   if (++w.bar_arrived == w.live) {
@@ -985,9 +1047,10 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, std::
   if (!grid.x || !grid.y || !grid.z || !nthreads || nthreads > 1024 || block.z > 64 ||
       grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u || shmem > kMaxDynamicShared) {
     // (the exception reports it: cudaGetLastError stays clean for the next launch's check)
-    throw Error(std::string("cuemu: invalid launch configuration of ") + (name ? name : "a kernel") +
-                ": grid " + detail::coord(grid) + " block " + detail::coord(block) +
-                " dynamic shared memory " + std::to_string(shmem) + " bytes");
+    throw Error(std::string("cuemu: invalid launch configuration of ") +
+                (name ? name : "a kernel") + ": grid " + detail::coord(grid) + " block " +
+                detail::coord(block) + " dynamic shared memory " + std::to_string(shmem) +
+                " bytes");
   }
   detail::count_launch(name);
   using Tuple = std::tuple<std::decay_t<P>...>;
@@ -1004,8 +1067,10 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, std::
   if (cfg.policy != detail::Policy::Forward) {
     g.order.resize(nb);
     for (unsigned long long i = 0; i < nb; ++i) g.order[i] = i;
-    if (cfg.policy == detail::Policy::Reverse) std::reverse(g.order.begin(), g.order.end());
-    else std::shuffle(g.order.begin(), g.order.end(), std::mt19937(cfg.seed));
+    if (cfg.policy == detail::Policy::Reverse)
+      std::reverse(g.order.begin(), g.order.end());
+    else
+      std::shuffle(g.order.begin(), g.order.end(), std::mt19937(cfg.seed));
   }
 #if defined(CUEMU_TSAN)
   __tsan_release(&detail::g_tsan_launch_begin);
@@ -1039,8 +1104,8 @@ struct Launcher {
     launch(name, kernel, grid, block, shmem, stream, std::forward<A>(args)...);
   }
 };
-// cuemu::launcher(k, grid, block, shmem, stream)(args...) mirrors k<<<grid, block, shmem, stream>>>(args...);
-// with a name first, the launch is counted under that name (see launch_counts).
+// cuemu::launcher(k, grid, block, shmem, stream)(args...) mirrors k<<<grid, block, shmem,
+// stream>>>(args...); with a name first, the launch is counted under that name (see launch_counts).
 template <typename... P>
 Launcher<P...> launcher(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
                         std::size_t shmem = 0, cudaStream_t stream = nullptr) {
@@ -1098,18 +1163,42 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize) {
   return ::cuemu::detail::shfl(::cuemu::detail::OpShflXor, mask, v, lane_mask, width);
 }
-inline unsigned __ballot_sync(unsigned mask, int p) { return ::cuemu::detail::vote(::cuemu::detail::OpBallot, mask, p); }
-inline int __all_sync(unsigned mask, int p) { return int(::cuemu::detail::vote(::cuemu::detail::OpAll, mask, p)); }
-inline int __any_sync(unsigned mask, int p) { return int(::cuemu::detail::vote(::cuemu::detail::OpAny, mask, p)); }
-inline unsigned __reduce_add_sync(unsigned m, unsigned v) { return ::cuemu::detail::reduce(::cuemu::detail::OpRedAdd, m, v); }
-inline unsigned __reduce_min_sync(unsigned m, unsigned v) { return ::cuemu::detail::reduce(::cuemu::detail::OpRedMin, m, v); }
-inline unsigned __reduce_max_sync(unsigned m, unsigned v) { return ::cuemu::detail::reduce(::cuemu::detail::OpRedMax, m, v); }
-inline int __reduce_add_sync(unsigned m, int v) { return int(::cuemu::detail::reduce(::cuemu::detail::OpRedAdd, m, unsigned(v))); }
-inline int __reduce_min_sync(unsigned m, int v) { return int(::cuemu::detail::reduce(::cuemu::detail::OpRedMinS, m, unsigned(v))); }
-inline int __reduce_max_sync(unsigned m, int v) { return int(::cuemu::detail::reduce(::cuemu::detail::OpRedMaxS, m, unsigned(v))); }
-inline unsigned __reduce_and_sync(unsigned m, unsigned v) { return ::cuemu::detail::reduce(::cuemu::detail::OpRedAnd, m, v); }
-inline unsigned __reduce_or_sync(unsigned m, unsigned v) { return ::cuemu::detail::reduce(::cuemu::detail::OpRedOr, m, v); }
-inline unsigned __reduce_xor_sync(unsigned m, unsigned v) { return ::cuemu::detail::reduce(::cuemu::detail::OpRedXor, m, v); }
+inline unsigned __ballot_sync(unsigned mask, int p) {
+  return ::cuemu::detail::vote(::cuemu::detail::OpBallot, mask, p);
+}
+inline int __all_sync(unsigned mask, int p) {
+  return int(::cuemu::detail::vote(::cuemu::detail::OpAll, mask, p));
+}
+inline int __any_sync(unsigned mask, int p) {
+  return int(::cuemu::detail::vote(::cuemu::detail::OpAny, mask, p));
+}
+inline unsigned __reduce_add_sync(unsigned m, unsigned v) {
+  return ::cuemu::detail::reduce(::cuemu::detail::OpRedAdd, m, v);
+}
+inline unsigned __reduce_min_sync(unsigned m, unsigned v) {
+  return ::cuemu::detail::reduce(::cuemu::detail::OpRedMin, m, v);
+}
+inline unsigned __reduce_max_sync(unsigned m, unsigned v) {
+  return ::cuemu::detail::reduce(::cuemu::detail::OpRedMax, m, v);
+}
+inline int __reduce_add_sync(unsigned m, int v) {
+  return int(::cuemu::detail::reduce(::cuemu::detail::OpRedAdd, m, unsigned(v)));
+}
+inline int __reduce_min_sync(unsigned m, int v) {
+  return int(::cuemu::detail::reduce(::cuemu::detail::OpRedMinS, m, unsigned(v)));
+}
+inline int __reduce_max_sync(unsigned m, int v) {
+  return int(::cuemu::detail::reduce(::cuemu::detail::OpRedMaxS, m, unsigned(v)));
+}
+inline unsigned __reduce_and_sync(unsigned m, unsigned v) {
+  return ::cuemu::detail::reduce(::cuemu::detail::OpRedAnd, m, v);
+}
+inline unsigned __reduce_or_sync(unsigned m, unsigned v) {
+  return ::cuemu::detail::reduce(::cuemu::detail::OpRedOr, m, v);
+}
+inline unsigned __reduce_xor_sync(unsigned m, unsigned v) {
+  return ::cuemu::detail::reduce(::cuemu::detail::OpRedXor, m, v);
+}
 // No notion of convergence here: the lanes of the warp that have not exited.
 inline unsigned __activemask() {
   ::cuemu::detail::Internal in;
@@ -1125,7 +1214,9 @@ inline void __nanosleep(unsigned) {}
   ::cuemu::detail::tl_worker->fail("__trap() called");
 }
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+  return *p;
+}
 
 // ---- arithmetic intrinsics ------------------------------------------------------------------
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
@@ -1152,12 +1243,36 @@ inline float __cosf(float a) { return std::cos(a); }
 inline float __saturatef(float a) { return a != a ? 0.0f : a < 0.0f ? 0.0f : a > 1.0f ? 1.0f : a; }
 inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
 inline double rsqrt(double a) { return 1.0 / std::sqrt(a); }
-inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
-inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline long long __double_as_longlong(double d) { long long i; std::memcpy(&i, &d, 8); return i; }
-inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, 4);
+  return i;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned i;
+  std::memcpy(&i, &f, 4);
+  return i;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline float __uint_as_float(unsigned i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline long long __double_as_longlong(double d) {
+  long long i;
+  std::memcpy(&i, &d, 8);
+  return i;
+}
+inline double __longlong_as_double(long long i) {
+  double d;
+  std::memcpy(&d, &i, 8);
+  return d;
+}
 inline int __float2int_rn(float f) { return int(std::nearbyint(f)); }
 inline int __float2int_rz(float f) { return int(std::trunc(f)); }
 inline int __float2int_rd(float f) { return int(std::floor(f)); }
@@ -1176,7 +1291,9 @@ inline unsigned __brev(unsigned x) {
   return __builtin_bswap32(x);
 }
 inline int __mulhi(int a, int b) { return int((long long)a * b >> 32); }
-inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((unsigned long long)a * b >> 32); }
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return unsigned((unsigned long long)a * b >> 32);
+}
 inline int __mul24(int a, int b) { return int(unsigned(a << 8 >> 8) * unsigned(b << 8 >> 8)); }
 inline unsigned __umul24(unsigned a, unsigned b) { return (a & 0xffffffu) * (b & 0xffffffu); }
 
@@ -1187,15 +1304,20 @@ inline T atomicAdd(T* p, T v) {
     return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
   } else {
     T old = __atomic_load_n(p, __ATOMIC_RELAXED);
-    while (!__atomic_compare_exchange_n(p, &old, T(old + v), true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    while (!__atomic_compare_exchange_n(p, &old, T(old + v), true, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
     }
     return old;
   }
 }
 template <typename T>
-inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }
+inline T atomicSub(T* p, T v) {
+  return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED);
+}
 template <typename T>
-inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
+inline T atomicExch(T* p, T v) {
+  return __atomic_exchange_n(p, v, __ATOMIC_RELAXED);
+}
 template <typename T>
 inline T atomicCAS(T* p, T cmp, T v) {
   __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
@@ -1204,23 +1326,31 @@ inline T atomicCAS(T* p, T cmp, T v) {
 template <typename T>
 inline T atomicMax(T* p, T v) {
   T old = __atomic_load_n(p, __ATOMIC_RELAXED);
-  while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  while (old < v &&
+         !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
   return old;
 }
 template <typename T>
 inline T atomicMin(T* p, T v) {
   T old = __atomic_load_n(p, __ATOMIC_RELAXED);
-  while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  while (v < old &&
+         !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
   return old;
 }
 template <typename T>
-inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }
+inline T atomicAnd(T* p, T v) {
+  return __atomic_fetch_and(p, v, __ATOMIC_RELAXED);
+}
 template <typename T>
-inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+inline T atomicOr(T* p, T v) {
+  return __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
+}
 template <typename T>
-inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED); }
+inline T atomicXor(T* p, T v) {
+  return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED);
+}
 
 // ---- a little of the host runtime, so that test launchers read like CUDA host code ----------
 inline cudaError_t cudaMalloc(void** p, std::size_t n) {
@@ -1228,16 +1358,25 @@ inline cudaError_t cudaMalloc(void** p, std::size_t n) {
   return *p ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 template <typename T>
-inline cudaError_t cudaMalloc(T** p, std::size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
-inline cudaError_t cudaFree(void* p) { std::free(p); return cudaSuccess; }
+inline cudaError_t cudaMalloc(T** p, std::size_t n) {
+  return cudaMalloc(reinterpret_cast<void**>(p), n);
+}
+inline cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
 inline cudaError_t cudaMemcpy(void* d, const void* s, std::size_t n, cudaMemcpyKind) {
   std::memcpy(d, s, n);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpyAsync(void* d, const void* s, std::size_t n, cudaMemcpyKind k, cudaStream_t = nullptr) {
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, std::size_t n, cudaMemcpyKind k,
+                                   cudaStream_t = nullptr) {
   return cudaMemcpy(d, s, n, k);
 }
-inline cudaError_t cudaMemset(void* d, int v, std::size_t n) { std::memset(d, v, n); return cudaSuccess; }
+inline cudaError_t cudaMemset(void* d, int v, std::size_t n) {
+  std::memset(d, v, n);
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 // The emulated device: one, with an H100/H200's shared memory per block.
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
@@ -1256,7 +1395,7 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 template <typename K>
 inline cudaError_t cudaFuncSetAttribute(K*, cudaFuncAttribute, int value) {
   return value >= 0 && std::size_t(value) <= ::cuemu::kMaxDynamicShared ? cudaSuccess
-                                                                         : cudaErrorInvalidValue;
+                                                                        : cudaErrorInvalidValue;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaGetLastError() {
@@ -1267,10 +1406,15 @@ inline cudaError_t cudaGetLastError() {
 inline cudaError_t cudaPeekAtLastError() { return ::cuemu::detail::last_error(); }
 inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorLaunchFailure: return "unspecified launch failure";
-    case cudaErrorMemoryAllocation: return "out of memory";
-    default: return "invalid argument";
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure";
+    case cudaErrorMemoryAllocation:
+      return "out of memory";
+    default:
+      return "invalid argument";
   }
 }

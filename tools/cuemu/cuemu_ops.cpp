@@ -12,12 +12,11 @@ namespace {
 // One line per kernel: "<name> <launches>".
 std::string launch_counts() {
   std::string out;
-  for (const auto& [name, n] : ::cuemu::launch_counts()) out += name + " " + std::to_string(n) + "\n";
+  for (const auto& [name, n] : ::cuemu::launch_counts())
+    out += name + " " + std::to_string(n) + "\n";
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(mcloss_cuemu, m) {
-  m.def("launch_counts() -> str", &launch_counts);
-}
+TORCH_LIBRARY(mcloss_cuemu, m) { m.def("launch_counts() -> str", &launch_counts); }

@@ -146,8 +146,7 @@ int run(const std::string& c) {
     float* dx = alloc<float>(n);
     for (int64_t i = 0; i < n; ++i) dx[i] = float((i * 7919) % 1000) / 1000.0f - 0.5f;
     float* sums = alloc<float>(blocks);
-    block_sums<<<blocks, kThreads, kThreads / 32 * sizeof(float)>>>(
-        dx, n, sums);
+    block_sums<<<blocks, kThreads, kThreads / 32 * sizeof(float)>>>(dx, n, sums);
     double got = 0, want = 0;
     for (unsigned b = 0; b < blocks; ++b) got += sums[b];
     for (int64_t i = 0; i < n; ++i) want += dx[i];
@@ -215,9 +214,12 @@ int run(const std::string& c) {
     std::printf("%s: unknown case\n", c.c_str());
     return 2;
   }
-  if (wrong < 0) std::printf("%s: no error reported\n", c.c_str());
-  else if (wrong == 0) std::printf("%s: ok\n", c.c_str());
-  else std::printf("%s: wrong %d\n", c.c_str(), wrong);
+  if (wrong < 0)
+    std::printf("%s: no error reported\n", c.c_str());
+  else if (wrong == 0)
+    std::printf("%s: ok\n", c.c_str());
+  else
+    std::printf("%s: wrong %d\n", c.c_str(), wrong);
   return 0;
 }
 
