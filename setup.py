@@ -35,7 +35,8 @@ def _version():
 def _load_toolkit_module():
     # by path: importing the package would import torch and the extension
     spec = importlib.util.spec_from_file_location(
-        "_mcloss_toolkit", os.path.join(HERE, "mcloss_cuda", "_toolkit.py"))
+        "_mcloss_toolkit", os.path.join(HERE, "mcloss_cuda", "_toolkit.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -46,8 +47,16 @@ toolkit = _load_toolkit_module()
 
 def _builds_extension():
     """Whether this setup.py run compiles; metadata and sdist runs need no torch."""
-    building = {"build", "build_ext", "bdist_wheel", "bdist_egg", "bdist", "install",
-                "develop", "editable_wheel"}
+    building = {
+        "build",
+        "build_ext",
+        "bdist_wheel",
+        "bdist_egg",
+        "bdist",
+        "install",
+        "develop",
+        "editable_wheel",
+    }
     return bool(building.intersection(sys.argv[1:]))
 
 
@@ -110,16 +119,21 @@ def _write_build_info(mode, with_cuda):
 def _torch_uses_openmp():
     import torch
 
-    return sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info() \
+    return (
+        sys.platform.startswith("linux")
+        and "OpenMP" in torch.__config__.parallel_info()
         and "OpenMP not found" not in torch.__config__.parallel_info()
+    )
 
 
 def _extensions(with_cuda):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))
-                     + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
-                     + glob.glob(os.path.join("csrc", "autograd", "*.cpp")))
+    sources = sorted(
+        glob.glob(os.path.join("csrc", "*.cpp"))
+        + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+        + glob.glob(os.path.join("csrc", "autograd", "*.cpp"))
+    )
     # -fno-trapping-math lets GCC if-convert and vectorise the select-heavy loops (exp_f32,
     # the first-max rule); no FP exception flags are relied on, NaN and Inf behave the same.
     # -Wno-psabi: the baseline (pre-AVX) copy of the kernels passes 8-float vectors between
@@ -161,11 +175,18 @@ def main():
         from torch.utils.cpp_extension import BuildExtension
 
         info = _write_build_info(mode, with_cuda)
-        print(f"mcloss_cuda {info['VERSION']}: building "
-              f"{'C++ and CUDA' if with_cuda else 'C++ (CPU only)'} kernels against torch "
-              f"{info['TORCH_VERSION']} ({info['TORCH_PATH']})"
-              + (f", CUDA_HOME={info['CUDA_HOME']} ({info['NVCC']}), "
-                 f"arch={' '.join(info['CUDA_ARCHS'])}" if with_cuda else ""), flush=True)
+        print(
+            f"mcloss_cuda {info['VERSION']}: building "
+            f"{'C++ and CUDA' if with_cuda else 'C++ (CPU only)'} kernels against torch "
+            f"{info['TORCH_VERSION']} ({info['TORCH_PATH']})"
+            + (
+                f", CUDA_HOME={info['CUDA_HOME']} ({info['NVCC']}), "
+                f"arch={' '.join(info['CUDA_ARCHS'])}"
+                if with_cuda
+                else ""
+            ),
+            flush=True,
+        )
         ext_modules = _extensions(with_cuda)
         cmdclass = {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
     setup(
@@ -179,10 +200,12 @@ def main():
         cmdclass=cmdclass,
         python_requires=">=3.9",
         install_requires=["torch>=2.4"],
-        extras_require={"test": ["pytest", "hypothesis", "numpy", "matplotlib"],
-                        "bench": ["matplotlib", "numpy"],
-                        # examples/train_fgvc.py, the training recipe
-                        "recipe": ["torchvision", "tqdm"]},
+        extras_require={
+            "test": ["pytest", "hypothesis", "numpy", "matplotlib"],
+            "bench": ["matplotlib", "numpy"],
+            # examples/train_fgvc.py, the training recipe
+            "recipe": ["torchvision", "tqdm"],
+        },
         zip_safe=False,
     )
 

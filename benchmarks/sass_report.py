@@ -48,7 +48,7 @@ def find_tool(name):
     if os.environ.get(name.upper()):
         return os.environ[name.upper()]
     spec = importlib.util.find_spec("nvidia")  # namespace package of the nvidia-* wheels
-    for root in (spec.submodule_search_locations if spec else []):
+    for root in spec.submodule_search_locations if spec else []:
         # cu13 wheels: nvidia/cu13/bin/NAME; cu12 wheels: nvidia/cuda_NAME/bin/NAME. Newest first.
         hits = glob.glob(os.path.join(root, "*", "bin", name))
         if hits:
@@ -56,8 +56,9 @@ def find_tool(name):
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     found = shutil.which(name) or shutil.which(name, path=os.path.join(cuda_home, "bin"))
     if not found:
-        raise SystemExit(f"sass_report: {name} not found: pip install {TOOL_PACKAGES} "
-                         f"(or set ${name.upper()})")
+        raise SystemExit(
+            f"sass_report: {name} not found: pip install {TOOL_PACKAGES} (or set ${name.upper()})"
+        )
     return found
 
 
@@ -85,8 +86,10 @@ def run_tool(argv, cwd=None, stdin=None):
 def checked(proc):
     """stdout of a CompletedProcess, or exit with the tool's stderr if it failed."""
     if proc.returncode != 0:
-        raise SystemExit(f"sass_report: {' '.join(map(str, proc.args))} failed "
-                         f"({proc.returncode}): {proc.stderr.strip()}")
+        raise SystemExit(
+            f"sass_report: {' '.join(map(str, proc.args))} failed "
+            f"({proc.returncode}): {proc.stderr.strip()}"
+        )
     return proc.stdout
 
 
@@ -146,9 +149,18 @@ def width_bytes(label):
 
 def sass_stats(instructions):
     """Counts over one function's instructions (nvdisasm -json entries: opcode, annotations)."""
-    s = {"instructions": 0, "ldl": 0, "stl": 0, "ldl_bytes": 0, "stl_bytes": 0,
-         "spill_store_bytes": 0, "spill_load_bytes": 0,
-         "ldg": Counter(), "stg": Counter(), "mufu": Counter()}
+    s = {
+        "instructions": 0,
+        "ldl": 0,
+        "stl": 0,
+        "ldl_bytes": 0,
+        "stl_bytes": 0,
+        "spill_store_bytes": 0,
+        "spill_load_bytes": 0,
+        "ldg": Counter(),
+        "stg": Counter(),
+        "mufu": Counter(),
+    }
     for ins in instructions:
         op = ins["opcode"]
         root = op.split(".")[0]
@@ -208,9 +220,18 @@ def kernel_rows(arch, res_usage_text, nvdisasm_json_text, names):
     rows = []
     for mangled, stats in parse_nvdisasm_json(nvdisasm_json_text).items():
         res = usage.get(mangled, {})
-        rows.append({"arch": arch, "kernel": short_name(names.get(mangled, mangled)),
-                     "mangled": mangled, "registers": res.get("REG"), "stack": res.get("STACK"),
-                     "shared": res.get("SHARED"), "local": res.get("LOCAL"), **stats})
+        rows.append(
+            {
+                "arch": arch,
+                "kernel": short_name(names.get(mangled, mangled)),
+                "mangled": mangled,
+                "registers": res.get("REG"),
+                "stack": res.get("STACK"),
+                "shared": res.get("SHARED"),
+                "local": res.get("LOCAL"),
+                **stats,
+            }
+        )
     return rows
 
 
@@ -225,8 +246,11 @@ def cubin_outputs(arch, cubin, cuobjdump, nvdisasm):
 def collect(so, cuobjdump, nvdisasm):
     """Rows for every function of every cubin in `so`, read in parallel. Raises CpuOnly."""
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        per_cubin = list(pool.map(lambda c: cubin_outputs(*c, cuobjdump, nvdisasm),
-                                  extract_cubins(so, cuobjdump, tmp)))
+        per_cubin = list(
+            pool.map(
+                lambda c: cubin_outputs(*c, cuobjdump, nvdisasm), extract_cubins(so, cuobjdump, tmp)
+            )
+        )
     names = demangle({n for _, res, _ in per_cubin for n in parse_res_usage(res)})
     return [row for arch, res, js in per_cubin for row in kernel_rows(arch, res, js, names)]
 
@@ -238,19 +262,25 @@ def check(rows, fused_pattern=FUSED_FP32_PATTERN):
     for r in rows:
         where = f"{r['arch']} {r['kernel']}"
         if r["spill_store_bytes"] or r["spill_load_bytes"] or r["ldl"] or r["stl"]:
-            problems.append(f"spills/local memory in {where}: spill stores "
-                            f"{r['spill_store_bytes']} B, spill loads {r['spill_load_bytes']} B, "
-                            f"{r['stl']} STL, {r['ldl']} LDL")
+            problems.append(
+                f"spills/local memory in {where}: spill stores "
+                f"{r['spill_store_bytes']} B, spill loads {r['spill_load_bytes']} B, "
+                f"{r['stl']} STL, {r['ldl']} LDL"
+            )
     fused = [r for r in rows if re.search(fused_pattern, r["kernel"])]
     for r in fused:
         if not any(width.isdigit() and int(width) >= 128 for width in r["ldg"]):
-            problems.append(f"no 128-bit global load in fused fp32 kernel {r['arch']} "
-                            f"{r['kernel']}: loads by width {fmt_counts(r['ldg'])}")
+            problems.append(
+                f"no 128-bit global load in fused fp32 kernel {r['arch']} "
+                f"{r['kernel']}: loads by width {fmt_counts(r['ldg'])}"
+            )
     if not fused:
         mangled = any(r["kernel"].startswith("_Z") for r in rows)
-        problems.append(f"no fused fp32 kernel: no kernel name matches /{fused_pattern}/ among "
-                        f"the {len(rows)} functions found" +
-                        (" (names are mangled: is c++filt installed?)" if mangled else ""))
+        problems.append(
+            f"no fused fp32 kernel: no kernel name matches /{fused_pattern}/ among "
+            f"the {len(rows)} functions found"
+            + (" (names are mangled: is c++filt installed?)" if mangled else "")
+        )
     return problems
 
 
@@ -261,15 +291,19 @@ def fmt_counts(counter):
 
 def markdown(rows):
     """The report as a Markdown table, by architecture then kernel name."""
-    head = ("| arch | kernel | regs | stack B | smem B | spill st/ld B | STL/LDL | LDG by width "
-            "| STG by width | MUFU | instrs |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| arch | kernel | regs | stack B | smem B | spill st/ld B | STL/LDL | LDG by width "
+        "| STG by width | MUFU | instrs |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in sorted(rows, key=lambda r: (r["arch"], r["kernel"])):
         mufu = f"{sum(r['mufu'].values())} ({fmt_counts(r['mufu'])})" if r["mufu"] else "0"
-        lines.append(f"| {r['arch']} | `{r['kernel']}` | {r['registers']} | {r['stack']} "
-                     f"| {r['shared']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} "
-                     f"| {r['stl']}/{r['ldl']} | {fmt_counts(r['ldg'])} | {fmt_counts(r['stg'])} "
-                     f"| {mufu} | {r['instructions']} |")
+        lines.append(
+            f"| {r['arch']} | `{r['kernel']}` | {r['registers']} | {r['stack']} "
+            f"| {r['shared']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} "
+            f"| {r['stl']}/{r['ldl']} | {fmt_counts(r['ldg'])} | {fmt_counts(r['stg'])} "
+            f"| {mufu} | {r['instructions']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -278,13 +312,23 @@ def main(argv=None):
     p.add_argument("--so", help="the .so to inspect (default: the installed mcloss_cuda/_C*.so)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
-    p.add_argument("--check", action="store_true", help="exit 1 on spills, local memory, a fused "
-                   "fp32 kernel without 128-bit loads, no fused kernel, or no CUDA code")
-    p.add_argument("--expect-fused", default=FUSED_FP32_PATTERN, metavar="PATTERN",
-                   help="regex (on demangled names) of the fused fp32 kernels "
-                   f"(default {FUSED_FP32_PATTERN})")
-    p.add_argument("--allow-cpu-only", action="store_true",
-                   help="with --check: a .so without CUDA code passes (with a note)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 on spills, local memory, a fused "
+        "fp32 kernel without 128-bit loads, no fused kernel, or no CUDA code",
+    )
+    p.add_argument(
+        "--expect-fused",
+        default=FUSED_FP32_PATTERN,
+        metavar="PATTERN",
+        help=f"regex (on demangled names) of the fused fp32 kernels (default {FUSED_FP32_PATTERN})",
+    )
+    p.add_argument(
+        "--allow-cpu-only",
+        action="store_true",
+        help="with --check: a .so without CUDA code passes (with a note)",
+    )
     args = p.parse_args(argv)
     so = args.so or find_extension()
     try:
@@ -293,9 +337,11 @@ def main(argv=None):
         if args.allow_cpu_only:
             print(f"sass_report: note: {e}; nothing to report (--allow-cpu-only)")
             return 0
-        print(f"sass_report: {e}: nothing to report" +
-              ("; --check fails (pass --allow-cpu-only to accept that)" if args.check else ""),
-              file=sys.stderr)
+        print(
+            f"sass_report: {e}: nothing to report"
+            + ("; --check fails (pass --allow-cpu-only to accept that)" if args.check else ""),
+            file=sys.stderr,
+        )
         return 1 if args.check else 0
     table = markdown(rows)
     print(f"SASS of {so}\n\n{table}")
@@ -314,8 +360,10 @@ def main(argv=None):
         print(f"sass_report: FAIL: {msg}", file=sys.stderr)
     if problems:
         return 1
-    print(f"sass_report: check passed: {len(rows)} functions, no spills or local memory, "
-          f"every fused fp32 kernel has a 128-bit global load")
+    print(
+        f"sass_report: check passed: {len(rows)} functions, no spills or local memory, "
+        f"every fused fp32 kernel has a 128-bit global load"
+    )
     return 0
 
 

@@ -64,9 +64,14 @@ def _environment_without_isolation():
 def _probe_target():
     python = os.environ.get("MCLOSS_TORCH_PYTHON") or sys.executable
     try:
-        done = subprocess.run([python, "-c", _PROBE], env=_environment_without_isolation(),
-                              cwd=tempfile.gettempdir(), capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [python, "-c", _PROBE],
+            env=_environment_without_isolation(),
+            cwd=tempfile.gettempdir(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         lines = done.stdout.strip().splitlines()
         if done.returncode != 0 or not lines:
             raise RuntimeError(done.stderr.strip() or f"exit status {done.returncode}")
@@ -90,7 +95,8 @@ def _no_torch(python):
         "build requirement: pip would download a second torch into its isolated build "
         "environment, and an extension built against that one does not load with yours. "
         "To build against another interpreter's torch, set MCLOSS_TORCH_PYTHON=/path/to/python; "
-        "with `python -m build`, use `python -m build --no-isolation`.")
+        "with `python -m build`, use `python -m build --no-isolation`."
+    )
 
 
 def _use_target_torch():
@@ -110,7 +116,8 @@ def _use_target_torch():
                 sys.path.append(entry)
         # that environment's scripts too, for its ninja (torch builds serially without one)
         os.environ["PATH"] = os.pathsep.join(
-            [p for p in (os.environ.get("PATH"), target["scripts"]) if p])
+            [p for p in (os.environ.get("PATH"), target["scripts"]) if p]
+        )
         importlib.invalidate_caches()
         here = importlib.util.find_spec("torch")
     if here is None or not _same_file(here.origin, target["origin"]):
@@ -118,16 +125,20 @@ def _use_target_torch():
             f"mcloss_cuda: the build would use the torch at {here and here.origin}, but "
             f"{target['python']} runs the one at {target['origin']}; the extension must be "
             "built against the latter: build with that interpreter, without torch among the "
-            "build requirements.")
+            "build requirements."
+        )
     return here.origin
 
 
 def _announce():
     import torch
 
-    print(f"mcloss_cuda build backend: compiling against torch {torch.__version__} "
-          f"(CUDA {torch.version.cuda}) at {os.path.dirname(torch.__file__)}, the torch of "
-          f"{os.environ.get('MCLOSS_TORCH_PYTHON') or sys.executable}", flush=True)
+    print(
+        f"mcloss_cuda build backend: compiling against torch {torch.__version__} "
+        f"(CUDA {torch.version.cuda}) at {os.path.dirname(torch.__file__)}, the torch of "
+        f"{os.environ.get('MCLOSS_TORCH_PYTHON') or sys.executable}",
+        flush=True,
+    )
 
 
 def get_requires_for_build_wheel(config_settings=None):

@@ -57,17 +57,44 @@ try:
 except ImportError:
     tqdm = None
 
-SCRATCH = dict(arch="resnet18", weights="none", epochs=300, batch_size=32, image_size=224,
-               resize_ratio=1.0, crop_padding=4, lr=0.1, backbone_lr_scale=1.0, momentum=0.9,
-               weight_decay=5e-4, schedule="step", milestones=[150, 225], alpha=1.5, beta=20.0,
-               mu=1.0, drop=None, cnum=None)
+SCRATCH = dict(
+    arch="resnet18",
+    weights="none",
+    epochs=300,
+    batch_size=32,
+    image_size=224,
+    resize_ratio=1.0,
+    crop_padding=4,
+    lr=0.1,
+    backbone_lr_scale=1.0,
+    momentum=0.9,
+    weight_decay=5e-4,
+    schedule="step",
+    milestones=[150, 225],
+    alpha=1.5,
+    beta=20.0,
+    mu=1.0,
+    drop=None,
+    cnum=None,
+)
 PRESETS = {
     "scratch": SCRATCH,
     "paper-vgg16-cub": dict(SCRATCH, arch="vgg16_bn", cnum=3),
-    "paper-resnet50": dict(SCRATCH, arch="resnet50", weights="imagenet", batch_size=64,
-                           image_size=448, resize_ratio=600 / 448, crop_padding=0,
-                           backbone_lr_scale=0.1, schedule="cosine", alpha=1.0, beta=20.0,
-                           mu=0.0005, drop=4),
+    "paper-resnet50": dict(
+        SCRATCH,
+        arch="resnet50",
+        weights="imagenet",
+        batch_size=64,
+        image_size=448,
+        resize_ratio=600 / 448,
+        crop_padding=0,
+        backbone_lr_scale=0.1,
+        schedule="cosine",
+        alpha=1.0,
+        beta=20.0,
+        mu=0.0005,
+        drop=4,
+    ),
 }
 ARCHS = ("vgg16", "vgg16_bn", "resnet50", "resnet18")
 
@@ -77,32 +104,57 @@ def cnum_arg(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="scratch",
-                   help="published settings, see above; the options below override them")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="scratch",
+        help="published settings, see above; the options below override them",
+    )
     p.add_argument("--data", required=True, help="folder with train/ and val/ (or test/)")
     p.add_argument("--out", default="runs/fgvc", help="last.pt, best.pt, metrics.json go here")
     p.add_argument("--arch", choices=ARCHS, help="vgg16_bn is the published VGG16")
     p.add_argument("--weights", choices=("none", "imagenet"), help="imagenet: downloads")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="default: the number of class folders in train/")
-    p.add_argument("--cnum", type=cnum_arg, help="channels per class, or 'none' for balanced "
-                   "groups over the backbone's channels (vgg: default 3)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="default: the number of class folders in train/",
+    )
+    p.add_argument(
+        "--cnum",
+        type=cnum_arg,
+        help="channels per class, or 'none' for balanced "
+        "groups over the backbone's channels (vgg: default 3)",
+    )
     p.add_argument("--alpha", type=float, help="weight of L_dis inside MC-Loss")
     p.add_argument("--beta", type=float, help="weight of L_div inside MC-Loss")
     p.add_argument("--mu", type=float, help="weight of MC-Loss next to the cross-entropy")
     p.add_argument("--drop", type=int, help="channels masked per group (default: half)")
-    p.add_argument("--pooling", choices=("max", "avg"), default="max",
-                   help="MC-Loss's discriminality pooling: max (CCMP, published) or avg (CCAP, "
-                        "the paper's ablation)")
-    p.add_argument("--head", choices=("paper", "linear"), default="paper",
-                   help="paper: max pool, BN, fc 512, BN, ELU, fc; linear: avg pool, fc")
+    p.add_argument(
+        "--pooling",
+        choices=("max", "avg"),
+        default="max",
+        help="MC-Loss's discriminality pooling: max (CCMP, published) or avg (CCAP, "
+        "the paper's ablation)",
+    )
+    p.add_argument(
+        "--head",
+        choices=("paper", "linear"),
+        default="paper",
+        help="paper: max pool, BN, fc 512, BN, ELU, fc; linear: avg pool, fc",
+    )
     p.add_argument("--epochs", type=int, help="the last epoch (a resumed run goes on to it)")
     p.add_argument("--batch-size", type=int, help="per process (global = x world size)")
     p.add_argument("--image-size", type=int, help="crop side")
-    p.add_argument("--resize", type=int, help="images are resized to a square of this side "
-                   "before cropping (default: image size x the preset's ratio)")
+    p.add_argument(
+        "--resize",
+        type=int,
+        help="images are resized to a square of this side "
+        "before cropping (default: image size x the preset's ratio)",
+    )
     p.add_argument("--resize-ratio", type=float, help=argparse.SUPPRESS)
     p.add_argument("--crop-padding", type=int, help="padding of the random crop")
     p.add_argument("--lr", type=float, help="lr of the head")
@@ -111,18 +163,32 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, help="SGD weight decay")
     p.add_argument("--schedule", choices=("step", "cosine"), help="lr schedule, per epoch")
     p.add_argument("--milestones", type=int, nargs="*", help="step schedule: lr x0.1 there")
-    p.add_argument("--amp", action="store_true", help="autocast (float16 + GradScaler on CUDA, "
-                   "bfloat16 on the CPU)")
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="autocast (float16 + GradScaler on CUDA, bfloat16 on the CPU)",
+    )
     p.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda, cuda:1, cpu (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda, cuda:1, cpu (under torchrun: cuda:LOCAL_RANK)",
+    )
     p.add_argument("--workers", type=int, default=4, help="data loader processes")
-    p.add_argument("--max-steps", type=int, default=0,
-                   help="cap the train and val batches per epoch (0: no cap), for smoke tests")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=0,
+        help="cap the train and val batches per epoch (0: no cap), for smoke tests",
+    )
     p.add_argument("--seed", type=int, default=0, help="weights, masks, augmentation")
     p.add_argument("--resume", default=None, help="a last.pt to continue from")
-    p.add_argument("--progress", choices=("auto", "tqdm", "plain"), default="auto",
-                   help="auto: tqdm on a terminal when installed, else a line every --log-every")
+    p.add_argument(
+        "--progress",
+        choices=("auto", "tqdm", "plain"),
+        default="auto",
+        help="auto: tqdm on a terminal when installed, else a line every --log-every",
+    )
     p.add_argument("--log-every", type=int, default=20)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="scratch")
@@ -138,8 +204,10 @@ def require_torchvision():
     try:
         import torchvision  # noqa: F401
     except ImportError:
-        sys.exit("train_fgvc.py needs torchvision: pip install torchvision tqdm "
-                 "(or pip install \"mcloss_cuda[recipe]\")")
+        sys.exit(
+            "train_fgvc.py needs torchvision: pip install torchvision tqdm "
+            '(or pip install "mcloss_cuda[recipe]")'
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +230,7 @@ def widened_vgg16(batch_norm, width, weights):
     (conv5_1 reads the widened conv4_3), and the last max pool is dropped (stride 16)."""
     from torchvision import models
 
-    if weights is None:   # the conv layers only: the 120M-parameter classifier is not used
+    if weights is None:  # the conv layers only: the 120M-parameter classifier is not used
         layers = list(models.vgg.make_layers(models.vgg.cfgs["D"], batch_norm=batch_norm))
     else:
         layers = list((models.vgg16_bn if batch_norm else models.vgg16)(weights=weights).features)
@@ -175,7 +243,7 @@ def widened_vgg16(batch_norm, width, weights):
         for j, layer in enumerate(wide, i):
             if weights is None:
                 layers[j] = layer
-            else:   # warm start: pretrained weights on the shared channels, fresh on the rest
+            else:  # warm start: pretrained weights on the shared channels, fresh on the rest
                 init_vgg([layer])
                 layers[j] = _copy_overlap(layer, layers[j])
     if weights is None:
@@ -199,16 +267,18 @@ def build_backbone(arch, weights_name, num_classes, cnum):
     from torchvision import models
 
     weights = None
-    if weights_name == "imagenet":   # torchvision downloads these on first use
+    if weights_name == "imagenet":  # torchvision downloads these on first use
         weights = models.get_model_weights(arch).DEFAULT
     if arch.startswith("vgg16"):
         return widened_vgg16(arch == "vgg16_bn", num_classes * (cnum or 3), weights)
     net = getattr(models, arch)(weights=weights)
     channels = net.fc.in_features
     if isinstance(cnum, int) and cnum * num_classes != channels:
-        sys.exit(f"--cnum {cnum}: {arch}'s last map has {channels} channels, not "
-                 f"{cnum} x {num_classes}; use --cnum none (balanced groups) or a vgg16")
-    return nn.Sequential(*list(net.children())[:-2]), channels   # no avgpool, no fc
+        sys.exit(
+            f"--cnum {cnum}: {arch}'s last map has {channels} channels, not "
+            f"{cnum} x {num_classes}; use --cnum none (balanced groups) or a vgg16"
+        )
+    return nn.Sequential(*list(net.children())[:-2]), channels  # no avgpool, no fc
 
 
 class MCNet(nn.Module):
@@ -221,10 +291,14 @@ class MCNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pool = "max" if head == "paper" else "avg"
-        if head == "paper":   # the authors' head: BN, fc, BN, ELU, fc on the pooled features
-            self.head = nn.Sequential(nn.BatchNorm1d(channels), nn.Linear(channels, hidden),
-                                      nn.BatchNorm1d(hidden), nn.ELU(inplace=True),
-                                      nn.Linear(hidden, num_classes))
+        if head == "paper":  # the authors' head: BN, fc, BN, ELU, fc on the pooled features
+            self.head = nn.Sequential(
+                nn.BatchNorm1d(channels),
+                nn.Linear(channels, hidden),
+                nn.BatchNorm1d(hidden),
+                nn.ELU(inplace=True),
+                nn.Linear(hidden, num_classes),
+            )
         else:
             self.head = nn.Linear(channels, num_classes)
 
@@ -253,27 +327,44 @@ def build_data(args, rank, world):
     else:
         normalize = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     size = (args.resize, args.resize)
-    train_tf = transforms.Compose([
-        transforms.Resize(size), transforms.RandomCrop(args.image_size, padding=args.crop_padding),
-        transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
-    val_tf = transforms.Compose([
-        transforms.Resize(size), transforms.CenterCrop(args.image_size), transforms.ToTensor(),
-        normalize])
+    train_tf = transforms.Compose(
+        [
+            transforms.Resize(size),
+            transforms.RandomCrop(args.image_size, padding=args.crop_padding),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    val_tf = transforms.Compose(
+        [
+            transforms.Resize(size),
+            transforms.CenterCrop(args.image_size),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     train_set = datasets.ImageFolder(os.path.join(args.data, "train"), train_tf)
     val_set = datasets.ImageFolder(root_val, val_tf)
     if val_set.classes != train_set.classes:
         sys.exit(f"the class folders of {root_val} differ from those of train/")
     sampler = None
     if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True,
-                                                      seed=args.seed, drop_last=True)
+        sampler = torch.utils.data.DistributedSampler(
+            train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True
+        )
         # every rank scores a disjoint share of val (no padding), the counts are summed
         val_set = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-    common = dict(batch_size=args.batch_size, num_workers=args.workers,
-                  pin_memory=args.device.startswith("cuda"), persistent_workers=args.workers > 0)
+    common = dict(
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        pin_memory=args.device.startswith("cuda"),
+        persistent_workers=args.workers > 0,
+    )
     # drop_last as published: the BatchNorm1d of the head cannot train on a batch of one
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=sampler is None,
-                                               sampler=sampler, drop_last=True, **common)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, shuffle=sampler is None, sampler=sampler, drop_last=True, **common
+    )
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **common)
     return train_loader, val_loader, train_set.classes
 
@@ -308,7 +399,7 @@ class Progress:
 
 def lr_factor(args, epoch):
     """The lr multiplier of a 1-based epoch."""
-    if args.schedule == "cosine":   # from 1 down to ~0 over the run
+    if args.schedule == "cosine":  # from 1 down to ~0 over the run
         return 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / args.epochs))
     return 0.1 ** sum(epoch >= m for m in args.milestones)
 
@@ -319,8 +410,9 @@ def reduce_sum(tensor, world):
     return tensor
 
 
-def train_one_epoch(args, epoch, model, mcloss, loader, optimizer, scaler, autocast, device,
-                    world, rank):
+def train_one_epoch(
+    args, epoch, model, mcloss, loader, optimizer, scaler, autocast, device, world, rank
+):
     model.train()
     steps = min(len(loader), args.max_steps) if args.max_steps else len(loader)
     # sums of loss, ce, dis, div (times batch size), correct, count: on the device, no syncs
@@ -330,11 +422,11 @@ def train_one_epoch(args, epoch, model, mcloss, loader, optimizer, scaler, autoc
         if step > steps:
             break
         images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)   # int64, as MC-Loss wants
+        targets = targets.to(device, non_blocking=True)  # int64, as MC-Loss wants
         with autocast():
             features, logits = model(images)
             ce = F.cross_entropy(logits, targets)
-            out = mcloss(features, targets)                # MCLossOutput(loss, dis, div, logits)
+            out = mcloss(features, targets)  # MCLossOutput(loss, dis, div, logits)
             loss = ce + args.mu * out.loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -353,14 +445,20 @@ def train_one_epoch(args, epoch, model, mcloss, loader, optimizer, scaler, autoc
     bar.close()
     s = reduce_sum(sums, world).tolist()
     count = max(s[5], 1.0)
-    return dict(steps=steps, train_loss=s[0] / count, train_ce=s[1] / count,
-                train_dis=s[2] / count, train_div=s[3] / count, train_acc=s[4] / count)
+    return dict(
+        steps=steps,
+        train_loss=s[0] / count,
+        train_ce=s[1] / count,
+        train_dis=s[2] / count,
+        train_div=s[3] / count,
+        train_acc=s[4] / count,
+    )
 
 
 @torch.no_grad()
 def evaluate(args, model, loader, autocast, device, world):
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)   # ce sum, correct, count
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce sum, correct, count
     for step, (images, targets) in enumerate(loader, 1):
         if args.max_steps and step > args.max_steps:
             break
@@ -380,9 +478,18 @@ def save_atomic(obj, path):
 
 
 def print_table(history):
-    cols = [("epoch", "{:d}"), ("lr", "{:.2e}"), ("train_loss", "{:.4f}"), ("train_ce", "{:.4f}"),
-            ("train_dis", "{:.4f}"), ("train_div", "{:.4f}"), ("train_acc", "{:.4f}"),
-            ("val_loss", "{:.4f}"), ("val_acc", "{:.4f}"), ("time_s", "{:.1f}")]
+    cols = [
+        ("epoch", "{:d}"),
+        ("lr", "{:.2e}"),
+        ("train_loss", "{:.4f}"),
+        ("train_ce", "{:.4f}"),
+        ("train_dis", "{:.4f}"),
+        ("train_div", "{:.4f}"),
+        ("train_acc", "{:.4f}"),
+        ("val_loss", "{:.4f}"),
+        ("val_acc", "{:.4f}"),
+        ("time_s", "{:.1f}"),
+    ]
     rows = [[fmt.format(h[name]) for name, fmt in cols] for h in history]
     widths = [max(len(name), *(len(r[i]) for r in rows)) for i, (name, _) in enumerate(cols)]
     print("  ".join(name.rjust(w) for (name, _), w in zip(cols, widths)))
@@ -396,7 +503,7 @@ def main(argv=None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device(args.device)
-    if world > 1:   # under torchrun: one process per GPU (or several CPU processes on gloo)
+    if world > 1:  # under torchrun: one process per GPU (or several CPU processes on gloo)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
@@ -415,15 +522,22 @@ def main(argv=None):
     backbone, channels = build_backbone(args.arch, args.weights, num_classes, args.cnum)
     cnum = (args.cnum or 3) if args.arch.startswith("vgg16") else args.cnum
     model = MCNet(backbone, channels, num_classes, args.head).to(device)
-    mcloss = mc.MCLoss(num_classes, cnum, alpha=args.alpha, beta=args.beta, drop=args.drop,
-                       pooling=args.pooling)
+    mcloss = mc.MCLoss(
+        num_classes, cnum, alpha=args.alpha, beta=args.beta, drop=args.drop, pooling=args.pooling
+    )
 
     optimizer = torch.optim.SGD(
-        [{"params": model.head.parameters(), "lr_scale": 1.0},
-         {"params": model.backbone.parameters(), "lr_scale": args.backbone_lr_scale}],
-        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    amp_dtype = getattr(torch, args.amp_dtype or
-                        ("float16" if device.type == "cuda" else "bfloat16"))
+        [
+            {"params": model.head.parameters(), "lr_scale": 1.0},
+            {"params": model.backbone.parameters(), "lr_scale": args.backbone_lr_scale},
+        ],
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+    )
+    amp_dtype = getattr(
+        torch, args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
 
     def autocast():
@@ -432,11 +546,16 @@ def main(argv=None):
     start_epoch, history, best = 1, [], {"val_acc": -1.0, "epoch": 0}
     if args.resume:
         ckpt = torch.load(args.resume, map_location=device, weights_only=True)
-        if (ckpt["arch"], ckpt["num_classes"], ckpt["channels"]) != (args.arch, num_classes,
-                                                                      channels):
-            sys.exit(f"--resume {args.resume}: a {ckpt['arch']} for {ckpt['num_classes']} "
-                     f"classes with {ckpt['channels']} channels; this run: {args.arch}, "
-                     f"{num_classes}, {channels}")
+        if (ckpt["arch"], ckpt["num_classes"], ckpt["channels"]) != (
+            args.arch,
+            num_classes,
+            channels,
+        ):
+            sys.exit(
+                f"--resume {args.resume}: a {ckpt['arch']} for {ckpt['num_classes']} "
+                f"classes with {ckpt['channels']} channels; this run: {args.arch}, "
+                f"{num_classes}, {channels}"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -444,39 +563,67 @@ def main(argv=None):
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        print(f"{args.arch} (weights: {args.weights}): {channels} channels for {num_classes} "
-              f"classes (cnum={cnum}), MC-Loss backend {mc.backend(device)}, {world} "
-              f"process(es), preset {args.preset}, epochs {start_epoch}..{args.epochs}",
-              flush=True)
+        print(
+            f"{args.arch} (weights: {args.weights}): {channels} channels for {num_classes} "
+            f"classes (cnum={cnum}), MC-Loss backend {mc.backend(device)}, {world} "
+            f"process(es), preset {args.preset}, epochs {start_epoch}..{args.epochs}",
+            flush=True,
+        )
     for epoch in range(start_epoch, args.epochs + 1):
-        torch.manual_seed(args.seed + epoch)   # a resumed run draws what a straight one would
+        torch.manual_seed(args.seed + epoch)  # a resumed run draws what a straight one would
         if world > 1:
             train_loader.sampler.set_epoch(epoch)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * group["lr_scale"] * lr_factor(args, epoch)
         started = time.time()
         row = {"epoch": epoch, "lr": args.lr * lr_factor(args, epoch)}
-        row.update(train_one_epoch(args, epoch, net, mcloss, train_loader, optimizer, scaler,
-                                   autocast, device, world, rank))
+        row.update(
+            train_one_epoch(
+                args,
+                epoch,
+                net,
+                mcloss,
+                train_loader,
+                optimizer,
+                scaler,
+                autocast,
+                device,
+                world,
+                rank,
+            )
+        )
         row.update(evaluate(args, net, val_loader, autocast, device, world))
         row["time_s"] = time.time() - started
         history.append(row)
         if rank == 0:
-            print(f"epoch {epoch}/{args.epochs}: loss {row['train_loss']:.4f} (ce "
-                  f"{row['train_ce']:.4f}, dis {row['train_dis']:.4f}, div "
-                  f"{row['train_div']:.4f}), train acc {row['train_acc']:.4f}, val acc "
-                  f"{row['val_acc']:.4f}, {row['time_s']:.1f} s", flush=True)
+            print(
+                f"epoch {epoch}/{args.epochs}: loss {row['train_loss']:.4f} (ce "
+                f"{row['train_ce']:.4f}, dis {row['train_dis']:.4f}, div "
+                f"{row['train_div']:.4f}), train acc {row['train_acc']:.4f}, val acc "
+                f"{row['val_acc']:.4f}, {row['time_s']:.1f} s",
+                flush=True,
+            )
             is_best = row["val_acc"] > best["val_acc"]
             if is_best:
                 best = {"val_acc": row["val_acc"], "epoch": epoch}
-            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "epoch": epoch, "best": best,
-                    "history": history, "arch": args.arch, "num_classes": num_classes,
-                    "channels": channels, "cnum": cnum, "classes": classes}
+            ckpt = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "history": history,
+                "arch": args.arch,
+                "num_classes": num_classes,
+                "channels": channels,
+                "cnum": cnum,
+                "classes": classes,
+            }
             save_atomic(ckpt, os.path.join(args.out, "last.pt"))
             if is_best:
                 save_atomic(ckpt, os.path.join(args.out, "best.pt"))
@@ -486,8 +633,10 @@ def main(argv=None):
                 json.dump({"config": config, "epochs": history, "best": best}, f, indent=1)
     if rank == 0 and history:
         print_table(history)
-        print(f"best val top-1 {best['val_acc']:.4f} at epoch {best['epoch']}; "
-              f"checkpoints and metrics.json in {args.out}")
+        print(
+            f"best val top-1 {best['val_acc']:.4f} at epoch {best['epoch']}; "
+            f"checkpoints and metrics.json in {args.out}"
+        )
     if world > 1:
         dist.destroy_process_group()
 

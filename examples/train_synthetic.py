@@ -36,9 +36,9 @@ except ImportError:  # run from a checkout without installing: the package is on
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import mcloss_cuda as mc
 
-SIZE = 32      # image side
-PATCH = 6      # side of a textured part
-PARTS = {"head": (-8, -7), "wing": (3, 0), "tail": (-2, 8)}   # (dy, dx) from the object centre
+SIZE = 32  # image side
+PATCH = 6  # side of a textured part
+PARTS = {"head": (-8, -7), "wing": (3, 0), "tail": (-2, 8)}  # (dy, dx) from the object centre
 TEXTURES = ["h-stripes", "v-stripes", "checks", "diagonal", "dots"]
 
 
@@ -46,20 +46,22 @@ def texture_bank():
     """(T, PATCH, PATCH) patterns in {0, 1}."""
     i = torch.arange(PATCH)[:, None].expand(PATCH, PATCH)
     j = torch.arange(PATCH)[None, :].expand(PATCH, PATCH)
-    return torch.stack([
-        (i % 2 == 0),                     # horizontal stripes
-        (j % 2 == 0),                     # vertical stripes
-        ((i + j) % 2 == 0),               # checks
-        ((i + j) % 3 == 0),               # diagonal stripes
-        ((i % 3 == 1) & (j % 3 == 1)),    # dots
-    ]).float()
+    return torch.stack(
+        [
+            (i % 2 == 0),  # horizontal stripes
+            (j % 2 == 0),  # vertical stripes
+            ((i + j) % 2 == 0),  # checks
+            ((i + j) % 3 == 0),  # diagonal stripes
+            ((i % 3 == 1) & (j % 3 == 1)),  # dots
+        ]
+    ).float()
 
 
 def class_table(num_classes, generator):
     """The texture of every part for every class: distinct combinations, (K, parts) ints."""
     T, P = len(TEXTURES), len(PARTS)
-    combos = torch.randperm(T ** P, generator=generator)[:num_classes]
-    return torch.stack([(combos // T ** p) % T for p in range(P)], dim=1)
+    combos = torch.randperm(T**P, generator=generator)[:num_classes]
+    return torch.stack([(combos // T**p) % T for p in range(P)], dim=1)
 
 
 def make_images(labels, table, generator, noise=0.2):
@@ -79,14 +81,15 @@ def make_images(labels, table, generator, noise=0.2):
     # the parts: a class-specific texture in a random colour at each part
     bank = texture_bank()
     for p, (dy, dx) in enumerate(PARTS.values()):
-        pattern = bank[table[labels, p]]                             # (N, PATCH, PATCH)
+        pattern = bank[table[labels, p]]  # (N, PATCH, PATCH)
         colour = torch.rand(N, 3, 1, 1, generator=generator)
         for n in range(N):
             y0 = int(cy[n]) + dy - PATCH // 2
             x0 = int(cx[n]) + dx - PATCH // 2
-            region = img[n, :, y0:y0 + PATCH, x0:x0 + PATCH]
-            img[n, :, y0:y0 + PATCH, x0:x0 + PATCH] = torch.where(
-                pattern[n].bool(), colour[n], region * 0.5)
+            region = img[n, :, y0 : y0 + PATCH, x0 : x0 + PATCH]
+            img[n, :, y0 : y0 + PATCH, x0 : x0 + PATCH] = torch.where(
+                pattern[n].bool(), colour[n], region * 0.5
+            )
     img = img + noise * torch.randn(img.shape, generator=generator)
     return img.clamp(-0.5, 1.5)
 
@@ -109,15 +112,22 @@ class Net(nn.Module):
         super().__init__()
 
         def block(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                    nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
 
         self.features = nn.Sequential(
-            *block(3, 16), nn.MaxPool2d(2),
-            *block(16, 32), nn.MaxPool2d(2),
+            *block(3, 16),
+            nn.MaxPool2d(2),
+            *block(16, 32),
+            nn.MaxPool2d(2),
             *block(32, 48),
-            nn.Conv2d(48, num_classes * cnum, 3, padding=1), nn.BatchNorm2d(num_classes * cnum),
-            nn.ReLU(inplace=True))
+            nn.Conv2d(48, num_classes * cnum, 3, padding=1),
+            nn.BatchNorm2d(num_classes * cnum),
+            nn.ReLU(inplace=True),
+        )
         # as published: global max pooling, then the classifier
         self.classifier = nn.Linear(num_classes * cnum, num_classes)
 
@@ -131,19 +141,19 @@ def accuracy(model, x, y, batch=256):
     correct = 0
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            correct += (model(x[i:i + batch])[1].argmax(1) == y[i:i + batch]).sum().item()
+            correct += (model(x[i : i + batch])[1].argmax(1) == y[i : i + batch]).sum().item()
     return correct / len(x)
 
 
 def train(name, data, args, use_mc):
     x_train, y_train, x_test, y_test, _ = data
-    torch.manual_seed(args.seed)                     # same initial weights for both runs
+    torch.manual_seed(args.seed)  # same initial weights for both runs
     model = Net(args.classes, args.cnum)
     mc_loss = mc.MCLoss(args.classes, args.cnum, alpha=args.alpha, beta=args.beta)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     steps = args.epochs * ((len(x_train) + args.batch_size - 1) // args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
-    order_gen = torch.Generator().manual_seed(args.seed + 1)      # same batches for both runs
+    order_gen = torch.Generator().manual_seed(args.seed + 1)  # same batches for both runs
     t0 = time.time()
     for epoch in range(1, args.epochs + 1):
         model.train()
@@ -151,13 +161,13 @@ def train(name, data, args, use_mc):
         tot = {"ce": 0.0, "dis": 0.0, "div": 0.0}
         n_batches = correct = 0
         for i in range(0, len(order), args.batch_size):
-            idx = order[i:i + args.batch_size]
+            idx = order[i : i + args.batch_size]
             x, y = x_train[idx], y_train[idx]
             features, logits = model(x)
             ce = F.cross_entropy(logits, y)
             loss = ce
             if use_mc:
-                out = mc_loss(features, y)       # random channel mask drawn from torch's RNG
+                out = mc_loss(features, y)  # random channel mask drawn from torch's RNG
                 loss = ce + out.loss
                 tot["dis"] += out.dis.item()
                 tot["div"] += out.div.item()
@@ -192,14 +202,15 @@ def save_maps(path, model, data, args, n_images=4):
     model.eval()
     with torch.no_grad():
         features, logits = model(x)
-    maps = mc.channel_attention_maps(features, args.classes, args.cnum)     # (n, K, 8, 8)
+    maps = mc.channel_attention_maps(features, args.classes, args.cnum)  # (n, K, 8, 8)
     maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
     pred = logits.argmax(1)
     K = args.classes
     shown = x - x.amin(dim=(1, 2, 3), keepdim=True)
     shown = (shown / shown.amax(dim=(1, 2, 3), keepdim=True)).permute(0, 2, 3, 1)
-    fig, axes = plt.subplots(n_images, K + 1, figsize=(1.35 * (K + 1), 1.5 * n_images),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        n_images, K + 1, figsize=(1.35 * (K + 1), 1.5 * n_images), squeeze=False
+    )
     for r in range(n_images):
         ax = axes[r, 0]
         ax.imshow(shown[r].numpy())
@@ -208,15 +219,18 @@ def save_maps(path, model, data, args, n_images=4):
             ax = axes[r, c + 1]
             ax.imshow(maps[r, c].numpy(), cmap="inferno", vmin=0)
             mark = " (true)" if c == int(y[r]) else ""
-            ax.set_title(f"map {c}{mark}", fontsize=7,
-                         color="tab:green" if mark else "black")
+            ax.set_title(f"map {c}{mark}", fontsize=7, color="tab:green" if mark else "black")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    names = ", ".join(f"{c}: " + "/".join(TEXTURES[t][:4] for t in table[c].tolist())
-                      for c in range(K))
-    fig.suptitle("per-class channel attention maps (CCMP of the spatial softmax)\n"
-                 f"classes (head/wing/tail textures) {names}", fontsize=6)
+    names = ", ".join(
+        f"{c}: " + "/".join(TEXTURES[t][:4] for t in table[c].tolist()) for c in range(K)
+    )
+    fig.suptitle(
+        "per-class channel attention maps (CCMP of the spatial softmax)\n"
+        f"classes (head/wing/tail textures) {names}",
+        fontsize=6,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -232,13 +246,18 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--alpha", type=float, default=1.5, help="weight of L_dis (published: 1.5)")
-    p.add_argument("--beta", type=float, default=2.0,
-                   help="weight of L_div (published: 20, for a pretrained ResNet; trained from "
-                        "scratch here, 20 swamps the classifier)")
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=2.0,
+        help="weight of L_div (published: 20, for a pretrained ResNet; trained from "
+        "scratch here, 20 swamps the classifier)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny run (for CI): 2 epochs on 320 images")
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny run (for CI): 2 epochs on 320 images"
+    )
     p.add_argument("--save-maps", metavar="PATH", help="write a PNG of attention maps here")
     args = p.parse_args(argv)
     if args.quick:
@@ -252,13 +271,17 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     t0 = time.time()
     data = make_dataset(args.classes, args.train_size, args.test_size, args.seed)
-    print(f"data: {args.train_size} train / {args.test_size} test images, {args.classes} classes, "
-          f"{SIZE}x{SIZE} ({time.time() - t0:.1f} s); MC-Loss backend: {mc.backend('cpu')}",
-          flush=True)
+    print(
+        f"data: {args.train_size} train / {args.test_size} test images, {args.classes} classes, "
+        f"{SIZE}x{SIZE} ({time.time() - t0:.1f} s); MC-Loss backend: {mc.backend('cpu')}",
+        flush=True,
+    )
     _, acc_ce = train("CE", data, args, use_mc=False)
     model, acc_mc = train("CE+MC", data, args, use_mc=True)
-    print(f"test accuracy: cross-entropy only {acc_ce:.3f}, with MC-Loss {acc_mc:.3f}  "
-          f"(total {time.time() - t0:.1f} s)")
+    print(
+        f"test accuracy: cross-entropy only {acc_ce:.3f}, with MC-Loss {acc_mc:.3f}  "
+        f"(total {time.time() - t0:.1f} s)"
+    )
     if args.save_maps:
         save_maps(args.save_maps, model, data, args)
         print(f"attention maps written to {args.save_maps}")

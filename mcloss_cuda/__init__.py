@@ -26,7 +26,17 @@ from .loss import MCLoss
 from .maps import channel_attention_maps
 
 __all__ = [
-    "MCLoss", "MCLossOutput", "backend", "built_with_cuda", "ccmp", "channel_attention_maps",
-    "channel_mask", "discriminality_logits", "diversity_loss", "mc_loss", "random_channel_mask",
-    "reference", "spatial_softmax",
+    "MCLoss",
+    "MCLossOutput",
+    "backend",
+    "built_with_cuda",
+    "ccmp",
+    "channel_attention_maps",
+    "channel_mask",
+    "discriminality_logits",
+    "diversity_loss",
+    "mc_loss",
+    "random_channel_mask",
+    "reference",
+    "spatial_softmax",
 ]

@@ -19,10 +19,24 @@ import mcloss_cuda as mc
 from mcloss_cuda import _diagnostics, _env, _ops, _toolkit
 
 # what changes how mcloss_cuda or torch builds or runs; every MCLOSS_* is shown too
-ENV_VARS = ("CUDA_HOME", "CUDA_PATH", "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS",
-            "CC", "CXX", "NVCC_CCBIN", "CUDAHOSTCXX", "LD_LIBRARY_PATH", "PYTHONPATH",
-            "OMP_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "CUDA_LAUNCH_BLOCKING",
-            "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_NO_CUDA_MEMORY_CACHING")
+ENV_VARS = (
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "TORCH_CUDA_ARCH_LIST",
+    "MAX_JOBS",
+    "CC",
+    "CXX",
+    "NVCC_CCBIN",
+    "CUDAHOSTCXX",
+    "LD_LIBRARY_PATH",
+    "PYTHONPATH",
+    "OMP_NUM_THREADS",
+    "THP_MEM_ALLOC_ENABLE",
+    "CUDA_LAUNCH_BLOCKING",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "PYTORCH_NO_CUDA_MEMORY_CACHING",
+)
 
 
 def _line(name, value):
@@ -75,12 +89,16 @@ def _extension():
         _line("build info", "none (mcloss_cuda/_build_info.py is written by a build)")
         return
     kernels = "C++ and CUDA" if info.get("WITH_CUDA") else "C++ only"
-    _line("built as", f"mcloss_cuda {info.get('VERSION')}, "
-                      f"MCLOSS_BUILD={info.get('BUILD_MODE')}, {kernels}")
+    _line(
+        "built as",
+        f"mcloss_cuda {info.get('VERSION')}, MCLOSS_BUILD={info.get('BUILD_MODE')}, {kernels}",
+    )
     same = info.get("TORCH_VERSION") == torch.__version__
-    _line("built against torch", f"{info.get('TORCH_VERSION')} ({info.get('TORCH_PATH')})"
-                                 + ("" if same else
-                                    f"  <- NOT the running torch {torch.__version__}"))
+    _line(
+        "built against torch",
+        f"{info.get('TORCH_VERSION')} ({info.get('TORCH_PATH')})"
+        + ("" if same else f"  <- NOT the running torch {torch.__version__}"),
+    )
     _line("built with Python", info.get("PYTHON"))
     _line("built with compiler", info.get("CXX"))
     if info.get("WITH_CUDA"):
@@ -114,8 +132,9 @@ def _cpu_isa():
         return f"portable C++ ({platform.machine()})"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
     except OSError:
         return "unknown"
     if _env.baseline_cpu_isa():
@@ -137,8 +156,11 @@ def _devices():
             compiled = ", among the compiled archs"
         else:
             compiled = ", NOT among the compiled archs"
-        _line(f"cuda:{i}", f"backend {mc.backend(f'cuda:{i}')}, {torch.cuda.get_device_name(i)}, "
-                           f"sm_{major}{minor}{compiled}")
+        _line(
+            f"cuda:{i}",
+            f"backend {mc.backend(f'cuda:{i}')}, {torch.cuda.get_device_name(i)}, "
+            f"sm_{major}{minor}{compiled}",
+        )
 
 
 def main():

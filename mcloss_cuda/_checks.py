@@ -23,16 +23,18 @@ def check_features(x, name="features"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 3:
-        raise ValueError(f"{name}: expected a tensor (B, C, *S) with at least one spatial "
-                         f"dimension, e.g. (B, C, H, W) or (B, C, L), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected a tensor (B, C, *S) with at least one spatial "
+            f"dimension, e.g. (B, C, H, W) or (B, C, L), got shape {tuple(x.shape)}"
+        )
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name}: expected float32, float64, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"{name}: expected float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.shape[1] == 0:
         raise ValueError(f"{name}: expected at least one channel, got shape {tuple(x.shape)}")
     if math.prod(x.shape[2:]) == 0:
         raise ValueError(
-            f"{name}: the spatial map is empty (no positions), got shape {tuple(x.shape)}")
+            f"{name}: the spatial map is empty (no positions), got shape {tuple(x.shape)}"
+        )
 
 
 def _is_int(v):
@@ -57,7 +59,8 @@ def resolve_counts(num_classes: int, cnum: CnumLike, channels: int) -> Tuple[int
         if channels < K:
             raise ValueError(
                 f"cnum: features have C={channels} channels, fewer than num_classes={K}; "
-                "every class needs at least one channel")
+                "every class needs at least one channel"
+            )
         base, extra = divmod(channels, K)
         return tuple(base + (1 if i < extra else 0) for i in range(K))
     if _is_int(cnum):
@@ -66,34 +69,39 @@ def resolve_counts(num_classes: int, cnum: CnumLike, channels: int) -> Tuple[int
         if K * cnum != channels:
             raise ValueError(
                 f"cnum: features have C={channels} channels but num_classes * cnum = "
-                f"{K} * {cnum} = {K * cnum}")
+                f"{K} * {cnum} = {K * cnum}"
+            )
         return (int(cnum),) * K
     if isinstance(cnum, torch.Tensor):
         if cnum.dim() != 1 or cnum.dtype.is_floating_point or cnum.dtype == torch.bool:
-            raise TypeError(f"cnum: a tensor of counts must be 1-D integer, got {cnum.dtype} "
-                            f"of shape {tuple(cnum.shape)}")
+            raise TypeError(
+                f"cnum: a tensor of counts must be 1-D integer, got {cnum.dtype} "
+                f"of shape {tuple(cnum.shape)}"
+            )
         cnum = cnum.tolist()
     try:
         counts = tuple(cnum)
     except TypeError:
         raise TypeError(
             f"cnum: expected None, an int or a sequence of per-class counts, got "
-            f"{type(cnum).__name__}") from None
+            f"{type(cnum).__name__}"
+        ) from None
     if not all(_is_int(n) for n in counts):
         raise TypeError(f"cnum: per-class counts must be ints, got {counts!r}")
     if len(counts) != K:
-        raise ValueError(
-            f"cnum: expected {K} per-class counts (one per class), got {len(counts)}")
+        raise ValueError(f"cnum: expected {K} per-class counts (one per class), got {len(counts)}")
     if any(n < 1 for n in counts):
         raise ValueError(f"cnum: every per-class count must be >= 1, got {counts!r}")
     if sum(counts) != channels:
         raise ValueError(
-            f"cnum: per-class counts sum to {sum(counts)} but features have C={channels} channels")
+            f"cnum: per-class counts sum to {sum(counts)} but features have C={channels} channels"
+        )
     return tuple(int(n) for n in counts)
 
 
-def check_targets(targets, batch: int, num_classes: int, device: torch.device,
-                  kernel_checks: bool = False):
+def check_targets(
+    targets, batch: int, num_classes: int, device: torch.device, kernel_checks: bool = False
+):
     """Shape, dtype and device always; the [0, K) range where it costs no host sync.
 
     On the CPU the range is checked here. On CUDA, reading the values back would stall the
@@ -109,25 +117,31 @@ def check_targets(targets, batch: int, num_classes: int, device: torch.device,
     if targets.shape != (batch,):
         raise ValueError(
             f"targets: expected shape ({batch},) to match the batch of features, "
-            f"got {tuple(targets.shape)}")
+            f"got {tuple(targets.shape)}"
+        )
     if targets.device != device:
         raise ValueError(
-            f"targets: expected to be on the features' device {device}, got {targets.device}")
+            f"targets: expected to be on the features' device {device}, got {targets.device}"
+        )
     if batch == 0:
         return
     if targets.device.type == "cpu" or _env.sync_checks():
         if torch.compiler.is_compiling():
-            torch._check(bool(((targets >= 0) & (targets < num_classes)).all()),
-                         lambda: f"targets: class indices must lie in [0, {num_classes})")
+            torch._check(
+                bool(((targets >= 0) & (targets < num_classes)).all()),
+                lambda: f"targets: class indices must lie in [0, {num_classes})",
+            )
             return
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(
-                f"targets: class indices must lie in [0, {num_classes}), "
-                f"got values in [{lo}, {hi}]")
+                f"targets: class indices must lie in [0, {num_classes}), got values in [{lo}, {hi}]"
+            )
     elif not kernel_checks:
-        torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
-                            f"targets: class indices must lie in [0, {num_classes})")
+        torch._assert_async(
+            ((targets >= 0) & (targets < num_classes)).all(),
+            f"targets: class indices must lie in [0, {num_classes})",
+        )
 
 
 def check_mask(mask, batch: int, channels: int, device: torch.device):
@@ -137,10 +151,12 @@ def check_mask(mask, batch: int, channels: int, device: torch.device):
         raise TypeError(f"mask: expected a bool or floating-point tensor of 0/1, got {mask.dtype}")
     if mask.shape not in ((channels,), (batch, channels)):
         raise ValueError(
-            f"mask: expected shape ({channels},) or ({batch}, {channels}), got {tuple(mask.shape)}")
+            f"mask: expected shape ({channels},) or ({batch}, {channels}), got {tuple(mask.shape)}"
+        )
     if mask.device != device:
         raise ValueError(
-            f"mask: expected to be on the features' device {device}, got {mask.device}")
+            f"mask: expected to be on the features' device {device}, got {mask.device}"
+        )
 
 
 def resolve_drop(drop, counts: Sequence[int]) -> Tuple[int, ...]:
@@ -153,13 +169,15 @@ def resolve_drop(drop, counts: Sequence[int]) -> Tuple[int, ...]:
             raise ValueError(f"drop: a fraction of each group must lie in [0, 1), got {drop}")
         return tuple(math.floor(n * drop) for n in counts)
     if not _is_int(drop):
-        raise TypeError(f"drop: expected None, an int or a float fraction, got "
-                        f"{type(drop).__name__}")
+        raise TypeError(
+            f"drop: expected None, an int or a float fraction, got {type(drop).__name__}"
+        )
     bad = [n for n in counts if not 0 <= drop < n]
     if bad:
         raise ValueError(
             f"drop: expected 0 <= drop < group size for every class, got drop={drop} with "
-            f"group size {min(bad) if drop >= 0 else bad[0]}")
+            f"group size {min(bad) if drop >= 0 else bad[0]}"
+        )
     return (int(drop),) * len(counts)
 
 
@@ -170,8 +188,10 @@ def normalize_cnum(cnum):
         return cnum
     if isinstance(cnum, torch.Tensor):
         if cnum.dim() != 1 or cnum.dtype.is_floating_point or cnum.dtype == torch.bool:
-            raise TypeError(f"cnum: a tensor of counts must be 1-D integer, got {cnum.dtype} "
-                            f"of shape {tuple(cnum.shape)}")
+            raise TypeError(
+                f"cnum: a tensor of counts must be 1-D integer, got {cnum.dtype} "
+                f"of shape {tuple(cnum.shape)}"
+            )
         cnum = cnum.tolist()
     if isinstance(cnum, (str, bytes)):
         counts = None
@@ -181,8 +201,10 @@ def normalize_cnum(cnum):
         except TypeError:
             counts = None
     if counts is None:
-        raise TypeError(f"cnum: expected None, an int or a sequence of per-class counts, got "
-                        f"{type(cnum).__name__}")
+        raise TypeError(
+            f"cnum: expected None, an int or a sequence of per-class counts, got "
+            f"{type(cnum).__name__}"
+        )
     if not all(_is_int(n) for n in counts):
         raise TypeError(f"cnum: per-class counts must be ints, got {counts!r}")
     return tuple(int(n) for n in counts)
@@ -201,8 +223,9 @@ def counts_for_ccmp(channels: int, cnum) -> Tuple[int, ...]:
     try:
         K = len(cnum)
     except TypeError:
-        raise TypeError(f"cnum: expected an int or a sequence of per-class counts, got "
-                        f"{type(cnum).__name__}") from None
+        raise TypeError(
+            f"cnum: expected an int or a sequence of per-class counts, got {type(cnum).__name__}"
+        ) from None
     if K == 0:
         raise ValueError("cnum: expected at least one per-class count, got an empty sequence")
     return resolve_counts(K, cnum, channels)
@@ -211,10 +234,12 @@ def counts_for_ccmp(channels: int, cnum) -> Tuple[int, ...]:
 def check_generator(generator, device):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
-            f"generator: expected None or a torch.Generator, got {type(generator).__name__}")
+            f"generator: expected None or a torch.Generator, got {type(generator).__name__}"
+        )
     if generator is not None and generator.device.type != device.type:
         raise ValueError(
-            f"generator: expected a generator for device {device}, got one for {generator.device}")
+            f"generator: expected a generator for device {device}, got one for {generator.device}"
+        )
 
 
 def check_pooling(pooling):
@@ -231,17 +256,23 @@ def check_ce_options(weight, label_smoothing, reduction, num_classes, device):
         if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"weight: expected a floating-point tensor, got {weight.dtype}")
         if weight.shape != (num_classes,):
-            raise ValueError(f"weight: expected shape ({num_classes},), one weight per class, "
-                             f"got {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight: expected shape ({num_classes},), one weight per class, "
+                f"got {tuple(weight.shape)}"
+            )
         if weight.device != device:
             raise ValueError(
-                f"weight: expected to be on the features' device {device}, got {weight.device}")
+                f"weight: expected to be on the features' device {device}, got {weight.device}"
+            )
         if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("weight: the class weights take no gradient (as in "
-                             "F.cross_entropy); pass weight.detach()")
+            raise ValueError(
+                "weight: the class weights take no gradient (as in "
+                "F.cross_entropy); pass weight.detach()"
+            )
     if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool):
         raise TypeError(
-            f"label_smoothing: expected a real number, got {type(label_smoothing).__name__}")
+            f"label_smoothing: expected a real number, got {type(label_smoothing).__name__}"
+        )
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
     if reduction not in REDUCTIONS:
@@ -261,9 +292,22 @@ class LossArgs(NamedTuple):
     drops: Tuple[int, ...]
 
 
-def check_loss_args(features, targets, num_classes, cnum, mask, alpha, beta, drop, generator,
-                    pooling, weight, label_smoothing, reduction,
-                    kernel_checks=False) -> LossArgs:
+def check_loss_args(
+    features,
+    targets,
+    num_classes,
+    cnum,
+    mask,
+    alpha,
+    beta,
+    drop,
+    generator,
+    pooling,
+    weight,
+    label_smoothing,
+    reduction,
+    kernel_checks=False,
+) -> LossArgs:
     """Every check of mc_loss, in one order for the fused and the reference paths.
 
     ``kernel_checks``: the fused CUDA kernels check the targets' range (see check_targets).

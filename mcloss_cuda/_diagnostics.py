@@ -42,29 +42,41 @@ def explain_load_error(error):
     if importlib.util.find_spec(f"{__package__}._C") is None:
         tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         if os.path.exists(os.path.join(tree, "setup.py")):
-            return (f"this is the unbuilt source tree at {tree} (Python looks in the current "
-                    "directory first), which has no compiled extension",
-                    "run from another directory to use the installed copy, or build in place "
-                    "with `python setup.py build_ext --inplace`")
-        return ("the compiled extension mcloss_cuda._C is not there (a copy of the sources that "
-                "was never built, or a build that compiled nothing)",
-                f"build it: `{REBUILD}` from the source tree (`pip install -v .` shows the "
-                "compiler's output)")
+            return (
+                f"this is the unbuilt source tree at {tree} (Python looks in the current "
+                "directory first), which has no compiled extension",
+                "run from another directory to use the installed copy, or build in place "
+                "with `python setup.py build_ext --inplace`",
+            )
+        return (
+            "the compiled extension mcloss_cuda._C is not there (a copy of the sources that "
+            "was never built, or a build that compiled nothing)",
+            f"build it: `{REBUILD}` from the source tree (`pip install -v .` shows the "
+            "compiler's output)",
+        )
     if built_torch and built_torch != torch.__version__:
-        why = (f"it was built against torch {built_torch} but this is torch "
-               f"{torch.__version__} ({text})")
+        why = (
+            f"it was built against torch {built_torch} but this is torch "
+            f"{torch.__version__} ({text})"
+        )
         return why, f"rebuild it against this torch: `{REBUILD}` from the source tree"
     if "undefined symbol" in text or "symbol not found" in text:
-        why = ("a symbol it needs is missing from the torch it runs with, usually because it "
-               f"was built against another torch build ({text})")
+        why = (
+            "a symbol it needs is missing from the torch it runs with, usually because it "
+            f"was built against another torch build ({text})"
+        )
         return why, f"rebuild it against this torch: `{REBUILD}` from the source tree"
     if "cannot open shared object file" in text:
         why = f"a library it links against cannot be found ({text})"
-        return why, ("make that library findable (for a CUDA build, the CUDA runtime torch "
-                     f"ships with, or LD_LIBRARY_PATH), or rebuild: `{REBUILD}`")
-    return (f"{type(error).__name__}: {text}",
-            f"rebuild it: `{REBUILD}` from the source tree, and report the output of "
-            "`python -m mcloss_cuda` if that does not help")
+        return why, (
+            "make that library findable (for a CUDA build, the CUDA runtime torch "
+            f"ships with, or LD_LIBRARY_PATH), or rebuild: `{REBUILD}`"
+        )
+    return (
+        f"{type(error).__name__}: {text}",
+        f"rebuild it: `{REBUILD}` from the source tree, and report the output of "
+        "`python -m mcloss_cuda` if that does not help",
+    )
 
 
 def warn_load_failure(error):
@@ -72,16 +84,19 @@ def warn_load_failure(error):
     if reference_forced():
         return
     why, fix = explain_load_error(error)
-    warnings.warn(f"mcloss_cuda: the fused kernels are not available, so the pure-PyTorch "
-                  f"reference runs instead (same results, slower): {why}. To fix: {fix}.",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"mcloss_cuda: the fused kernels are not available, so the pure-PyTorch "
+        f"reference runs instead (same results, slower): {why}. To fix: {fix}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 # ---- GPU architectures
 
 
 def _parse_arch(arch):
-    """"sm_86" -> ("sm", 8, 6, ""); "compute_90a" -> ("compute", 9, 0, "a")."""
+    """ "sm_86" -> ("sm", 8, 6, ""); "compute_90a" -> ("compute", 9, 0, "a")."""
     m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
     if not m:
         return None
@@ -145,7 +160,9 @@ def cuda_device_ok(device):
             f"mcloss_cuda: the CUDA kernels were compiled for {', '.join(archs)}, none of which "
             f"runs on cuda:{index} ({name}, compute capability {sm}), so the pure-PyTorch "
             f"reference runs there instead (slower). To fix: rebuild for it, "
-            f"`TORCH_CUDA_ARCH_LIST=\"{sm}\" {REBUILD}` from the source tree.",
-            RuntimeWarning, stacklevel=4)
+            f'`TORCH_CUDA_ARCH_LIST="{sm}" {REBUILD}` from the source tree.',
+            RuntimeWarning,
+            stacklevel=4,
+        )
     _cuda_device_ok[index] = ok
     return ok

@@ -22,14 +22,21 @@ def _build_group_tensor(counts: Tuple[int, ...], device: torch.device, what: str
     if what == "sizes":
         return torch.tensor(counts, dtype=torch.int64, device=device)
     if what == "index":
-        return torch.tensor([[o + s if s < n else C for s in range(nmax)]
-                             for o, n in zip(offsets, counts)], dtype=torch.int64, device=device)
+        return torch.tensor(
+            [[o + s if s < n else C for s in range(nmax)] for o, n in zip(offsets, counts)],
+            dtype=torch.int64,
+            device=device,
+        )
     if what == "valid":
-        return torch.tensor([[s < n for s in range(nmax)] for n in counts], dtype=torch.bool,
-                            device=device)
+        return torch.tensor(
+            [[s < n for s in range(nmax)] for n in counts], dtype=torch.bool, device=device
+        )
     if what == "valid_flat":
-        return torch.tensor([i * nmax + s for i, n in enumerate(counts) for s in range(n)],
-                            dtype=torch.int64, device=device)
+        return torch.tensor(
+            [i * nmax + s for i, n in enumerate(counts) for s in range(n)],
+            dtype=torch.int64,
+            device=device,
+        )
     raise KeyError(what)
 
 

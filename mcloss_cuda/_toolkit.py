@@ -9,10 +9,14 @@ import subprocess
 
 
 def is_toolkit_root(path):
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and bool(
-        glob.glob(os.path.join(path, "lib64", "libcudart.so*"))
-        or glob.glob(os.path.join(path, "lib", "libcudart.so*"))
-        or glob.glob(os.path.join(path, "targets", "*", "lib", "libcudart.so*"))
+    return (
+        bool(path)
+        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and bool(
+            glob.glob(os.path.join(path, "lib64", "libcudart.so*"))
+            or glob.glob(os.path.join(path, "lib", "libcudart.so*"))
+            or glob.glob(os.path.join(path, "targets", "*", "lib", "libcudart.so*"))
+        )
     )
 
 

@@ -91,9 +91,23 @@ def discriminality_logits(x, num_classes, mask, cnum=None):
     return ops.ccmp(masked, group_tensor(counts, x.device, "offsets")).mean(dim=(2, 3))
 
 
-def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, beta=20.0,
-            drop=None, per_sample_mask=False, generator=None, pooling="max", weight=None,
-            label_smoothing=0.0, reduction="mean"):
+def mc_loss(
+    features,
+    targets,
+    num_classes,
+    cnum=None,
+    *,
+    mask=None,
+    alpha=1.5,
+    beta=20.0,
+    drop=None,
+    per_sample_mask=False,
+    generator=None,
+    pooling="max",
+    weight=None,
+    label_smoothing=0.0,
+    reduction="mean",
+):
     """Mutual-Channel Loss of a (B, C, *S) feature map: (B, C, H, W), (B, C, L), (B, C, D, H, W)...
 
     Returns ``MCLossOutput(loss, dis, div, logits)`` with ``loss = alpha * dis + beta * div``.
@@ -106,13 +120,37 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
     ``F.cross_entropy`` takes them; ``reduction="none"`` gives loss, dis and div per sample.
     """
     fused = _fused(features)
-    args = check_loss_args(features, targets, num_classes, cnum, mask, alpha, beta, drop,
-                           generator, pooling, weight, label_smoothing, reduction,
-                           kernel_checks=fused)
+    args = check_loss_args(
+        features,
+        targets,
+        num_classes,
+        cnum,
+        mask,
+        alpha,
+        beta,
+        drop,
+        generator,
+        pooling,
+        weight,
+        label_smoothing,
+        reduction,
+        kernel_checks=fused,
+    )
     if not fused:
-        return reference.checked_mc_loss(features, targets, args, mask, alpha, beta,
-                                         per_sample_mask, generator, pooling, weight,
-                                         label_smoothing, reduction)
+        return reference.checked_mc_loss(
+            features,
+            targets,
+            args,
+            mask,
+            alpha,
+            beta,
+            per_sample_mask,
+            generator,
+            pooling,
+            weight,
+            label_smoothing,
+            reduction,
+        )
     counts = args.counts
     if mask is not None:
         mask = _mask_for_loss(mask, features)
@@ -127,7 +165,20 @@ def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, 
     else:
         count, fraction = -1, 0.5 if drop is None else drop
     loss, dis, div, logits, *_ = ops.mc_loss(
-        x, targets.contiguous(), group_tensor(counts, x.device, "offsets"), max(counts), mask,
-        count, fraction, bool(per_sample_mask), generator, float(alpha), float(beta),
-        pooling == "avg", weight, float(label_smoothing), _REDUCTION_ENUM[reduction])
+        x,
+        targets.contiguous(),
+        group_tensor(counts, x.device, "offsets"),
+        max(counts),
+        mask,
+        count,
+        fraction,
+        bool(per_sample_mask),
+        generator,
+        float(alpha),
+        float(beta),
+        pooling == "avg",
+        weight,
+        float(label_smoothing),
+        _REDUCTION_ENUM[reduction],
+    )
     return MCLossOutput(loss, dis, div, logits)

@@ -6,8 +6,13 @@ from typing import Optional
 
 import torch
 
-from ._checks import (check_ce_options, check_coefficients, check_num_classes, check_pooling,
-                      normalize_cnum)
+from ._checks import (
+    check_ce_options,
+    check_coefficients,
+    check_num_classes,
+    check_pooling,
+    normalize_cnum,
+)
 from .functional import mc_loss
 
 
@@ -35,9 +40,19 @@ class MCLoss(torch.nn.Module):
 
     weight: Optional[torch.Tensor]
 
-    def __init__(self, num_classes, cnum=None, alpha=1.5, beta=20.0, drop=None,
-                 per_sample_mask=False, pooling="max", weight=None, label_smoothing=0.0,
-                 reduction="mean"):
+    def __init__(
+        self,
+        num_classes,
+        cnum=None,
+        alpha=1.5,
+        beta=20.0,
+        drop=None,
+        per_sample_mask=False,
+        pooling="max",
+        weight=None,
+        label_smoothing=0.0,
+        reduction="mean",
+    ):
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
         self.cnum = normalize_cnum(cnum)
@@ -52,13 +67,26 @@ class MCLoss(torch.nn.Module):
         self.label_smoothing, self.reduction = float(label_smoothing), reduction
 
     def forward(self, features, targets, mask=None):
-        return mc_loss(features, targets, self.num_classes, self.cnum, mask=mask, alpha=self.alpha,
-                       beta=self.beta, drop=self.drop, per_sample_mask=self.per_sample_mask,
-                       pooling=self.pooling, weight=self.weight,
-                       label_smoothing=self.label_smoothing, reduction=self.reduction)
+        return mc_loss(
+            features,
+            targets,
+            self.num_classes,
+            self.cnum,
+            mask=mask,
+            alpha=self.alpha,
+            beta=self.beta,
+            drop=self.drop,
+            per_sample_mask=self.per_sample_mask,
+            pooling=self.pooling,
+            weight=self.weight,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+        )
 
     def extra_repr(self):
-        return (f"num_classes={self.num_classes}, cnum={self.cnum}, alpha={self.alpha}, "
-                f"beta={self.beta}, drop={self.drop}, per_sample_mask={self.per_sample_mask}, "
-                f"pooling={self.pooling!r}, label_smoothing={self.label_smoothing}, "
-                f"reduction={self.reduction!r}")
+        return (
+            f"num_classes={self.num_classes}, cnum={self.cnum}, alpha={self.alpha}, "
+            f"beta={self.beta}, drop={self.drop}, per_sample_mask={self.per_sample_mask}, "
+            f"pooling={self.pooling!r}, label_smoothing={self.label_smoothing}, "
+            f"reduction={self.reduction!r}"
+        )

@@ -22,8 +22,14 @@ from ._common import MCLossOutput, accumulate_in, diversity_from_sums, diversity
 from ._groups import draw_mask, group_tensor, random_channel_mask
 
 __all__ = [
-    "spatial_softmax", "channel_mask", "ccmp", "diversity_loss", "discriminality_logits",
-    "random_channel_mask", "mc_loss", "MCLossOutput",
+    "spatial_softmax",
+    "channel_mask",
+    "ccmp",
+    "diversity_loss",
+    "discriminality_logits",
+    "random_channel_mask",
+    "mc_loss",
+    "MCLossOutput",
 ]
 
 
@@ -114,20 +120,71 @@ def discriminality_logits(x, num_classes, mask, cnum=None):
     return _masked_logits(accumulate_in(x), mask, counts)
 
 
-def mc_loss(features, targets, num_classes, cnum=None, *, mask=None, alpha=1.5, beta=20.0,
-            drop=None, per_sample_mask=False, generator=None, pooling="max", weight=None,
-            label_smoothing=0.0, reduction="mean"):
+def mc_loss(
+    features,
+    targets,
+    num_classes,
+    cnum=None,
+    *,
+    mask=None,
+    alpha=1.5,
+    beta=20.0,
+    drop=None,
+    per_sample_mask=False,
+    generator=None,
+    pooling="max",
+    weight=None,
+    label_smoothing=0.0,
+    reduction="mean",
+):
     """MC-Loss: alpha * cross_entropy(logits, targets) + beta * L_div, as an MCLossOutput
     (weight, label_smoothing and reduction as F.cross_entropy takes them; with "none", loss,
     dis and div are per sample)."""
-    args = check_loss_args(features, targets, num_classes, cnum, mask, alpha, beta, drop,
-                           generator, pooling, weight, label_smoothing, reduction)
-    return checked_mc_loss(features, targets, args, mask, alpha, beta, per_sample_mask,
-                           generator, pooling, weight, label_smoothing, reduction)
+    args = check_loss_args(
+        features,
+        targets,
+        num_classes,
+        cnum,
+        mask,
+        alpha,
+        beta,
+        drop,
+        generator,
+        pooling,
+        weight,
+        label_smoothing,
+        reduction,
+    )
+    return checked_mc_loss(
+        features,
+        targets,
+        args,
+        mask,
+        alpha,
+        beta,
+        per_sample_mask,
+        generator,
+        pooling,
+        weight,
+        label_smoothing,
+        reduction,
+    )
 
 
-def checked_mc_loss(features, targets, args, mask, alpha, beta, per_sample_mask, generator,
-                    pooling, weight, label_smoothing, reduction):
+def checked_mc_loss(
+    features,
+    targets,
+    args,
+    mask,
+    alpha,
+    beta,
+    per_sample_mask,
+    generator,
+    pooling,
+    weight,
+    label_smoothing,
+    reduction,
+):
     """mc_loss once check_loss_args has passed (``args``): also the fused path's fallback."""
     counts = args.counts
     if mask is None:
@@ -137,8 +194,9 @@ def checked_mc_loss(features, targets, args, mask, alpha, beta, per_sample_mask,
     logits = _masked_logits(x, mask, counts, pooling)
     if weight is not None:  # cross_entropy computes in the logits' dtype
         weight = weight.to(logits.dtype)
-    dis = F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing,
-                          reduction=reduction)
+    dis = F.cross_entropy(
+        logits, targets, weight=weight, label_smoothing=label_smoothing, reduction=reduction
+    )
     if reduction == "mean":
         div = diversity_from_sums(h, counts)
     else:

@@ -38,12 +38,20 @@ import pytest
 import torch
 
 import mcloss_cuda as mc
-from helpers import (VALUE_TOL, assert_grad_close, entropy_seed, random_features,
-                     random_targets, separated_features)
+from helpers import (
+    VALUE_TOL,
+    assert_grad_close,
+    entropy_seed,
+    random_features,
+    random_targets,
+    separated_features,
+)
 
 if not os.environ.get("MCLOSS_EMULATED_EXTENSION"):
-    raise RuntimeError("tests/cuda_emulated_cases.py runs under the emulated CUDA build only: "
-                       "run pytest tests/test_cuda_emulated.py")
+    raise RuntimeError(
+        "tests/cuda_emulated_cases.py runs under the emulated CUDA build only: "
+        "run pytest tests/test_cuda_emulated.py"
+    )
 
 ops = torch.ops.mcloss_cuda
 emu = torch.ops.mcloss_cuemu
@@ -55,14 +63,14 @@ C = K * N
 
 # (name, offsets) that are not a partition of [0, 12) into 4 non-empty groups
 BAD_OFFSETS = [
-    ("end-short", [0, 3, 6, 9, 11]),        # channel 11 outside every group
+    ("end-short", [0, 3, 6, 9, 11]),  # channel 11 outside every group
     ("end-past-C", [0, 3, 6, 9, 13]),
-    ("start", [1, 3, 6, 9, 12]),             # channel 0 outside every group
+    ("start", [1, 3, 6, 9, 12]),  # channel 0 outside every group
     ("empty-group", [0, 3, 3, 9, 12]),
-    ("overlap", [0, 6, 3, 9, 12]),           # channels 3-5 in two groups, group 1 reversed
+    ("overlap", [0, 6, 3, 9, 12]),  # channels 3-5 in two groups, group 1 reversed
     ("negative", [0, -5, 6, 9, 12]),
-    ("huge", [0, 2 ** 40, 6, 9, 12]),
-    ("int64-min", [0, -2 ** 63, 6, 9, 12]),
+    ("huge", [0, 2**40, 6, 9, 12]),
+    ("int64-min", [0, -(2**63), 6, 9, 12]),
 ]
 
 
@@ -74,19 +82,49 @@ def offsets_of(counts):
     return torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64)
 
 
-def fwd(x, y, counts, mask, alpha=1.5, beta=20.0, drop=-1, drop_fraction=0.5, per_sample=False,
-        generator=None, max_group=None, offsets=None):
+def fwd(
+    x,
+    y,
+    counts,
+    mask,
+    alpha=1.5,
+    beta=20.0,
+    drop=-1,
+    drop_fraction=0.5,
+    per_sample=False,
+    generator=None,
+    max_group=None,
+    offsets=None,
+):
     """ops.mc_loss: (loss, dis, div, logits, lse, drawn_mask, weight_sums)."""
-    return ops.mc_loss(x, y, offsets_of(counts) if offsets is None else offsets,
-                       max(counts) if max_group is None else max_group, mask, drop,
-                       drop_fraction, per_sample, generator, alpha, beta)
+    return ops.mc_loss(
+        x,
+        y,
+        offsets_of(counts) if offsets is None else offsets,
+        max(counts) if max_group is None else max_group,
+        mask,
+        drop,
+        drop_fraction,
+        per_sample,
+        generator,
+        alpha,
+        beta,
+    )
 
 
-def bwd(grads, x, y, counts, mask, logits, lse, alpha=1.5, beta=20.0, max_group=None,
-        offsets=None):
-    return ops.mc_loss_backward(*grads, x, y, offsets_of(counts) if offsets is None else offsets,
-                                max(counts) if max_group is None else max_group, mask, logits,
-                                lse, alpha, beta)
+def bwd(grads, x, y, counts, mask, logits, lse, alpha=1.5, beta=20.0, max_group=None, offsets=None):
+    return ops.mc_loss_backward(
+        *grads,
+        x,
+        y,
+        offsets_of(counts) if offsets is None else offsets,
+        max(counts) if max_group is None else max_group,
+        mask,
+        logits,
+        lse,
+        alpha,
+        beta,
+    )
 
 
 def lse_of(logits):
@@ -100,8 +138,13 @@ def grad_patterns(rows, classes, dtype):
     acc = acc_of(dtype)
     s = lambda: torch.randn((), dtype=acc)  # noqa: E731
     g = lambda: torch.randn(rows, classes, dtype=acc)  # noqa: E731
-    return [(s(), s(), s(), g()), (s(), None, None, None), (None, s(), s(), None),
-            (None, None, None, g()), (None, None, None, None)]
+    return [
+        (s(), s(), s(), g()),
+        (s(), None, None, None),
+        (None, s(), s(), None),
+        (None, None, None, g()),
+        (None, None, None, None),
+    ]
 
 
 def weighted_sum(out, grads):
@@ -138,8 +181,9 @@ def memory_format_of(x):
     return torch.contiguous_format
 
 
-def check_against_reference(x, y, counts, mask, alpha=1.5, beta=20.0, bwd_too=True,
-                            grads_list=None, **kw):
+def check_against_reference(
+    x, y, counts, mask, alpha=1.5, beta=20.0, bwd_too=True, grads_list=None, **kw
+):
     """ops.mc_loss's outputs and mc_loss_backward's dx for several upstream gradients against
     autograd through the reference with the same mask. Returns the op's forward outputs."""
     xd = x.detach()
@@ -155,8 +199,19 @@ def check_against_reference(x, y, counts, mask, alpha=1.5, beta=20.0, bwd_too=Tr
     if not bwd_too:
         return out
     for grads in grads_list or grad_patterns(x.shape[0], len(counts), x.dtype):
-        dx = bwd(grads, xd, y, counts, mask, out[3], out[4], alpha, beta,
-                 kw.get("max_group"), kw.get("offsets"))
+        dx = bwd(
+            grads,
+            xd,
+            y,
+            counts,
+            mask,
+            out[3],
+            out[4],
+            alpha,
+            beta,
+            kw.get("max_group"),
+            kw.get("offsets"),
+        )
         assert dx.shape == x.shape and dx.dtype == x.dtype
         assert dx.is_contiguous(memory_format=memory_format_of(x)), (dx.stride(), x.stride())
         total = weighted_sum(ref, grads)
@@ -175,8 +230,9 @@ def features(rows, counts, h, w, dtype=F32, channels_last=False):
         assert h * w == 1
         return random_features(rows, sum(counts), h, w, dtype=dtype, channels_last=channels_last)
     scale = 1.0 if h * w <= 320 else 320.0 / (h * w)
-    return separated_features(rows, list(counts), h, w, dtype=dtype, scale=scale,
-                              channels_last=channels_last)
+    return separated_features(
+        rows, list(counts), h, w, dtype=dtype, scale=scale, channels_last=channels_last
+    )
 
 
 def launch_counts():
@@ -264,11 +320,11 @@ def test_group_larger_than_max_group_gives_nan_everywhere(dtype, channels_last):
     x = random_features(B, C, H, W, dtype=dtype, channels_last=channels_last)
     mask = (torch.rand(C) < 0.5).to(dtype)
     valid = torch.arange(0, C + 1, N)
-    uneven = torch.tensor([0, 1, 5, 7, 12])                    # groups of 1, 4, 2, 5
+    uneven = torch.tensor([0, 1, 5, 7, 12])  # groups of 1, 4, 2, 5
     for offsets, small in ((valid, N - 1), (uneven, 4), (uneven, 1)):
         for op, call in op_calls(x, mask, dtype, max_group=small):
             if op.startswith("ccmp"):
-                continue                                       # no max_group
+                continue  # no max_group
             assert_nan_everywhere(f"{op}, max_group={small}", call(offsets))
     # the same calls with a max_group that covers the groups give numbers
     for op, call in op_calls(x, mask, dtype, max_group=5):
@@ -287,7 +343,7 @@ def test_valid_uneven_offsets_still_give_numbers():
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
-@pytest.mark.parametrize("bad", [-1, "K", 2 ** 40, -2 ** 63])
+@pytest.mark.parametrize("bad", [-1, "K", 2**40, -(2**63)])
 @pytest.mark.parametrize("drawn", [False, True], ids=["mask", "drawn"])
 def test_out_of_range_target_traps(dtype, bad, drawn):
     rows, counts = 6, [3, 2, 3, 1, 3]
@@ -343,8 +399,9 @@ def test_tail_over_more_groups_than_one_block_has_threads(dtype):
 def test_many_blocks_of_groups(layout):
     # 300 x 3 = 900 class groups over many blocks, and the tail over 300 rows
     rows, classes, cnum = 300, 3, 2
-    x = random_features(rows, classes * cnum, 3, 2, dtype=F64,
-                        channels_last=layout == "channels_last").requires_grad_()
+    x = random_features(
+        rows, classes * cnum, 3, 2, dtype=F64, channels_last=layout == "channels_last"
+    ).requires_grad_()
     y = random_targets(rows, classes)
     mask = torch.rand(rows, classes * cnum) < 0.5
     out = mc.mc_loss(x, y, classes, cnum, mask=mask)
@@ -369,8 +426,9 @@ def test_several_small_groups_per_tile(dtype, layout):
     for mask in (torch.rand(sum(counts)) < 0.5, (torch.rand(2, sum(counts)) < 0.5).to(dtype)):
         ran = launches(lambda: check_against_reference(x, y, counts, mask))
         # fp64 (gradcheck's dtype) goes backward through the stream kernel
-        backward = "mc_loss_stream_backward_kernel" if dtype == F64 else \
-            "mc_loss_tile_backward_kernel"
+        backward = (
+            "mc_loss_stream_backward_kernel" if dtype == F64 else "mc_loss_tile_backward_kernel"
+        )
         assert set(ran) <= LOSS_KERNELS and not (set(ran) & STREAM) - {backward}, ran
         assert ran.get("mc_loss_tile_forward_kernel") and ran.get(backward)
 
@@ -400,7 +458,7 @@ def test_group_too_large_for_a_tile_streams(dtype, layout):
         explicit = fwd(xb, yb, counts, drawn)
         for a, b in zip(out[:5], explicit[:5]):
             assert torch.equal(a, b)
-        if per_sample:      # the two rows of the same features drew different masks
+        if per_sample:  # the two rows of the same features drew different masks
             assert not torch.equal(drawn[0], drawn[1])
             assert not torch.equal(out[3][0], out[3][1])
 
@@ -415,8 +473,11 @@ def test_groups_near_the_tile_limit(HW):
     x = features(2, counts, h, w)
     y = random_targets(2, 2)
     mask = torch.rand(2, sum(counts)) < 0.5
-    ran = launches(lambda: check_against_reference(x, y, counts, mask, grads_list=[
-        grad_patterns(2, 2, F32)[0]]))
+    ran = launches(
+        lambda: check_against_reference(
+            x, y, counts, mask, grads_list=[grad_patterns(2, 2, F32)[0]]
+        )
+    )
     print(ran)
     assert set(ran) <= LOSS_KERNELS, ran
 
@@ -476,8 +537,15 @@ def test_misaligned_inputs_and_odd_maps(dtype, layout, HW):
         # the backward's own inputs misaligned too
         grads = grad_patterns(2, len(counts), dtype)[0]
         dx = bwd(grads, x, y, counts, mask, out[3], out[4])
-        dxm = bwd(tuple(misaligned(g) for g in grads), xm, ym, counts, mm, misaligned(out[3]),
-                  misaligned(out[4]))
+        dxm = bwd(
+            tuple(misaligned(g) for g in grads),
+            xm,
+            ym,
+            counts,
+            mm,
+            misaligned(out[3]),
+            misaligned(out[4]),
+        )
         assert_grad_close(dxm, dx, grad_terms(x, counts, grads, 1.5, 20.0))
     # and a mask drawn inside, for misaligned features
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
@@ -490,8 +558,9 @@ def test_misaligned_inputs_and_odd_maps(dtype, layout, HW):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, BF16])
-@pytest.mark.parametrize("HW", [(4, 4), (5, 7), (1, 6), (6, 1), (1, 1)],
-                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize(
+    "HW", [(4, 4), (5, 7), (1, 6), (6, 1), (1, 1)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
 def test_channels_last_matches_contiguous(dtype, HW):
     h, w = HW
     counts = [2, 3, 1, 4]
@@ -542,8 +611,9 @@ def test_mask_forms(dtype, layout):
     # a float mask holding other values than 0/1 is multiplied in, gradient included
     odd = torch.tensor([0.5, -2.0, 3.0, 0.0, 1.0, 0.25, -0.5, 2.0, 1.5]).to(dtype)
     check_against_reference(x, y, counts, odd)
-    check_against_reference(x, y, counts, odd.expand(rows, Cm).contiguous() *
-                            (torch.rand(rows, Cm) < 0.7).to(dtype))
+    check_against_reference(
+        x, y, counts, odd.expand(rows, Cm).contiguous() * (torch.rand(rows, Cm) < 0.7).to(dtype)
+    )
 
 
 def expected_drops(counts, drop, drop_fraction):
@@ -591,7 +661,7 @@ def test_mask_drawn_inside_the_kernels(dtype, per_sample, draw):
     def run(generator):
         xi = x.detach().clone().requires_grad_()
         out = fwd(xi, y, counts, None, generator=generator, **kw)
-        torch.manual_seed(7)          # the same upstream gradients in every run
+        torch.manual_seed(7)  # the same upstream gradients in every run
         grads = grad_patterns(rows, len(counts), dtype)[0]
         (dx,) = torch.autograd.grad(weighted_sum(out, grads), xi)
         return tuple(t.detach() for t in out) + (dx,), grads
@@ -632,8 +702,9 @@ def test_drawn_masks_differ_by_seed_and_call(per_sample):
     gen = torch.Generator().manual_seed(seed)
     a = fwd(x, y, counts, None, per_sample=per_sample, generator=gen)[5]
     b = fwd(x, y, counts, None, per_sample=per_sample, generator=gen)[5]
-    c = fwd(x, y, counts, None, per_sample=per_sample,
-            generator=torch.Generator().manual_seed(seed + 1))[5]
+    c = fwd(
+        x, y, counts, None, per_sample=per_sample, generator=torch.Generator().manual_seed(seed + 1)
+    )[5]
     assert not torch.equal(a, b), "the generator did not move on"
     assert not torch.equal(a, c), "another seed drew the same mask"
     if per_sample:
@@ -669,18 +740,27 @@ print(json.dumps({"draws": out, "file": mc.__file__}))
 
 def cpu_build_draws(configs):
     """Run CPU_BUILD_DRAWS with this checkout's CPU build (in place), else the installed one."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MCLOSS_EMULATED", "CUEMU_", "ASAN_", "UBSAN_", "TSAN_"))
-           and k not in ("LD_PRELOAD", "PYTHONPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MCLOSS_EMULATED", "CUEMU_", "ASAN_", "UBSAN_", "TSAN_"))
+        and k not in ("LD_PRELOAD", "PYTHONPATH")
+    }
     env["PYTHONSAFEPATH"] = "1"
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(mc.__file__)))
     reasons = []
     for pythonpath in (package_parent, None):
         run_env = dict(env, **({"PYTHONPATH": pythonpath} if pythonpath else {}))
         with tempfile.TemporaryDirectory() as cwd:
-            proc = subprocess.run([sys.executable, "-c", CPU_BUILD_DRAWS],
-                                  input=json.dumps(configs), capture_output=True, text=True,
-                                  env=run_env, cwd=cwd, timeout=300)
+            proc = subprocess.run(
+                [sys.executable, "-c", CPU_BUILD_DRAWS],
+                input=json.dumps(configs),
+                capture_output=True,
+                text=True,
+                env=run_env,
+                cwd=cwd,
+                timeout=300,
+            )
         if proc.returncode != 0:
             reasons.append(f"{pythonpath}: exit {proc.returncode}: {proc.stderr[-2000:]}")
             continue
@@ -694,10 +774,17 @@ def cpu_build_draws(configs):
 def test_drawn_mask_is_the_cpu_builds():
     seed = entropy_seed()
     print(f"generator seed {seed}")
-    configs = [dict(counts=list(c), drop=d, fraction=f, per_sample=ps, rows=3, seed=seed + i)
-               for i, (c, d, f, ps) in enumerate([
-                   ((3, 5, 2, 7, 1, 4), -1, 0.5, False), ((3, 5, 2, 7, 1, 4), -1, 0.5, True),
-                   ((4,) * 20, 1, 0.5, True), ((6, 9), -1, 0.25, False)])]
+    configs = [
+        dict(counts=list(c), drop=d, fraction=f, per_sample=ps, rows=3, seed=seed + i)
+        for i, (c, d, f, ps) in enumerate(
+            [
+                ((3, 5, 2, 7, 1, 4), -1, 0.5, False),
+                ((3, 5, 2, 7, 1, 4), -1, 0.5, True),
+                ((4,) * 20, 1, 0.5, True),
+                ((6, 9), -1, 0.25, False),
+            ]
+        )
+    ]
     res = cpu_build_draws(configs)
     print("CPU build:", res["file"])
     for c, cpu in zip(configs, res["draws"]):
@@ -705,8 +792,16 @@ def test_drawn_mask_is_the_cpu_builds():
         y = torch.zeros(c["rows"], dtype=torch.int64)
         gen = torch.Generator().manual_seed(c["seed"])
         for k in range(2):
-            m = fwd(x, y, c["counts"], None, drop=c["drop"], drop_fraction=c["fraction"],
-                    per_sample=c["per_sample"], generator=gen)[5]
+            m = fwd(
+                x,
+                y,
+                c["counts"],
+                None,
+                drop=c["drop"],
+                drop_fraction=c["fraction"],
+                per_sample=c["per_sample"],
+                generator=gen,
+            )[5]
             assert m.int().tolist() == cpu[k], (c, k)
 
 
@@ -720,16 +815,16 @@ def test_nan_and_inf_propagate_as_in_the_reference(dtype, layout):
     counts = [3, 2, 4, 3]
     rows, Cm = 3, sum(counts)
     x = features(rows, counts, 3, 4, dtype).detach()
-    x[0, 1, 1, 2] = float("nan")                  # a kept channel, one position
+    x[0, 1, 1, 2] = float("nan")  # a kept channel, one position
     x[1, 3, 0, 0] = float("inf")
     x[1, 6, 2, 3] = float("-inf")
-    x[2, 10] = float("nan")                       # a whole channel
+    x[2, 10] = float("nan")  # a whole channel
     x[2, 7, 1, 1] = float("inf")
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     y = random_targets(rows, len(counts))
     mask = torch.ones(rows, Cm, dtype=torch.bool)
-    mask[0, 1] = False                            # NaN in a masked channel: 0 * NaN = NaN
+    mask[0, 1] = False  # NaN in a masked channel: 0 * NaN = NaN
     mask[1, 4] = False
     mask[2, 8] = False
     for m in (mask, mask.to(dtype), mask[0]):
@@ -749,8 +844,11 @@ def test_nan_and_inf_propagate_as_in_the_reference(dtype, layout):
             for special in (torch.isnan, torch.isposinf, torch.isneginf):
                 assert torch.equal(special(dx), special(dx_ref)), (special.__name__, grads)
             finite = dx_ref.isfinite()
-            assert_grad_close(torch.where(finite, dx, 0), torch.where(finite, dx_ref, 0),
-                         grad_terms(x.nan_to_num(0, 0, 0), counts, grads, 1.5, 20.0))
+            assert_grad_close(
+                torch.where(finite, dx, 0),
+                torch.where(finite, dx_ref, 0),
+                grad_terms(x.nan_to_num(0, 0, 0), counts, grads, 1.5, 20.0),
+            )
         # a gradient of the discriminality term alone (logits; dis): the fused backward runs
         # both terms, the other with a zero (None) gradient, and 0 * NaN is NaN: NaN at least
         # where the reference has it, and the same numbers where neither is NaN
@@ -760,8 +858,11 @@ def test_nan_and_inf_propagate_as_in_the_reference(dtype, layout):
             assert (dx.isnan() | ~dx_ref.isnan()).all(), grads
             both = dx.isfinite() & dx_ref.isfinite()
             assert torch.equal(both, dx_ref.isfinite() & ~dx.isnan())
-            assert_grad_close(torch.where(both, dx, 0), torch.where(both, dx_ref, 0),
-                         grad_terms(x.nan_to_num(0, 0, 0), counts, grads, 1.5, 20.0))
+            assert_grad_close(
+                torch.where(both, dx, 0),
+                torch.where(both, dx_ref, 0),
+                grad_terms(x.nan_to_num(0, 0, 0), counts, grads, 1.5, 20.0),
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,11 +875,19 @@ def test_launches_per_step():
     # given
     x = random_features(4, 12, 5, 5).requires_grad_()
     y = random_targets(4, 4)
-    want = {"mc_loss_tile_forward_kernel": 1, "mc_loss_tail_kernel": 1,
-            "mc_loss_tile_backward_kernel": 1}
-    for kw in (dict(), dict(per_sample_mask=True), dict(drop=1),
-               dict(generator=torch.Generator().manual_seed(3)),
-               dict(mask=torch.rand(12) < 0.5), dict(mask=(torch.rand(4, 12) < 0.5).float())):
+    want = {
+        "mc_loss_tile_forward_kernel": 1,
+        "mc_loss_tail_kernel": 1,
+        "mc_loss_tile_backward_kernel": 1,
+    }
+    for kw in (
+        dict(),
+        dict(per_sample_mask=True),
+        dict(drop=1),
+        dict(generator=torch.Generator().manual_seed(3)),
+        dict(mask=torch.rand(12) < 0.5),
+        dict(mask=(torch.rand(4, 12) < 0.5).float()),
+    ):
         counts = launches(lambda: mc.mc_loss(x, y, 4, 3, **kw).loss.backward())
         assert counts == want, (kw, counts)
     # every output used: still one backward launch
@@ -787,5 +896,8 @@ def test_launches_per_step():
     # a group too large for a tile: the stream kernels instead, still three launches
     xs = features(1, [64, 64], 32, 32).requires_grad_()
     counts = launches(lambda: mc.mc_loss(xs, random_targets(1, 2), 2, 64).loss.backward())
-    assert counts == {"mc_loss_stream_forward_kernel": 1, "mc_loss_tail_kernel": 1,
-                      "mc_loss_stream_backward_kernel": 1}, counts
+    assert counts == {
+        "mc_loss_stream_forward_kernel": 1,
+        "mc_loss_tail_kernel": 1,
+        "mc_loss_stream_backward_kernel": 1,
+    }, counts

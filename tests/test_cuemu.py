@@ -31,8 +31,17 @@ def programs(tmp_path_factory):
 
     def compile_one(variant):
         exe = out / f"kernels_{variant}"
-        cmd = [cuemu_build.compiler(), "-std=c++20", "-g1", *VARIANT_FLAGS[variant],
-               f"-I{CUEMU}", str(rewritten), "-o", str(exe), "-pthread"]
+        cmd = [
+            cuemu_build.compiler(),
+            "-std=c++20",
+            "-g1",
+            *VARIANT_FLAGS[variant],
+            f"-I{CUEMU}",
+            str(rewritten),
+            "-o",
+            str(exe),
+            "-pthread",
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-4000:]
         return variant, exe
@@ -44,8 +53,13 @@ def programs(tmp_path_factory):
 def run(programs, variant, case, **env):
     if variant == "asan":
         env.setdefault("ASAN_OPTIONS", "detect_leaks=0")  # (the programs never free)
-    res = subprocess.run([str(programs[variant]), case], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, **env))
+    res = subprocess.run(
+        [str(programs[variant]), case],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, **env),
+    )
     return res.returncode, res.stdout + res.stderr
 
 
@@ -59,11 +73,14 @@ def test_correct_kernels(programs, case, schedule):
     assert rc == 0 and f"{case}: ok" in out and "ThreadSanitizer" not in out, out
 
 
-@pytest.mark.parametrize("case, message", [
-    ("divergent_shfl", "exited while lanes of its warp wait"),
-    ("read_outside_mask", "not in the mask"),
-    ("bad_config", "invalid launch configuration"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("divergent_shfl", "exited while lanes of its warp wait"),
+        ("read_outside_mask", "not in the mask"),
+        ("bad_config", "invalid launch configuration"),
+    ],
+)
 def test_emulator_reports(programs, case, message):
     rc, out = run(programs, "plain", case)
     assert rc == 0 and f"{case}: caught:" in out and message in out, out
@@ -80,8 +97,9 @@ def test_strict_mode_reports_barriers_not_all_threads_reach(programs, case):
     assert f"{case}: caught: cuemu: CUEMU_STRICT" in out, out
 
 
-@pytest.mark.parametrize("case, schedule", [("missing_barrier", "forward"),
-                                            ("missing_syncwarp", "reverse")])
+@pytest.mark.parametrize(
+    "case, schedule", [("missing_barrier", "forward"), ("missing_syncwarp", "reverse")]
+)
 def test_schedule_exposes_missing_sync(programs, case, schedule):
     rc, out = run(programs, "plain", case, CUEMU_SCHEDULE=schedule)
     assert f"{case}: wrong" in out, out
@@ -96,11 +114,14 @@ def test_tsan_sees_blocks_racing(programs):
     assert "ThreadSanitizer" not in out, out  # blocks one after the other are ordered
 
 
-@pytest.mark.parametrize("case, message", [
-    ("oob_global", "heap-buffer-overflow"),
-    ("oob_shared", "out of bounds"),
-    ("misaligned_float4", "misaligned address"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("oob_global", "heap-buffer-overflow"),
+        ("oob_shared", "out of bounds"),
+        ("misaligned_float4", "misaligned address"),
+    ],
+)
 def test_sanitizers_catch_memory_errors(programs, case, message):
     rc, out = run(programs, "asan", case)
     assert rc != 0 and message in out, out
@@ -111,13 +132,20 @@ def test_uninitialised_shared_memory_reads_as_nan(programs):
     assert "uninitialised_shared: wrong 32" in out, out
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("k<<<g, b>>>(x);", '::cuemu::launcher("k", k, g, b)(x);'),
-    ("ns::k<float><<<blocks_for(n, 4), 128, 0, s>>>(a, b);",
-     '::cuemu::launcher("k", ns::k<float>, blocks_for(n, 4), 128, 0, s)(a, b);'),
-    ("k<T, Pair<int, float>> <<<1, 32>>> (y);",
-     '::cuemu::launcher("k", k<T, Pair<int, float>>, 1, 32)(y);'),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("k<<<g, b>>>(x);", '::cuemu::launcher("k", k, g, b)(x);'),
+        (
+            "ns::k<float><<<blocks_for(n, 4), 128, 0, s>>>(a, b);",
+            '::cuemu::launcher("k", ns::k<float>, blocks_for(n, 4), 128, 0, s)(a, b);',
+        ),
+        (
+            "k<T, Pair<int, float>> <<<1, 32>>> (y);",
+            '::cuemu::launcher("k", k<T, Pair<int, float>>, 1, 32)(y);',
+        ),
+    ],
+)
 def test_launch_rewrite(text, expected):
     assert cuemu_build.rewrite_launches(text)[0] == expected
 
@@ -125,15 +153,18 @@ def test_launch_rewrite(text, expected):
 def test_launch_rewrite_leaves_comments_and_strings():
     text = '// as in k<<<grid, 256>>>\nconst char* s = "a<<<b>>>(";\nk<<<1, 2>>>(x);'
     out, names = cuemu_build.rewrite_launches(text)
-    assert out == ('// as in k<<<grid, 256>>>\nconst char* s = "a<<<b>>>(";\n'
-                   '::cuemu::launcher("k", k, 1, 2)(x);') and names == ["k"]
+    assert out == (
+        '// as in k<<<grid, 256>>>\nconst char* s = "a<<<b>>>(";\n'
+        '::cuemu::launcher("k", k, 1, 2)(x);'
+    ) and names == ["k"]
 
 
 def test_dynamic_shared_rewrite():
     text, names = cuemu_build.emulated_source(
         "__global__ void k() {\n  extern __shared__ float buf[];\n"
         "  extern __shared__ __align__(16) unsigned char raw[];\n}\n"
-        "void f() { k<<<1, 32, 128>>>(); }\nTORCH_LIBRARY_IMPL(mcloss_cuda, CUDA, m) {}")
+        "void f() { k<<<1, 32, 128>>>(); }\nTORCH_LIBRARY_IMPL(mcloss_cuda, CUDA, m) {}"
+    )
     assert "float* const buf = static_cast<float*>(::cuemu::dynamic_shared());" in text
     assert "unsigned char* const raw = static_cast<unsigned char*>(" in text
     assert "TORCH_LIBRARY_IMPL(mcloss_cuda, CPU," in text and names == ["k"]
@@ -146,14 +177,19 @@ def test_dynamic_shared_rewrite():
 def test_host_headers_skip_conditional_and_device_side_includes(tmp_path):
     (tmp_path / "local.h").write_text("#pragma once\n#include <c10/util/Half.h>\n")
     cu = tmp_path / "k.cu"
-    cu.write_text('#include <ATen/core/Tensor.h>\n#include <ATen/cuda/CUDAContext.h>\n'
-                  '#include <c10/cuda/CUDAGuard.h>\n// #include <torch/nothing.h>\n'
-                  '#ifdef USE_ROCM\n#include <ATen/hip/HIPContext.h>\n#endif\n'
-                  '#include "local.h"\n')
+    cu.write_text(
+        "#include <ATen/core/Tensor.h>\n#include <ATen/cuda/CUDAContext.h>\n"
+        "#include <c10/cuda/CUDAGuard.h>\n// #include <torch/nothing.h>\n"
+        "#ifdef USE_ROCM\n#include <ATen/hip/HIPContext.h>\n#endif\n"
+        '#include "local.h"\n'
+    )
     # a device-side header is left out, but where the emulator stubs it (c10/cuda/CUDAGuard.h),
     # the stub's own host headers come first like the others
     assert cuemu_build.host_headers(cu, [tmp_path]) == [
-        "ATen/core/Tensor.h", "c10/core/Device.h", "c10/util/Half.h"]
+        "ATen/core/Tensor.h",
+        "c10/core/Device.h",
+        "c10/util/Half.h",
+    ]
 
 
 def test_every_mutation_finds_its_line():

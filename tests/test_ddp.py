@@ -26,15 +26,16 @@ from helpers import child_env  # a worker gets this process's import path throug
 
 K, CNUM, WORLD, B_LOCAL, H, W = 3, 4, 2, 3, 5, 6
 MODES = ("explicit", "random")
-STEPS = 2          # two SGD steps: the ranks must stay in step (same masks at every step)
+STEPS = 2  # two SGD steps: the ranks must stay in step (same masks at every step)
 DTYPE = torch.float64
 
 
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.Tanh(),
-                                  nn.Conv2d(6, K * CNUM, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.Conv2d(2, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, K * CNUM, 3, padding=1)
+        )
         self.head = nn.Linear(K * CNUM, K)
 
     def forward(self, x):
@@ -52,8 +53,9 @@ def make_data(seed):
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(STEPS, WORLD * B_LOCAL, 2, H, W, generator=g, dtype=DTYPE)
     y = torch.randint(0, K, (STEPS, WORLD * B_LOCAL), generator=g)
-    masks = torch.stack([mc.random_channel_mask(K, CNUM, batch=WORLD * B_LOCAL, generator=g)
-                         for _ in range(STEPS)])
+    masks = torch.stack(
+        [mc.random_channel_mask(K, CNUM, batch=WORLD * B_LOCAL, generator=g) for _ in range(STEPS)]
+    )
     return x, y, masks
 
 
@@ -62,7 +64,7 @@ def train(model, x, y, masks, mask_mode, mask_seed):
     crit = mc.MCLoss(K, CNUM)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     grads = []
-    torch.manual_seed(mask_seed)            # the random masks: the same seed on every rank
+    torch.manual_seed(mask_seed)  # the random masks: the same seed on every rank
     for s in range(STEPS):
         features, logits = model(x[s])
         out = crit(features, y[s], mask=masks[s] if mask_mode == "explicit" else None)
@@ -99,6 +101,7 @@ def worker(rank, port, outdir, seed):
 # ----------------------------------------------------------------------------------------------
 # the tests
 
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -109,10 +112,16 @@ def run_ddp(outdir, seed):
     """Both mask modes, in one pair of worker processes (starting them is the slow part)."""
     env = child_env(OMP_NUM_THREADS="1")
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(rank), str(port),
-                               str(outdir), str(seed)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "worker", str(rank), str(port), str(outdir), str(seed)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(WORLD)
+    ]
     outs = []
     try:
         for p in procs:
@@ -123,8 +132,10 @@ def run_ddp(outdir, seed):
                 p.kill()
     for rank, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{out}"
-    return {mode: [torch.load(outdir / f"grads_{mode}_{rank}.pt") for rank in range(WORLD)]
-            for mode in MODES}
+    return {
+        mode: [torch.load(outdir / f"grads_{mode}_{rank}.pt") for rank in range(WORLD)]
+        for mode in MODES
+    }
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +157,13 @@ def check_against_single_process(ddp_run, mask_mode):
     for s in range(STEPS):
         for i, g in enumerate(ref[s]):
             for rank in range(WORLD):
-                torch.testing.assert_close(ddp[rank][s][i], g, rtol=1e-9, atol=1e-12,
-                                           msg=lambda m: f"step {s}, param {i}, rank {rank}: {m}")
+                torch.testing.assert_close(
+                    ddp[rank][s][i],
+                    g,
+                    rtol=1e-9,
+                    atol=1e-12,
+                    msg=lambda m: f"step {s}, param {i}, rank {rank}: {m}",
+                )
     return ref
 
 
@@ -165,8 +181,11 @@ def test_ddp_random_mask_same_seed_on_every_rank(ddp_run):
         torch.manual_seed(mask_seed)
         return mc.random_channel_mask(K, CNUM)
 
-    other_seed = next(s for s in range(seed + 3, seed + 1000)
-                      if not torch.equal(first_mask(s), first_mask(seed + 2)))
+    other_seed = next(
+        s
+        for s in range(seed + 3, seed + 1000)
+        if not torch.equal(first_mask(s), first_mask(seed + 2))
+    )
     x, y, masks = make_data(seed)
     other = train(make_model(seed), x, y, masks, "random", other_seed)
     assert any(not torch.equal(a, b) for a, b in zip(ref[0], other[0]))

@@ -33,12 +33,13 @@ def attention_oracle(x, counts):
     """max over each group of the per-channel softmax over the H*W positions, group by group."""
     p = torch.softmax(x.double().flatten(2), dim=-1).view(x.shape)
     starts = [sum(counts[:i]) for i in range(len(counts))]
-    return torch.stack([p[:, s:s + n].amax(dim=1) for s, n in zip(starts, counts)], dim=1)
+    return torch.stack([p[:, s : s + n].amax(dim=1) for s, n in zip(starts, counts)], dim=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("K, cnum, C", [(4, 3, 12), (4, None, 10), (3, [1, 4, 2], 7),
-                                        (5, None, 15)])
+@pytest.mark.parametrize(
+    "K, cnum, C", [(4, 3, 12), (4, None, 10), (3, [1, 4, 2], 7), (5, None, 15)]
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_channel_attention_maps(device, K, cnum, C, channels_last):
     x = torch.randn(3, C, 5, 6, device=device, requires_grad=True)
@@ -47,8 +48,9 @@ def test_channel_attention_maps(device, K, cnum, C, channels_last):
     counts = counts_of(K, cnum, C)
     assert maps.shape == (3, K, 5, 6) and maps.dtype == x.dtype and maps.device == x.device
     assert not maps.requires_grad
-    torch.testing.assert_close(maps.double(), attention_oracle(x.detach(), counts),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        maps.double(), attention_oracle(x.detach(), counts), rtol=1e-5, atol=1e-7
+    )
     # the per-group sums are the h[b, i] of the diversity term, in [1, n_i]
     h = maps.sum(dim=(2, 3))
     n = torch.tensor(counts, dtype=h.dtype, device=device)
@@ -61,16 +63,18 @@ def test_channel_attention_maps_half_and_errors():
     x = torch.randn(2, 6, 4, 4)
     maps = mc.channel_attention_maps(x.bfloat16(), 3)
     assert maps.dtype == torch.bfloat16
-    torch.testing.assert_close(maps.double(), attention_oracle(x.bfloat16(), [2, 2, 2]),
-                               rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(
+        maps.double(), attention_oracle(x.bfloat16(), [2, 2, 2]), rtol=2e-2, atol=1e-3
+    )
     with pytest.raises(ValueError, match="cnum"):
         mc.channel_attention_maps(x, 4, 2)
     with pytest.raises(ValueError, match="features"):
-        mc.channel_attention_maps(x[0, 0], 3)        # no spatial dimension
+        mc.channel_attention_maps(x[0, 0], 3)  # no spatial dimension
     # a sequence (B, C, L) is a map too: its maps are (B, K, L)
     seq = x.flatten(2)
-    torch.testing.assert_close(mc.channel_attention_maps(seq, 3),
-                               mc.channel_attention_maps(x, 3).flatten(2))
+    torch.testing.assert_close(
+        mc.channel_attention_maps(seq, 3), mc.channel_attention_maps(x, 3).flatten(2)
+    )
     assert "channel_attention_maps" in mc.__all__
 
 
@@ -79,10 +83,14 @@ def test_channel_attention_maps_half_and_errors():
 
 
 def tiny_net(K, C):
-    return nn.ModuleDict({
-        "body": nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                              nn.Conv2d(8, C, 3, padding=1)),
-        "head": nn.Linear(C, K)})
+    return nn.ModuleDict(
+        {
+            "body": nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, C, 3, padding=1)
+            ),
+            "head": nn.Linear(C, K),
+        }
+    )
 
 
 def make_train_step(net, crit, lr=0.1):
@@ -114,8 +122,9 @@ def mask_a_step_draws(impl, counts, shape):
         return mc.random_channel_mask(len(counts), counts)
     offsets = torch.tensor([0] + counts).cumsum(0)
     x, y = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long)
-    return torch.ops.mcloss_cuda.mc_loss(x, y, offsets, max(counts), None, -1, 0.5, False, None,
-                                         1.5, 20.0)[5]
+    return torch.ops.mcloss_cuda.mc_loss(
+        x, y, offsets, max(counts), None, -1, 0.5, False, None, 1.5, 20.0
+    )[5]
 
 
 @pytest.fixture
@@ -133,23 +142,35 @@ def assert_one_graph(counters):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-@pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
-                    reason="this torch cannot trace backward() inside a compiled function")
-@pytest.mark.parametrize("impl, compile_backend", [
-    pytest.param("fused", "inductor", marks=pytest.mark.skipif(
-        mc.backend("cpu") != "cpu", reason="needs the fused CPU backend")),
-    # inductor's code generation takes the time here, and what it would test is torch's, not
-    # ours: for the pure-PyTorch path, Dynamo + AOTAutograd (one graph, forward and backward)
-    ("reference", "aot_eager")])
-def test_compile_train_step_fullgraph_matches_eager(impl, compile_backend, dynamo_clean,
-                                                    monkeypatch, fresh_seed):
+@pytest.mark.skipif(
+    not hasattr(torch._dynamo.config, "trace_autograd_ops"),
+    reason="this torch cannot trace backward() inside a compiled function",
+)
+@pytest.mark.parametrize(
+    "impl, compile_backend",
+    [
+        pytest.param(
+            "fused",
+            "inductor",
+            marks=pytest.mark.skipif(
+                mc.backend("cpu") != "cpu", reason="needs the fused CPU backend"
+            ),
+        ),
+        # inductor's code generation takes the time here, and what it would test is torch's, not
+        # ours: for the pure-PyTorch path, Dynamo + AOTAutograd (one graph, forward and backward)
+        ("reference", "aot_eager"),
+    ],
+)
+def test_compile_train_step_fullgraph_matches_eager(
+    impl, compile_backend, dynamo_clean, monkeypatch, fresh_seed
+):
     """The whole step in one graph (fullgraph=True), no recompilation over steps as the mask
     changes. With inductor's fallback_random the compiled step draws the same masks as eager
     for the same seed (inductor's own RNG would draw others), so every step must match eager."""
     if impl == "reference":
         monkeypatch.setenv("MCLOSS_BACKEND", "reference")
     assert mc.backend("cpu") == ("cpu" if impl == "fused" else "reference")
-    K, C = 4, 14                            # uneven groups (cnum=None): 4, 4, 3, 3 channels
+    K, C = 4, 14  # uneven groups (cnum=None): 4, 4, 3, 3 channels
     counts = counts_of(K, None, C)
     net_c = tiny_net(K, C)
     net_e = copy.deepcopy(net_c)
@@ -157,9 +178,11 @@ def test_compile_train_step_fullgraph_matches_eager(impl, compile_backend, dynam
     step_c = torch.compile(make_train_step(net_c, crit), fullgraph=True, backend=compile_backend)
     step_e = make_train_step(net_e, crit)
     masks = []
-    with torch._dynamo.config.patch(error_on_recompile=True, trace_autograd_ops=True), \
-            torch._inductor.config.patch(fallback_random=True), \
-            warnings.catch_warnings(record=True) as caught:
+    with (
+        torch._dynamo.config.patch(error_on_recompile=True, trace_autograd_ops=True),
+        torch._inductor.config.patch(fallback_random=True),
+        warnings.catch_warnings(record=True) as caught,
+    ):
         warnings.simplefilter("always")
         for i in range(3):
             x, y = torch.randn(2, 3, 8, 6), torch.randint(0, K, (2,))
@@ -185,9 +208,12 @@ def test_compile_train_step_fullgraph_matches_eager(impl, compile_backend, dynam
 # ----------------------------------------------------------------------------------------------
 # AMP
 
-AMP_CASES = [("cpu", torch.bfloat16), ("cpu", torch.float16),
-             pytest.param("cuda", torch.float16, marks=cuda_only),
-             pytest.param("cuda", torch.bfloat16, marks=cuda_only)]
+AMP_CASES = [
+    ("cpu", torch.bfloat16),
+    ("cpu", torch.float16),
+    pytest.param("cuda", torch.float16, marks=cuda_only),
+    pytest.param("cuda", torch.bfloat16, marks=cuda_only),
+]
 
 
 @pytest.mark.parametrize("device, amp_dtype", AMP_CASES)
@@ -217,12 +243,13 @@ def test_autocast(device, amp_dtype):
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device, amp_dtype",
-                         [("cpu", torch.bfloat16), pytest.param("cuda", torch.float16,
-                                                                marks=cuda_only)])
+@pytest.mark.parametrize(
+    "device, amp_dtype",
+    [("cpu", torch.bfloat16), pytest.param("cuda", torch.float16, marks=cuda_only)],
+)
 def test_grad_scaler_skips_steps_with_inf(device, amp_dtype):
     try:
-        scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**12)
     except Exception as e:  # pragma: no cover - older torch: GradScaler is CUDA-only
         pytest.skip(f"torch.amp.GradScaler({device!r}) unavailable: {e}")
     K, cnum = 3, 4
@@ -237,7 +264,7 @@ def test_grad_scaler_skips_steps_with_inf(device, amp_dtype):
         y = torch.randint(0, K, (4,), device=device)
         with torch.autocast(device, dtype=amp_dtype):
             features = conv(x)
-            if step == bad_step:            # an overflow in the features
+            if step == bad_step:  # an overflow in the features
                 inf = torch.zeros_like(features)
                 inf[1, 5, 2, 3] = float("inf")
                 features = features + inf
@@ -295,19 +322,19 @@ def test_cuda_graph_training_step(fresh_seed):
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):           # warm-up: caches, allocator, cuBLAS/cuDNN plans
+    with torch.cuda.stream(side):  # warm-up: caches, allocator, cuBLAS/cuDNN plans
         for _ in range(3):
             step(net_g, static_x, static_y)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_loss, static_logits = step(net_g, static_x, static_y)
-    with torch.no_grad():                   # back to the start (in place: the graph's tensors)
+    with torch.no_grad():  # back to the start (in place: the graph's tensors)
         for name, p in net_g.named_parameters():
             p.copy_(start[name])
 
     seed = fresh_seed + 1
-    torch.cuda.manual_seed(seed)            # the masks the four steps will draw
+    torch.cuda.manual_seed(seed)  # the masks the four steps will draw
     masks = [mc.random_channel_mask(K, cnum, device=dev) for _ in range(4)]
     assert not all(torch.equal(m, masks[0]) for m in masks[1:])
 
@@ -348,12 +375,23 @@ def test_cuda_graph_training_step(fresh_seed):
 def test_example_train_synthetic_quick(tmp_path):
     png = tmp_path / "maps.png"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_synthetic.py"), "--quick",
-         "--save-maps", str(png)],
-        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train_synthetic.py"),
+            "--quick",
+            "--save-maps",
+            str(png),
+        ],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert re.search(r"test accuracy: cross-entropy only [0-9.]+, with MC-Loss [0-9.]+",
-                     proc.stdout), proc.stdout
+    assert re.search(
+        r"test accuracy: cross-entropy only [0-9.]+, with MC-Loss [0-9.]+", proc.stdout
+    ), proc.stdout
     assert "[CE+MC] epoch 2/2" in proc.stdout
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -361,7 +399,7 @@ def test_example_train_synthetic_quick(tmp_path):
 
     img = matplotlib.image.imread(str(png))
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 300
-    assert img[..., :3].std() > 0.05          # not a blank canvas
+    assert img[..., :3].std() > 0.05  # not a blank canvas
 
 
 def doc_snippets(name):
@@ -381,8 +419,14 @@ def test_docs_snippets_run(tmp_path, name, at_least):
         path.write_text(code)
         env = child_env()
         env["OMP_NUM_THREADS"] = "1"
-        proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(path)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if proc.returncode != 0:
             failures.append(f"--- snippet {i}:\n{code}\n--- output:\n{proc.stdout}{proc.stderr}")
     assert not failures, "\n".join(failures)

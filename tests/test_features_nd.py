@@ -27,7 +27,8 @@ SHAPES = {
     "one-position": lambda dt: torch.randn(2, C, 1, dtype=dt),
     "volume": lambda dt: torch.randn(2, C, 3, 4, 5, dtype=dt),
     "volume-channels-last": lambda dt: torch.randn(2, C, 3, 2, 5, dtype=dt).contiguous(
-        memory_format=torch.channels_last_3d),
+        memory_format=torch.channels_last_3d
+    ),
     "tokens": lambda dt: _tokens(2, 9, dt),
     "map-b32-1x40": lambda dt: torch.randn(2, C, 1, 40, dtype=dt),
 }
@@ -50,8 +51,8 @@ def test_mc_loss_any_spatial_dims(shape, dtype):
     for a, b in zip(out, ref):
         _close(a, b, VALUE_TOL[dtype])
     g = torch.randn(x.shape[0], K, dtype=out.logits.dtype)
-    dx, = torch.autograd.grad(out.loss + (out.logits * g).sum(), x)
-    dr, = torch.autograd.grad(ref.loss + (ref.logits * g).sum(), x)
+    (dx,) = torch.autograd.grad(out.loss + (out.logits * g).sum(), x)
+    (dr,) = torch.autograd.grad(ref.loss + (ref.logits * g).sum(), x)
     assert dx.shape == x.shape and dx.dtype == x.dtype
     _close(dx, dr, GRAD_TOL[dtype])
 
@@ -61,15 +62,17 @@ def test_mc_loss_any_spatial_dims(shape, dtype):
 def test_primitives_any_spatial_dims(shape):
     x = SHAPES[shape](torch.float64).requires_grad_(True)
     mask = mc.random_channel_mask(K, N)
-    for f, g in ((mc.spatial_softmax, reference.spatial_softmax),
-                 (lambda t: mc.channel_mask(t, mask), lambda t: reference.channel_mask(t, mask)),
-                 (lambda t: mc.ccmp(t, N), lambda t: reference.ccmp(t, N))):
+    for f, g in (
+        (mc.spatial_softmax, reference.spatial_softmax),
+        (lambda t: mc.channel_mask(t, mask), lambda t: reference.channel_mask(t, mask)),
+        (lambda t: mc.ccmp(t, N), lambda t: reference.ccmp(t, N)),
+    ):
         a, b = f(x), g(x)
         assert a.shape == b.shape
         _close(a, b, VALUE_TOL[torch.float64])
         up = torch.randn_like(a)
-        ga, = torch.autograd.grad(a, x, up)
-        gb, = torch.autograd.grad(b, x, up)
+        (ga,) = torch.autograd.grad(a, x, up)
+        (gb,) = torch.autograd.grad(b, x, up)
         _close(ga, gb, GRAD_TOL[torch.float64])
     assert mc.diversity_loss(x, K, N).shape == ()
     assert mc.discriminality_logits(x, K, mask, N).shape == (x.shape[0], K)
@@ -84,8 +87,10 @@ def test_no_copy_for_the_kernels(shape):
 
 
 def test_gradcheck_sequence_and_volume():
-    for x in (torch.randn(2, C, 5, dtype=torch.float64), torch.randn(1, C, 2, 2, 3,
-                                                                     dtype=torch.float64)):
+    for x in (
+        torch.randn(2, C, 5, dtype=torch.float64),
+        torch.randn(1, C, 2, 2, 3, dtype=torch.float64),
+    ):
         x.requires_grad_(True)
         y = random_targets(x.shape[0], K)
         mask = mc.random_channel_mask(K, N)
@@ -101,7 +106,7 @@ def test_float_drop_fraction(counts, p):
     for n in counts:
         starts.append(starts[-1] + n)
     for i, d in enumerate(dropped):
-        assert ((~m[:, starts[i]:starts[i + 1]]).sum(1) == d).all()
+        assert ((~m[:, starts[i] : starts[i + 1]]).sum(1) == d).all()
 
 
 @fused_only
@@ -110,16 +115,34 @@ def test_float_drop_in_the_fused_loss(p):
     counts = [5, 7, 10]
     x = torch.randn(3, sum(counts), 4, 5, dtype=torch.float64, requires_grad=True)
     y = random_targets(3, len(counts))
-    seed = int(torch.randint(0, 2 ** 62, ()))
-    out = mc.mc_loss(x, y, len(counts), counts, drop=p, per_sample_mask=True,
-                     generator=torch.Generator().manual_seed(seed))
+    seed = int(torch.randint(0, 2**62, ()))
+    out = mc.mc_loss(
+        x,
+        y,
+        len(counts),
+        counts,
+        drop=p,
+        per_sample_mask=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     # the mask that call drew, from the op with the same generator state
     offsets = torch.tensor([0, 5, 12, 22])
-    drawn = ops.mc_loss(x.detach(), y, offsets, 10, None, -1, p, True,
-                        torch.Generator().manual_seed(seed), 1.5, 20.0)[5]
+    drawn = ops.mc_loss(
+        x.detach(),
+        y,
+        offsets,
+        10,
+        None,
+        -1,
+        p,
+        True,
+        torch.Generator().manual_seed(seed),
+        1.5,
+        20.0,
+    )[5]
     for r in range(3):
         for i, n in enumerate(counts):
-            assert int((~drawn[r, offsets[i]:offsets[i + 1]]).sum()) == math.floor(n * p)
+            assert int((~drawn[r, offsets[i] : offsets[i + 1]]).sum()) == math.floor(n * p)
     ref = reference.mc_loss(x, y, len(counts), counts, mask=drawn)
     _close(out.loss, ref.loss, VALUE_TOL[torch.float64])
 
@@ -128,8 +151,9 @@ def test_drop_fraction_bad_values():
     x = torch.randn(2, C, 3, 3)
     y = random_targets(2, K)
     for bad in (1.0, -0.1, float("nan")):
-        with pytest.raises(ValueError,
-                           match=r"drop: a fraction of each group must lie in \[0, 1\)"):
+        with pytest.raises(
+            ValueError, match=r"drop: a fraction of each group must lie in \[0, 1\)"
+        ):
             mc.mc_loss(x, y, K, N, drop=bad)
 
 

@@ -29,12 +29,19 @@ from mcloss_cuda import _diagnostics, _ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = os.environ.get("MCLOSS_EXPECT_BACKEND")
 needs_extension = pytest.mark.skipif(
-    not _ops.AVAILABLE and EXPECTED is None, reason=f"extension not built: {_ops.LOAD_ERROR!r}")
+    not _ops.AVAILABLE and EXPECTED is None, reason=f"extension not built: {_ops.LOAD_ERROR!r}"
+)
 
 
 def run_python(args, env=None, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, *args], env=env or child_env(), cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args],
+        env=env or child_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ---- the install CI made
@@ -127,8 +134,10 @@ def broken_copy(tmp_path, how):
         if cc is None:
             pytest.skip("no C compiler to build a library with a missing symbol")
         c = tmp_path / "c.c"
-        c.write_text("extern void mcloss_test_missing(void);\n"
-                     "void PyInit__C(void) { mcloss_test_missing(); }\n")
+        c.write_text(
+            "extern void mcloss_test_missing(void);\n"
+            "void PyInit__C(void) { mcloss_test_missing(); }\n"
+        )
         subprocess.run([cc, "-shared", "-fPIC", "-o", str(so), str(c)], check=True)
     elif how in ("not-a-library", "other-torch"):
         so.write_bytes(b"not a shared library\n")
@@ -160,12 +169,15 @@ IMPORT_AND_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("how,why", [
-    ("missing", "is not there"),
-    ("not-a-library", "ImportError"),
-    ("undefined-symbol", "a symbol it needs is missing"),
-    ("other-torch", f"built against torch 1.0.0 but this is torch {torch.__version__}"),
-])
+@pytest.mark.parametrize(
+    "how,why",
+    [
+        ("missing", "is not there"),
+        ("not-a-library", "ImportError"),
+        ("undefined-symbol", "a symbol it needs is missing"),
+        ("other-torch", f"built against torch 1.0.0 but this is torch {torch.__version__}"),
+    ],
+)
 def test_an_extension_that_cannot_load_warns_once_and_falls_back(tmp_path, how, why):
     site = broken_copy(tmp_path, how)
     env = child_env()
@@ -192,19 +204,22 @@ def test_an_extension_that_cannot_load_warns_once_and_falls_back(tmp_path, how, 
         assert json.loads(quiet.stdout.strip().splitlines()[-1])["warnings"] == []
 
 
-@pytest.mark.parametrize("archs,capability,runs", [
-    (["sm_80"], (8, 0), True),
-    (["sm_80"], (8, 6), True),          # a cubin runs on later minors of its major
-    (["sm_86"], (8, 0), False),
-    (["sm_80"], (9, 0), False),         # but not on another major
-    (["sm_80", "compute_80"], (9, 0), True),   # PTX is compiled by the driver for newer GPUs
-    (["compute_90"], (8, 9), False),
-    (["sm_90a"], (9, 0), True),
-    (["sm_90a"], (10, 0), False),       # arch-specific code runs on that arch only
-    (["sm_100", "sm_120"], (12, 1), True),
-    (["sm_100", "sm_120"], (11, 0), False),
-    ([], (7, 5), True),                 # nothing recorded: cannot tell, assume it runs
-])
+@pytest.mark.parametrize(
+    "archs,capability,runs",
+    [
+        (["sm_80"], (8, 0), True),
+        (["sm_80"], (8, 6), True),  # a cubin runs on later minors of its major
+        (["sm_86"], (8, 0), False),
+        (["sm_80"], (9, 0), False),  # but not on another major
+        (["sm_80", "compute_80"], (9, 0), True),  # PTX is compiled by the driver for newer GPUs
+        (["compute_90"], (8, 9), False),
+        (["sm_90a"], (9, 0), True),
+        (["sm_90a"], (10, 0), False),  # arch-specific code runs on that arch only
+        (["sm_100", "sm_120"], (12, 1), True),
+        (["sm_100", "sm_120"], (11, 0), False),
+        ([], (7, 5), True),  # nothing recorded: cannot tell, assume it runs
+    ],
+)
 def test_arch_rules(archs, capability, runs):
     assert _diagnostics.arch_runs_on(archs, capability) is runs
 
@@ -289,8 +304,9 @@ def fake_isolated_env(tmp_path):
     return env
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "build_backend")),
-                    reason="not a source tree")
+@pytest.mark.skipif(
+    not os.path.isdir(os.path.join(ROOT, "build_backend")), reason="not a source tree"
+)
 def test_the_backend_finds_the_target_torch_from_an_isolated_build(tmp_path):
     env = fake_isolated_env(tmp_path)
     backend_dir = os.path.join(ROOT, "build_backend")
@@ -318,8 +334,11 @@ def source_files():
     for top in ("csrc", "tools"):
         for folder, dirs, files in os.walk(os.path.join(ROOT, top)):
             for name in files:
-                if name.endswith((".h", ".cuh", ".cpp", ".cu")) or top == "tools" and \
-                        name.endswith(".py"):
+                if (
+                    name.endswith((".h", ".cuh", ".cpp", ".cu"))
+                    or top == "tools"
+                    and name.endswith(".py")
+                ):
                     yield os.path.relpath(os.path.join(folder, name), ROOT)
 
 
@@ -327,8 +346,10 @@ def source_files():
 def test_the_sdist_carries_every_source_and_header(tmp_path):
     pytest.importorskip("setuptools")
     # the backend's own sdist hook, as `python -m build --sdist` calls it (no torch needed)
-    hook = ("import sys; sys.path.insert(0, 'build_backend'); import mcloss_backend; "
-            "print(mcloss_backend.build_sdist(sys.argv[1]))")
+    hook = (
+        "import sys; sys.path.insert(0, 'build_backend'); import mcloss_backend; "
+        "print(mcloss_backend.build_sdist(sys.argv[1]))"
+    )
     env = dict(os.environ, PYTHONPATH="")
     proc = run_python(["-c", hook, str(tmp_path)], env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -336,28 +357,64 @@ def test_the_sdist_carries_every_source_and_header(tmp_path):
     assert name == f"mcloss_cuda-{mc.__version__}.tar.gz"
     with tarfile.open(tmp_path / name) as tar:
         top = f"mcloss_cuda-{mc.__version__}/"
-        members = {m.name[len(top):] for m in tar.getmembers() if m.name.startswith(top)}
+        members = {m.name[len(top) :] for m in tar.getmembers() if m.name.startswith(top)}
     wanted = set(source_files()) | {
-        "setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "docs/spec.md",
-        "build_backend/mcloss_backend.py", "mcloss_cuda/__init__.py", "mcloss_cuda/_version.py",
-        "mcloss_cuda/_toolkit.py"}
+        "setup.py",
+        "pyproject.toml",
+        "README.md",
+        "MANIFEST.in",
+        "docs/spec.md",
+        "build_backend/mcloss_backend.py",
+        "mcloss_cuda/__init__.py",
+        "mcloss_cuda/_version.py",
+        "mcloss_cuda/_toolkit.py",
+    }
     assert "csrc/ops.cpp" in wanted and "tools/cuemu/cuemu.h" in wanted
     assert not wanted - members, sorted(wanted - members)
     assert "mcloss_cuda/_build_info.py" not in members  # written by each build for itself
     assert not [m for m in members if m.endswith(".so")]
 
 
-SKIP_DIRS = {".git", ".venv", "build", "dist", ".hypothesis", ".pytest_cache", "__pycache__",
-             "node_modules"}
+SKIP_DIRS = {
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    ".hypothesis",
+    ".pytest_cache",
+    "__pycache__",
+    "node_modules",
+}
 
 
 def repository_text_files():
     for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")
-                   and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))]
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in SKIP_DIRS
+            and not d.endswith(".egg-info")
+            and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))
+        ]
         for name in files:
-            if name.endswith((".py", ".md", ".txt", ".toml", ".cfg", ".in", ".h", ".cpp",
-                              ".cu", ".cuh", ".sh")) or name == "run":
+            if (
+                name.endswith(
+                    (
+                        ".py",
+                        ".md",
+                        ".txt",
+                        ".toml",
+                        ".cfg",
+                        ".in",
+                        ".h",
+                        ".cpp",
+                        ".cu",
+                        ".cuh",
+                        ".sh",
+                    )
+                )
+                or name == "run"
+            ):
                 yield os.path.join(folder, name)
 
 
@@ -380,8 +437,11 @@ def test_the_repository_refers_only_to_itself():
             if re.match(r"[a-z]+:", target):
                 continue  # a URL
             file_part, _, anchor = target.partition("#")
-            dest = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) \
-                if file_part else path
+            dest = (
+                os.path.normpath(os.path.join(os.path.dirname(path), file_part))
+                if file_part
+                else path
+            )
             if not dest.startswith(ROOT) or not os.path.exists(dest):
                 broken.append(f"{rel}: {target}")
             elif anchor and dest.endswith(".md"):

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not has_room(), reason="needs a CUDA GPU with ~1
 
 
 def test_past_int32_indexing():
-    assert B * C * H * W > 2 ** 31
+    assert B * C * H * W > 2**31
     ops = torch.ops.mcloss_cuda
     counts = [C // K + (i < C % K) for i in range(K)]
     offsets = torch.tensor([0] + counts, device="cuda").cumsum(0)
@@ -37,14 +37,25 @@ def test_past_int32_indexing():
     x = torch.randn(B, C, H, W, device="cuda", dtype=torch.bfloat16)
     y = torch.randint(0, K, (B,), device="cuda")
     mask = mc.random_channel_mask(K, counts, batch=B, device="cuda")
-    tail = slice(B - 2, B)                       # samples that start past element 2^31
+    tail = slice(B - 2, B)  # samples that start past element 2^31
     x_tail, y_tail, mask_tail = x[tail].contiguous(), y[tail].contiguous(), mask[tail].contiguous()
 
     def forward(x, y, mask, **kw):
         args = dict(drop=-1, drop_fraction=0.5, per_sample_mask=False, generator=None)
         args.update(kw)
-        return ops.mc_loss(x, y, offsets, max_group, mask, args["drop"], args["drop_fraction"],
-                           args["per_sample_mask"], args["generator"], 1.5, 20.0)
+        return ops.mc_loss(
+            x,
+            y,
+            offsets,
+            max_group,
+            mask,
+            args["drop"],
+            args["drop_fraction"],
+            args["per_sample_mask"],
+            args["generator"],
+            1.5,
+            20.0,
+        )
 
     # the per-sample outputs (logits, lse) of the last samples, computed among all B and alone
     out = forward(x, y, mask)
@@ -52,8 +63,9 @@ def test_past_int32_indexing():
     assert torch.equal(out[3][tail], out_tail[3]) and torch.equal(out[4][tail], out_tail[4])
     ref = mc.reference.discriminality_logits(x_tail.float(), K, mask_tail, counts)
     torch.testing.assert_close(out_tail[3], ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out[1], torch.nn.functional.cross_entropy(out[3], y),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out[1], torch.nn.functional.cross_entropy(out[3], y), rtol=1e-5, atol=1e-5
+    )
 
     # a per-sample mask drawn inside: the rows past 2^31 elements are the mask they used
     gen = torch.Generator(device="cuda").manual_seed(12345)
@@ -68,20 +80,48 @@ def test_past_int32_indexing():
     # factor in it); then the diversity term's, whose 1 / (B K n_i) scales with B
     grad = torch.zeros(B, K, device="cuda")
     grad[tail] = torch.randn(2, K, device="cuda")
-    dx = ops.mc_loss_backward(None, None, None, grad, x, y, offsets, max_group, mask, out[3],
-                              out[4], 1.5, 20.0)
-    dx_tail = ops.mc_loss_backward(None, None, None, grad[tail].contiguous(), x_tail, y_tail,
-                                   offsets, max_group, mask_tail, out_tail[3], out_tail[4], 1.5,
-                                   20.0)
+    dx = ops.mc_loss_backward(
+        None, None, None, grad, x, y, offsets, max_group, mask, out[3], out[4], 1.5, 20.0
+    )
+    dx_tail = ops.mc_loss_backward(
+        None,
+        None,
+        None,
+        grad[tail].contiguous(),
+        x_tail,
+        y_tail,
+        offsets,
+        max_group,
+        mask_tail,
+        out_tail[3],
+        out_tail[4],
+        1.5,
+        20.0,
+    )
     assert torch.equal(dx[tail], dx_tail)
     del dx
     g_div = torch.ones((), device="cuda")
-    dx = ops.mc_loss_backward(None, None, g_div, None, x, y, offsets, max_group, mask, out[3],
-                              out[4], 1.5, 20.0)
-    dx_tail = ops.mc_loss_backward(None, None, g_div * (2 / B), None, x_tail, y_tail, offsets,
-                                   max_group, mask_tail, out_tail[3], out_tail[4], 1.5, 20.0)
-    torch.testing.assert_close(dx[tail].float(), dx_tail.float(), rtol=2e-2,
-                               atol=1e-2 * dx_tail.float().abs().max().item())
+    dx = ops.mc_loss_backward(
+        None, None, g_div, None, x, y, offsets, max_group, mask, out[3], out[4], 1.5, 20.0
+    )
+    dx_tail = ops.mc_loss_backward(
+        None,
+        None,
+        g_div * (2 / B),
+        None,
+        x_tail,
+        y_tail,
+        offsets,
+        max_group,
+        mask_tail,
+        out_tail[3],
+        out_tail[4],
+        1.5,
+        20.0,
+    )
+    torch.testing.assert_close(
+        dx[tail].float(), dx_tail.float(), rtol=2e-2, atol=1e-2 * dx_tail.float().abs().max().item()
+    )
     del dx
 
     p = ops.spatial_softmax(x)

@@ -21,14 +21,15 @@ import torch
 import mcloss_cuda as mc
 from helpers import child_env, cuda_only
 
-K, N, B, H, W = 4, 3, 4, 8, 8          # features: 4 * 12 * 64 * 4 bytes = 12 KiB in fp32
+K, N, B, H, W = 4, 3, 4, 8, 8  # features: 4 * 12 * 64 * 4 bytes = 12 KiB in fp32
 STEPS, WARMUP = 2500, 300
-SLACK = 2 << 20                        # bytes of RSS growth allowed after the warm-up
+SLACK = 2 << 20  # bytes of RSS growth allowed after the warm-up
 IMPLS = [pytest.param(mc, id="fused"), pytest.param(mc.reference, id="reference")]
 
-needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux") or
-                                not os.path.exists("/proc/self/statm"),
-                                reason="needs /proc/self/statm")
+needs_proc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.path.exists("/proc/self/statm"),
+    reason="needs /proc/self/statm",
+)
 
 
 def rss():
@@ -57,11 +58,17 @@ def make_step(impl, device="cpu"):
         loss = out.loss
         if i % 5 == 0:
             # the primitives too, in the same graph
-            loss = loss + impl.spatial_softmax(x).sum() + impl.ccmp(x, N).sum() \
-                + impl.channel_mask(x, mask).square().sum() + impl.diversity_loss(x, K) \
+            loss = (
+                loss
+                + impl.spatial_softmax(x).sum()
+                + impl.ccmp(x, N).sum()
+                + impl.channel_mask(x, mask).square().sum()
+                + impl.diversity_loss(x, K)
                 + impl.discriminality_logits(x, K, mask).sum()
+            )
         loss.backward()
         return x.grad.shape
+
     return step
 
 
@@ -83,14 +90,20 @@ def leaky_step_factory():
     def leaky_step():
         inner()
         kept.append(torch.randn(B, K * N, H, W))
+
     return leaky_step
 
 
 def growth_in_child(what):
     """RSS growth measured in a fresh process: in the test process, heap freed by earlier tests
     would absorb a leak without any growth of the resident set."""
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), what], capture_output=True,
-                       text=True, timeout=600, env=child_env())
+    r = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), what],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=child_env(),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return int(r.stdout.strip().splitlines()[-1])
 

@@ -35,15 +35,16 @@ def written_out(x, y, counts, mask, alpha, beta, pooling, weight, eps, reduction
     for b in range(B):
         h_over_n = 0.0
         for i in range(K):
-            g = x[b, bounds[i]:bounds[i + 1]].flatten(1)            # (n_i, HW)
-            masked = g * mask[bounds[i]:bounds[i + 1]].double()[:, None]
+            g = x[b, bounds[i] : bounds[i + 1]].flatten(1)  # (n_i, HW)
+            masked = g * mask[bounds[i] : bounds[i + 1]].double()[:, None]
             pooled = masked.max(0).values if pooling == "max" else masked.mean(0)
             logits[b, i] = pooled.mean()
             h_over_n += torch.softmax(g, -1).max(0).values.sum() / g.shape[0]
         div[b] = 1 - h_over_n / K
     logp = torch.log_softmax(logits, -1)
-    ce = torch.stack([(1 - eps) * w[y[b]] * -logp[b, y[b]] + eps / K * (w * -logp[b]).sum()
-                      for b in range(B)])
+    ce = torch.stack(
+        [(1 - eps) * w[y[b]] * -logp[b, y[b]] + eps / K * (w * -logp[b]).sum() for b in range(B)]
+    )
     if reduction == "none":
         dis = ce
     elif reduction == "sum":
@@ -61,15 +62,27 @@ def test_reference_matches_the_written_out_loss(reduction, pooling, weighted, ep
     counts = (3, 2, 4)
     x, y, mask = sample(counts=counts, dtype=F64)
     weight = 0.3 + torch.rand(len(counts), dtype=F64) if weighted else None
-    out = R.mc_loss(x, y, len(counts), counts, mask=mask, alpha=0.7, beta=3.0, pooling=pooling,
-                    weight=weight, label_smoothing=eps, reduction=reduction)
+    out = R.mc_loss(
+        x,
+        y,
+        len(counts),
+        counts,
+        mask=mask,
+        alpha=0.7,
+        beta=3.0,
+        pooling=pooling,
+        weight=weight,
+        label_smoothing=eps,
+        reduction=reduction,
+    )
     want = written_out(x, y, counts, mask, 0.7, 3.0, pooling, weight, eps, reduction)
     for got, expected in zip(out, want):
         torch.testing.assert_close(got, expected)
     # the discriminality term is F.cross_entropy with the same options
-    torch.testing.assert_close(out.dis, F.cross_entropy(out.logits, y, weight=weight,
-                                                        label_smoothing=eps,
-                                                        reduction=reduction))
+    torch.testing.assert_close(
+        out.dis,
+        F.cross_entropy(out.logits, y, weight=weight, label_smoothing=eps, reduction=reduction),
+    )
 
 
 def test_avg_pooling_of_uniform_groups_is_the_mean_of_the_masked_channels():
@@ -95,17 +108,21 @@ def test_reductions_relate_as_torch_says():
 
 
 @fused_only
-@pytest.mark.parametrize("options", [
-    dict(pooling="avg"),
-    dict(weight=True, reduction="sum"),
-    dict(label_smoothing=0.3, reduction="none"),
-    dict(pooling="avg", weight=True, label_smoothing=0.2),
-], ids=["avg", "weight-sum", "smoothing-none", "avg-weight-smoothing"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(pooling="avg"),
+        dict(weight=True, reduction="sum"),
+        dict(label_smoothing=0.3, reduction="none"),
+        dict(pooling="avg", weight=True, label_smoothing=0.2),
+    ],
+    ids=["avg", "weight-sum", "smoothing-none", "avg-weight-smoothing"],
+)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradcheck_fused(options, layout):
     counts = (2, 3)
     x = torch.randn(3, 5, 3, 4, dtype=F64)
-    x = x + torch.arange(5, dtype=F64).view(1, -1, 1, 1) * 0.3   # no near-ties in the max
+    x = x + torch.arange(5, dtype=F64).view(1, -1, 1, 1) * 0.3  # no near-ties in the max
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -116,13 +133,16 @@ def test_gradcheck_fused(options, layout):
         options["weight"] = 0.5 + torch.rand(2, dtype=F64)
     assert mc.backend("cpu") == "cpu"
     torch.autograd.gradcheck(
-        lambda t: tuple(mc.mc_loss(t, y, 2, counts, mask=mask, **options)), (x,))
+        lambda t: tuple(mc.mc_loss(t, y, 2, counts, mask=mask, **options)), (x,)
+    )
 
 
 @fused_only
-@pytest.mark.parametrize("options", [dict(pooling="avg"),
-                                     dict(pooling="avg", weight=True, label_smoothing=0.2,
-                                          reduction="none")], ids=["avg", "avg-weight-none"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(pooling="avg"), dict(pooling="avg", weight=True, label_smoothing=0.2, reduction="none")],
+    ids=["avg", "avg-weight-none"],
+)
 def test_groups_too_large_for_a_tile(options):
     # 64 channels of 32x32 per group: on CUDA (and under the emulator) the stream kernels, not
     # the tiles (tests/cuda_emulated_cases.py::test_launches_per_step); fp32 forward and
@@ -152,8 +172,9 @@ def test_module_weight_is_a_buffer():
     assert crit.weight.dtype == F64
     x, y, mask = sample(counts=(2, 2, 2))
     out = crit(x, y, mask=mask)
-    ref = R.mc_loss(x, y, 3, 2, mask=mask, weight=w, label_smoothing=0.1, reduction="sum",
-                    pooling="avg")
+    ref = R.mc_loss(
+        x, y, 3, 2, mask=mask, weight=w, label_smoothing=0.1, reduction="sum", pooling="avg"
+    )
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b)
     # loading a state dict replaces the weight
@@ -183,8 +204,11 @@ BAD_OPTIONS = [
 
 
 @pytest.mark.parametrize("fn", ["mc_loss", "reference", "module"])
-@pytest.mark.parametrize("kw, exc, match", BAD_OPTIONS,
-                         ids=[f"{k}-{i}" for i, (kw, _, _) in enumerate(BAD_OPTIONS) for k in kw])
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    BAD_OPTIONS,
+    ids=[f"{k}-{i}" for i, (kw, _, _) in enumerate(BAD_OPTIONS) for k in kw],
+)
 def test_bad_options_raise_naming_the_argument(fn, kw, exc, match):
     x, y, mask = sample(counts=(2, 2, 2))
     with pytest.raises(exc, match=match):
@@ -214,8 +238,20 @@ def test_op_checks_its_options():
     out = op(*base, False, torch.ones(3), 0.0, 0)
     g = torch.ones(4)
     bwd = torch.ops.mcloss_cuda.mc_loss_backward
-    rest = (None, None, None, x, y, offsets, 2, out[5] if out[5].numel() else
-            torch.ones(6, dtype=torch.bool), out[3], out[4], 1.5, 20.0)
+    rest = (
+        None,
+        None,
+        None,
+        x,
+        y,
+        offsets,
+        2,
+        out[5] if out[5].numel() else torch.ones(6, dtype=torch.bool),
+        out[3],
+        out[4],
+        1.5,
+        20.0,
+    )
     # reduction none takes (B,) gradients, the others 0-dim ones
     with pytest.raises(ValueError, match="grad_loss: expected shape"):
         bwd(torch.ones(()), *rest, False, None, 0.0, 0)

@@ -19,8 +19,8 @@ from published_formulation import published_mc_loss
 
 IMPLS = [pytest.param(mc.reference, id="reference"), pytest.param(mc, id="public")]
 F64 = torch.float64
-EXACT = dict(rtol=1e-12, atol=1e-12)      # hand-computed float64 cases
-TIGHT = dict(rtol=1e-10, atol=1e-10)      # float64 against another float64 formulation
+EXACT = dict(rtol=1e-12, atol=1e-12)  # hand-computed float64 cases
+TIGHT = dict(rtol=1e-10, atol=1e-10)  # float64 against another float64 formulation
 
 
 def t64(values, device):
@@ -37,7 +37,7 @@ LN3, LN4 = math.log(3.0), math.log(4.0)
 
 
 def case_a(device):
-    x = t64([[[[1.0], [1.0 + LN3]], [[2.0 + LN4], [2.0]]]], device)   # (1, 2, 2, 1)
+    x = t64([[[[1.0], [1.0 + LN3]], [[2.0 + LN4], [2.0]]]], device)  # (1, 2, 2, 1)
     return x.requires_grad_()
 
 
@@ -53,8 +53,9 @@ def test_hand_a_spatial_softmax(impl, device):
     #   ch1: sum g p = 4/5 -> [4/5 * 1/5, 1/5 * (-4/5)] = [4/25, -4/25]
     g = t64([[[[1.0], [0.0]], [[1.0], [0.0]]]], device)
     (dx,) = torch.autograd.grad(p, x, g)
-    torch.testing.assert_close(dx, t64([[[[3 / 16], [-3 / 16]], [[4 / 25], [-4 / 25]]]], device),
-                               **EXACT)
+    torch.testing.assert_close(
+        dx, t64([[[[3 / 16], [-3 / 16]], [[4 / 25], [-4 / 25]]]], device), **EXACT
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -86,8 +87,9 @@ def test_hand_a_diversity(impl, device):
     #   ch0: dp0[1]/dx0 = 3/4 * [-1/4, 1 - 3/4]        = [-3/16, 3/16]   -> [3/32, -3/32]
     #   ch1: dp1[0]/dx1 = 4/5 * [1 - 4/5, -1/5]        = [4/25, -4/25]   -> [-2/25, 2/25]
     (dx,) = torch.autograd.grad(div, x)
-    torch.testing.assert_close(dx, t64([[[[3 / 32], [-3 / 32]], [[-2 / 25], [2 / 25]]]], device),
-                               **EXACT)
+    torch.testing.assert_close(
+        dx, t64([[[[3 / 32], [-3 / 32]], [[-2 / 25], [2 / 25]]]], device), **EXACT
+    )
 
 
 # (mask, logits by hand, gradient of the logit by hand)
@@ -134,8 +136,9 @@ def test_hand_a_mc_loss(impl, device):
     # the dis gradient is softmax - onehot = 1 - 1 = 0, so dloss/dx = 20 * dL_div/dx:
     #   ch0: 20 * [3/32, -3/32] = [15/8, -15/8];  ch1: 20 * [-2/25, 2/25] = [-8/5, 8/5]
     (dx,) = torch.autograd.grad(out.loss, x)
-    torch.testing.assert_close(dx, t64([[[[15 / 8], [-15 / 8]], [[-8 / 5], [8 / 5]]]], device),
-                               **EXACT)
+    torch.testing.assert_close(
+        dx, t64([[[[15 / 8], [-15 / 8]], [[-8 / 5], [8 / 5]]]], device), **EXACT
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +147,7 @@ def test_hand_a_mc_loss(impl, device):
 #   K = 2, cnum = 3, a 1x2 map.
 #   group 0: ch0 = [-1, -2], ch1 = [-3, -0.5], ch2 = [-4, -6]   mask [1, 0, 1]
 #   group 1: ch3 = [ 5, .25], ch4 = [ 2, -1 ], ch5 = [ 1, -3]   mask [0, 1, 1]
+
 
 def case_b(device):
     x = t64([[[[-1, -2]], [[-3, -0.5]], [[-4, -6]], [[5, 0.25]], [[2, -1]], [[1, -3]]]], device)
@@ -182,7 +186,7 @@ def test_hand_b_masked_zero_wins(impl, device, mask_dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_hand_b_per_sample_mask(impl, device):
     x1 = case_b(device).detach()
-    x = torch.cat([x1, x1]).requires_grad_()                            # B = 2, same features
+    x = torch.cat([x1, x1]).requires_grad_()  # B = 2, same features
     mask = torch.tensor([MASK_B, [1, 1, 1, 0, 1, 1]], dtype=torch.bool, device=device)
     logits = impl.discriminality_logits(x, 2, mask, 3)
     # sample 0 as above: [0, 1]
@@ -211,13 +215,15 @@ def test_hand_c_tie_ccmp_and_logits(impl, device):
     # position 0: ch1 and ch2 tie at 3 -> ch1; position 1: ch0 and ch1 tie at 5 -> ch0
     torch.testing.assert_close(z, t64([[[[3.0], [5.0]]]], device), **EXACT)
     (dx,) = torch.autograd.grad(z, x, t64([[[[2.0], [7.0]]]], device))
-    torch.testing.assert_close(dx, t64([[[[0.0], [7.0]], [[2.0], [0.0]], [[0.0], [0.0]]]], device),
-                               **EXACT)
+    torch.testing.assert_close(
+        dx, t64([[[[0.0], [7.0]], [[2.0], [0.0]], [[0.0], [0.0]]]], device), **EXACT
+    )
     logits = impl.discriminality_logits(x, 1, torch.ones(3, dtype=torch.bool, device=device))
-    torch.testing.assert_close(logits, t64([[4.0]], device), **EXACT)          # (3 + 5) / 2
+    torch.testing.assert_close(logits, t64([[4.0]], device), **EXACT)  # (3 + 5) / 2
     (dx,) = torch.autograd.grad(logits.sum(), x)
-    torch.testing.assert_close(dx, t64([[[[0.0], [0.5]], [[0.5], [0.0]], [[0.0], [0.0]]]], device),
-                               **EXACT)
+    torch.testing.assert_close(
+        dx, t64([[[[0.0], [0.5]], [[0.5], [0.0]], [[0.0], [0.0]]]], device), **EXACT
+    )
 
 
 # ties between a masked channel's 0 and a kept 0: (x, mask, gradient of the logit)
@@ -238,7 +244,7 @@ def test_hand_c_tie_with_masked_zero(impl, device, xv, maskv, grad):
     x = t64(xv, device).view(1, 3, 1, 2).requires_grad_()
     mask = torch.tensor(maskv, dtype=torch.bool, device=device)
     logits = impl.discriminality_logits(x, 1, mask)
-    torch.testing.assert_close(logits, t64([[0.0]], device), **EXACT)          # all maxima are 0
+    torch.testing.assert_close(logits, t64([[0.0]], device), **EXACT)  # all maxima are 0
     (dx,) = torch.autograd.grad(logits.sum(), x)
     torch.testing.assert_close(dx, t64(grad, device).view(1, 3, 1, 2), **EXACT)
 
@@ -310,8 +316,10 @@ def test_matches_published(impl, cnum, hw):
     # a shared (C,) and a per-sample (B, C) mask each time; the mask dtypes take turns over
     # the parameter grid so that every (kind, dtype) pair is covered
     turn = cnum + SHAPES.index(hw)
-    for per_sample, mask_dtype in ((False, MASK_DTYPES[turn % 3]),
-                                   (True, MASK_DTYPES[(turn + 1) % 3])):
+    for per_sample, mask_dtype in (
+        (False, MASK_DTYPES[turn % 3]),
+        (True, MASK_DTYPES[(turn + 1) % 3]),
+    ):
         B = int(torch.randint(1, 7, ()))
         K = int(torch.randint(1, 5, ()))
         C = K * cnum
@@ -320,7 +328,7 @@ def test_matches_published(impl, cnum, hw):
         mask = random_mask(B, C, per_sample, mask_dtype, "cpu")
         weights = random_weights(B, K, "cpu")
 
-        out = impl.mc_loss(x, y, K, cnum, mask=mask)      # published defaults alpha 1.5, beta 20
+        out = impl.mc_loss(x, y, K, cnum, mask=mask)  # published defaults alpha 1.5, beta 20
         ref = published_mc_loss(x, y, cnum, mask)
         assert_outputs_close(out, ref, TIGHT)
         for g, g_ref in zip(grads_of(out, x, weights), grads_of(ref, x, weights)):
@@ -371,11 +379,11 @@ def slow_mc_loss(x, y, counts, mask, alpha=1.5, beta=20.0):
     m = m.expand(B, -1) if m.dim() == 1 else m
     h_over_n, logits, start = [], [], 0
     for n in counts:
-        g = x[:, start:start + n].flatten(2)                     # (B, n, HW)
+        g = x[:, start : start + n].flatten(2)  # (B, n, HW)
         p = torch.softmax(g, dim=-1)
-        h_over_n.append(p.max(dim=1).values.sum(dim=-1) / n)     # (B,)
-        masked = g * m[:, start:start + n, None]
-        logits.append(masked.max(dim=1).values.mean(dim=-1))     # (B,)
+        h_over_n.append(p.max(dim=1).values.sum(dim=-1) / n)  # (B,)
+        masked = g * m[:, start : start + n, None]
+        logits.append(masked.max(dim=1).values.mean(dim=-1))  # (B,)
         start += n
     div = 1 - torch.stack(h_over_n, 1).mean()
     logits = torch.stack(logits, 1)
@@ -386,7 +394,7 @@ def slow_mc_loss(x, y, counts, mask, alpha=1.5, beta=20.0):
 def slow_ccmp(x, counts):
     out, start = [], 0
     for n in counts:
-        out.append(x[:, start:start + n].max(dim=1).values)
+        out.append(x[:, start : start + n].max(dim=1).values)
         start += n
     return torch.stack(out, 1)
 
@@ -397,11 +405,11 @@ UNEVEN = [
     (4, [3, 1, 1, 2], 7),
     (2, [4, 1], 5),
     (1, [3], 3),
-    (3, None, 7),     # balanced split: [3, 2, 2]
-    (4, None, 10),    # [3, 3, 2, 2]
-    (5, None, 5),     # [1, 1, 1, 1, 1]
-    (3, None, 11),    # [4, 4, 3]
-    (2, None, 9),     # [5, 4]
+    (3, None, 7),  # balanced split: [3, 2, 2]
+    (4, None, 10),  # [3, 3, 2, 2]
+    (5, None, 5),  # [1, 1, 1, 1, 1]
+    (3, None, 11),  # [4, 4, 3]
+    (2, None, 9),  # [5, 4]
 ]
 
 
@@ -428,19 +436,26 @@ def test_uneven_groups_against_slow_loop(impl, K, cnum, C):
     ref = slow_mc_loss(x, y, counts, mask, alpha, beta)
     div = impl.diversity_loss(x, K, cnum)
     torch.testing.assert_close(div, ref.div, **TIGHT)
-    torch.testing.assert_close(torch.autograd.grad(div, x)[0],
-                               torch.autograd.grad(ref.div, x, retain_graph=True)[0], **TIGHT)
+    torch.testing.assert_close(
+        torch.autograd.grad(div, x)[0],
+        torch.autograd.grad(ref.div, x, retain_graph=True)[0],
+        **TIGHT,
+    )
     logits = impl.discriminality_logits(x, K, mask, cnum)
     torch.testing.assert_close(logits, ref.logits, **TIGHT)
     w = weights[3]
-    torch.testing.assert_close(torch.autograd.grad((w * logits).sum(), x)[0],
-                               torch.autograd.grad((w * ref.logits).sum(), x)[0], **TIGHT)
+    torch.testing.assert_close(
+        torch.autograd.grad((w * logits).sum(), x)[0],
+        torch.autograd.grad((w * ref.logits).sum(), x)[0],
+        **TIGHT,
+    )
     z = impl.ccmp(x, counts)
     z_ref = slow_ccmp(x, counts)
     torch.testing.assert_close(z, z_ref, rtol=0, atol=0)
     gz = torch.randn_like(z)
-    torch.testing.assert_close(torch.autograd.grad(z, x, gz)[0],
-                               torch.autograd.grad(z_ref, x, gz)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(z, x, gz)[0], torch.autograd.grad(z_ref, x, gz)[0], rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -453,8 +468,9 @@ def test_cnum_none_divisible_is_uniform(impl):
     out = impl.mc_loss(x, y, K, mask=mask)
     ref = published_mc_loss(x, y, cnum, mask)
     assert_outputs_close(out, ref, TIGHT)
-    torch.testing.assert_close(torch.autograd.grad(out.loss, x)[0],
-                               torch.autograd.grad(ref.loss, x)[0], **TIGHT)
+    torch.testing.assert_close(
+        torch.autograd.grad(out.loss, x)[0], torch.autograd.grad(ref.loss, x)[0], **TIGHT
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -472,8 +488,11 @@ def test_low_precision_matches_upcast_slow_loop(impl, dtype):
     ref = slow_mc_loss(x64, y, counts, mask)
     for name in ("loss", "dis", "div", "logits"):
         assert getattr(out, name).dtype == torch.float32, name
-        torch.testing.assert_close(getattr(out, name), getattr(ref, name).float(),
-                                   **dict(zip(("rtol", "atol"), VALUE_TOL[dtype])))
+        torch.testing.assert_close(
+            getattr(out, name),
+            getattr(ref, name).float(),
+            **dict(zip(("rtol", "atol"), VALUE_TOL[dtype])),
+        )
     (g,) = torch.autograd.grad(out.loss, x)
     (g_ref,) = torch.autograd.grad(ref.loss, x64)
     assert g.dtype == dtype

@@ -27,7 +27,9 @@ FWD = "_ZN6mcloss4cuda27mc_loss_tile_forward_kernelIfEEvPK6float4Pfi"
 BWD = "_ZN6mcloss4cuda28mc_loss_tile_backward_kernelIfEEvPKT_PS2_i"
 REGSPILL = "_ZN6mcloss4cuda15regspill_kernelIfEEvPKT_PS2_i"
 LOCAL = "_ZN6mcloss4cuda12spill_kernelIfEEvPKT_PS2_PKii"
-HALF = "_ZN6mcloss4cuda36_GLOBAL__N__f2a0c8c4_4_x_cu_76661b5311copy_kernelIN3c104HalfELi1EEEvPKT_PS5_i"
+HALF = (
+    "_ZN6mcloss4cuda36_GLOBAL__N__f2a0c8c4_4_x_cu_76661b5311copy_kernelIN3c104HalfELi1EEEvPKT_PS5_i"
+)
 DOUBLE = "_ZN6mcloss4cuda12plain_kernelIdEEvPKT_PS2_i"
 
 # c++filt of the names above
@@ -114,8 +116,16 @@ def rows(keep=tuple(DEMANGLED)):
 def test_res_usage_registers_stack_shared():
     usage = sr.parse_res_usage(RES_USAGE)
     assert set(usage) == set(DEMANGLED)  # "Common: GLOBAL:0" is not a function
-    assert usage[REGSPILL] == {"REG": 32, "STACK": 1168, "SHARED": 0, "LOCAL": 0,
-                               "CONSTANT[0]": 548, "TEXTURE": 0, "SURFACE": 0, "SAMPLER": 0}
+    assert usage[REGSPILL] == {
+        "REG": 32,
+        "STACK": 1168,
+        "SHARED": 0,
+        "LOCAL": 0,
+        "CONSTANT[0]": 548,
+        "TEXTURE": 0,
+        "SURFACE": 0,
+        "SAMPLER": 0,
+    }
     assert usage[FWD]["SHARED"] == 2048 and usage[FWD]["REG"] == 18
 
 
@@ -132,11 +142,20 @@ def test_spill_bytes_from_annotations_and_local_memory():
     assert r[FWD]["stl"] == r[FWD]["ldl"] == r[FWD]["spill_store_bytes"] == 0
 
 
-@pytest.mark.parametrize("opcode, label, nbytes", [
-    ("LDG.E.128.CONSTANT", "128", 16), ("LDG.E.64.CONSTANT", "64", 8), ("LDG.E.CONSTANT", "32", 4),
-    ("LDG.E", "32", 4), ("LDG.E.U16.CONSTANT", "U16", 2), ("STG.E.U8", "U8", 1),
-    ("LDG.E.LTC128B.128", "128", 16), ("STL.64", "64", 8), ("LDL.LU", "32", 4),
-])
+@pytest.mark.parametrize(
+    "opcode, label, nbytes",
+    [
+        ("LDG.E.128.CONSTANT", "128", 16),
+        ("LDG.E.64.CONSTANT", "64", 8),
+        ("LDG.E.CONSTANT", "32", 4),
+        ("LDG.E", "32", 4),
+        ("LDG.E.U16.CONSTANT", "U16", 2),
+        ("STG.E.U8", "U8", 1),
+        ("LDG.E.LTC128B.128", "128", 16),
+        ("STL.64", "64", 8),
+        ("LDL.LU", "32", 4),
+    ],
+)
 def test_access_width(opcode, label, nbytes):
     assert sr.access_width(opcode) == label and sr.width_bytes(label) == nbytes
 
@@ -187,8 +206,10 @@ def test_check_fails_on_spills_and_local_memory():
 
 def test_check_fails_on_fused_fp32_kernel_without_128_bit_load():
     (problem,) = sr.check(list(rows([FWD, BWD]).values()))
-    assert problem == ("no 128-bit global load in fused fp32 kernel sm_90 "
-                       "mcloss::cuda::mc_loss_tile_backward_kernel<float>: loads by width 32:1")
+    assert problem == (
+        "no 128-bit global load in fused fp32 kernel sm_90 "
+        "mcloss::cuda::mc_loss_tile_backward_kernel<float>: loads by width 32:1"
+    )
 
 
 def test_check_fails_without_fused_kernel():
@@ -196,8 +217,10 @@ def test_check_fails_without_fused_kernel():
     assert problem.startswith("no fused fp32 kernel: no kernel name matches /_tile_")
     # --expect-fused overrides the pattern: now the Half copy kernel must load 128 bits
     (problem,) = sr.check(list(rows([FWD, HALF]).values()), r"copy_kernel<c10::Half")
-    assert problem.startswith("no 128-bit global load in fused fp32 kernel sm_90 "
-                              "mcloss::cuda::(anonymous namespace)::copy_kernel<c10::Half, 1>")
+    assert problem.startswith(
+        "no 128-bit global load in fused fp32 kernel sm_90 "
+        "mcloss::cuda::(anonymous namespace)::copy_kernel<c10::Half, 1>"
+    )
 
 
 def fake_tools(monkeypatch, tmp_path, keep=tuple(DEMANGLED), cpu_only=False):
@@ -208,6 +231,7 @@ def fake_tools(monkeypatch, tmp_path, keep=tuple(DEMANGLED), cpu_only=False):
     def run_tool(argv, cwd=None, stdin=None):
         def done(rc=0, out="", err=""):
             return subprocess.CompletedProcess(argv, rc, out, err)
+
         if cpu_only:
             return done(255, err=CPU_ONLY_STDERR)
         if "-xelf" in argv:  # writes the cubins into cwd, as cuobjdump does
@@ -225,11 +249,25 @@ def fake_tools(monkeypatch, tmp_path, keep=tuple(DEMANGLED), cpu_only=False):
 
 def test_main_check_fails_and_writes_json(monkeypatch, tmp_path, capsys):
     so = fake_tools(monkeypatch, tmp_path)
-    assert sr.main(["--so", so, "--check", "--json", str(tmp_path / "r.json"),
-                    "--markdown", str(tmp_path / "r.md")]) == 1
+    assert (
+        sr.main(
+            [
+                "--so",
+                so,
+                "--check",
+                "--json",
+                str(tmp_path / "r.json"),
+                "--markdown",
+                str(tmp_path / "r.md"),
+            ]
+        )
+        == 1
+    )
     out, err = capsys.readouterr()
-    assert ("| sm_90 | `mcloss::cuda::mc_loss_tile_forward_kernel<float>` | 18 | 0 | 2048 | 0/0 "
-            "| 0/0 | 128:1 | 32:1 | 4 (EX2:2 RCP:2) | 8 |") in out
+    assert (
+        "| sm_90 | `mcloss::cuda::mc_loss_tile_forward_kernel<float>` | 18 | 0 | 2048 | 0/0 "
+        "| 0/0 | 128:1 | 32:1 | 4 (EX2:2 RCP:2) | 8 |"
+    ) in out
     assert err.count("FAIL: spills/local memory") == 2 and err.count("FAIL: no 128-bit") == 1
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["kernels"]) == 6 and len(report["problems"]) == 3
@@ -266,8 +304,12 @@ def test_real_extension(tmp_path):
     probe = subprocess.run([cuobjdump, "-lelf", so[0]], capture_output=True, text=True)
     if sr.NO_DEVICE_CODE in probe.stderr + probe.stdout:
         pytest.skip(f"{so[0]} is a CPU-only build: no SASS to report")
-    out = subprocess.run([sys.executable, SCRIPT, "--so", so[0], "--json", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, timeout=120)  # no --check: report only
+    out = subprocess.run(
+        [sys.executable, SCRIPT, "--so", so[0], "--json", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # no --check: report only
     assert out.returncode == 0, out.stderr
     assert [line for line in out.stdout.splitlines() if line.startswith("| sm_")], out.stdout
     assert json.loads((tmp_path / "r.json").read_text())["kernels"]

@@ -42,18 +42,39 @@ def data(tmp_path_factory):
     return root
 
 
-def run(data, out, *extra, epochs=2, arch="resnet18", image_size=64, batch_size=4,
-        launcher=()):
+def run(data, out, *extra, epochs=2, arch="resnet18", image_size=64, batch_size=4, launcher=()):
     # resnet18 at 64 px: a 2x2 last map (at 32 px it would be 1x1, where MC-Loss is trivial)
-    cmd = [sys.executable, *launcher, str(SCRIPT), "--data", str(data), "--arch", arch,
-           "--epochs", str(epochs), "--batch-size", str(batch_size),
-           "--image-size", str(image_size),
-           "--weights", "none", "--device", "cpu", "--out", str(out), "--max-steps", "2",
-           "--workers", "0", "--lr", "0.01", *extra]
+    cmd = [
+        sys.executable,
+        *launcher,
+        str(SCRIPT),
+        "--data",
+        str(data),
+        "--arch",
+        arch,
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(batch_size),
+        "--image-size",
+        str(image_size),
+        "--weights",
+        "none",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--workers",
+        "0",
+        "--lr",
+        "0.01",
+        *extra,
+    ]
     # one thread: on a busy 2-core machine two OpenMP threads spin-wait, 0.3 s -> 9 s an epoch
     env = child_env(OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -66,7 +87,7 @@ def check_metrics(out, epochs):
             assert math.isfinite(e[key]), (key, e)
         assert 0.0 <= e["train_acc"] <= 1.0 and 0.0 <= e["val_acc"] <= 1.0, e
         assert e["steps"] == 2
-    assert metrics["config"]["num_classes"] == K   # inferred from the class folders
+    assert metrics["config"]["num_classes"] == K  # inferred from the class folders
     return metrics
 
 
@@ -74,7 +95,7 @@ def test_train_then_resume_resnet18(data, tmp_path):
     out = tmp_path / "out"
     stdout = run(data, out, "--progress", "plain", "--log-every", "1")
     assert "epoch 2/2:" in stdout and "best val top-1" in stdout, stdout
-    assert "  epoch 1/2 2/2 loss" in stdout, stdout          # the plain progress lines
+    assert "  epoch 1/2 2/2 loss" in stdout, stdout  # the plain progress lines
     first = check_metrics(out, 2)
     assert first["config"]["channels"] == 512 and first["config"]["cnum"] is None
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
@@ -101,7 +122,7 @@ def test_train_ddp_two_processes(data, tmp_path):
     out = tmp_path / "out"
     launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     stdout = run(data, out, epochs=1, batch_size=2, launcher=launcher)
-    assert stdout.count("epoch 1/1:") == 1, stdout                 # rank 0 alone prints
+    assert stdout.count("epoch 1/1:") == 1, stdout  # rank 0 alone prints
     metrics = check_metrics(out, 1)
     assert metrics["config"]["world"] == 2
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
@@ -122,10 +143,18 @@ def test_widened_vgg16_gives_k_times_cnum_channels():
 
 
 def test_missing_torchvision_exits_with_a_message(data, tmp_path):
-    code = ("import runpy, sys; sys.modules['torchvision'] = None; "
-            f"sys.argv = ['train_fgvc.py', '--data', {str(data)!r}]; "
-            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=child_env(),
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import runpy, sys; sys.modules['torchvision'] = None; "
+        f"sys.argv = ['train_fgvc.py', '--data', {str(data)!r}]; "
+        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "needs torchvision" in proc.stderr and "pip install" in proc.stderr, proc.stderr

@@ -42,18 +42,31 @@ VARIANTS = {
     "plain": ["-O2"],
     # -fsanitize=bounds-strict: indexing past the end of a static __shared__ array, too;
     # vptr checks need RTTI across torch's libraries, which are not instrumented
-    "asan": ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-             "-fsanitize=bounds-strict", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"],
+    "asan": [
+        "-O1",
+        "-fno-omit-frame-pointer",
+        "-fsanitize=address,undefined",
+        "-fsanitize=bounds-strict",
+        "-fno-sanitize=vptr",
+        "-fno-sanitize-recover=all",
+    ],
     "tsan": ["-O1", "-fno-omit-frame-pointer", "-fsanitize=thread"],
 }
 SANITIZER_RUNTIME = {"asan": "libasan.so", "tsan": "libtsan.so"}
-COMMON_FLAGS = ["-std=c++20", "-fPIC", "-g1", "-Wno-deprecated-declarations",
-                "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+COMMON_FLAGS = [
+    "-std=c++20",
+    "-fPIC",
+    "-g1",
+    "-Wno-deprecated-declarations",
+    "-DTORCH_API_INCLUDE_EXTENSION_H",
+    "-DTORCH_EXTENSION_NAME=_C",
+]
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MCLOSS_CUEMU_CACHE")
-                or Path.home() / ".cache" / "mcloss_cuda" / "cuemu")
+    return Path(
+        os.environ.get("MCLOSS_CUEMU_CACHE") or Path.home() / ".cache" / "mcloss_cuda" / "cuemu"
+    )
 
 
 def _torch():
@@ -73,8 +86,9 @@ def sanitizer_preload(variant: str) -> str | None:
     lib = SANITIZER_RUNTIME.get(variant)
     if lib is None:
         return None
-    path = subprocess.run([compiler(), f"-print-file-name={lib}"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    path = subprocess.run(
+        [compiler(), f"-print-file-name={lib}"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if not os.path.isabs(path):
         raise RuntimeError(f"cuemu: the compiler has no {lib} (install its sanitizer runtime)")
     return path
@@ -155,15 +169,15 @@ def rewrite_launches(text: str) -> tuple[str, list[str]]:
         m = re.search(r"[A-Za-z_][A-Za-z0-9_:]*$", text[:j])
         if not m:
             raise ValueError(f"no kernel name before <<< at offset {start}")
-        callee = text[m.start():callee_end]
+        callee = text[m.start() : callee_end]
         name = m.group(0).split("::")[-1]
         paren = end + 3
         while paren < len(text) and text[paren].isspace():
             paren += 1
         if paren >= len(text) or text[paren] != "(":
             raise ValueError(f"expected ( after >>> of {name}")
-        config = text[start + 3:end]
-        out.append(text[pos:m.start()])
+        config = text[start + 3 : end]
+        out.append(text[pos : m.start()])
         out.append(f'::cuemu::launcher("{name}", {callee}, {config})(')
         names.append(name)
         pos = paren + 1
@@ -171,7 +185,8 @@ def rewrite_launches(text: str) -> tuple[str, list[str]]:
 
 _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:(?:alignas|__align__)\s*\([^)]*\)\s+)?([A-Za-z_][\w:<>, ]*?)\s+"
-    r"(?:(?:alignas|__align__)\s*\([^)]*\)\s+)?([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+    r"(?:(?:alignas|__align__)\s*\([^)]*\)\s+)?([A-Za-z_]\w*)\s*\[\s*\]\s*;"
+)
 _CUDA_IMPL = re.compile(r"TORCH_LIBRARY_IMPL\(\s*mcloss_cuda\s*,\s*CUDA\s*,")
 
 
@@ -185,11 +200,15 @@ def emulated_source(text: str, register_for_cpu: bool = True) -> tuple[str, list
     code = code_only(text)
 
     def pointer(m):
-        if code[:m.start()].count("{") == code[:m.start()].count("}"):
-            raise ValueError(f"extern __shared__ {m.group(2)} at namespace scope: declare it in "
-                             "the kernel for the emulator")
-        return (f"{m.group(1)}* const {m.group(2)} = "
-                f"static_cast<{m.group(1)}*>(::cuemu::dynamic_shared());")
+        if code[: m.start()].count("{") == code[: m.start()].count("}"):
+            raise ValueError(
+                f"extern __shared__ {m.group(2)} at namespace scope: declare it in "
+                "the kernel for the emulator"
+            )
+        return (
+            f"{m.group(1)}* const {m.group(2)} = "
+            f"static_cast<{m.group(1)}*>(::cuemu::dynamic_shared());"
+        )
 
     text = _EXTERN_SHARED.sub(pointer, text)
     if register_for_cpu:
@@ -212,8 +231,11 @@ def _unconditional_includes(text: str):
     code_lines = code_only(text).splitlines()
     directives = [c.split() for c in code_lines if c.strip()][:2]
     # an include guard (#ifndef X / #define X) encloses the whole file: it is no condition
-    guard = len(directives) == 2 and directives[0][:1] == ["#ifndef"] and \
-        directives[1][:2] == ["#define", directives[0][1] if len(directives[0]) > 1 else ""]
+    guard = (
+        len(directives) == 2
+        and directives[0][:1] == ["#ifndef"]
+        and directives[1][:2] == ["#define", directives[0][1] if len(directives[0]) > 1 else ""]
+    )
     for line, code in zip(text.splitlines(), code_lines):
         if guard and _IF.match(code):
             guard = False
@@ -234,8 +256,9 @@ def host_headers(path: Path, include_dirs, seen=None) -> list[str]:
     found = []
     for kind, name in _unconditional_includes(path.read_text()):
         if kind == "<":
-            if name.split("/")[0] in ("ATen", "c10", "torch") and \
-                    not name.startswith(_DEVICE_HEADERS):
+            if name.split("/")[0] in ("ATen", "c10", "torch") and not name.startswith(
+                _DEVICE_HEADERS
+            ):
                 found.append(name)
             elif name.startswith(_DEVICE_HEADERS) and (HERE / "stub" / name).is_file():
                 stub = (HERE / "stub" / name).resolve()
@@ -257,9 +280,13 @@ def translation_unit(cu: Path, rewritten: Path, include_dirs) -> str:
     """A C++ file that compiles one emulated .cu."""
     lines = [f"// generated by tools/cuemu/build.py from {cu.name}; do not edit"]
     lines += [f"#include <{h}>" for h in host_headers(cu, include_dirs)]
-    lines += ["#define CUEMU_NO_ARCH_MACROS", '#include "cuemu.h"',
-              "#define __CUDACC__ 1", "#define __CUDA_ARCH__ 900",
-              f'#include "{rewritten.name}"']
+    lines += [
+        "#define CUEMU_NO_ARCH_MACROS",
+        '#include "cuemu.h"',
+        "#define __CUDACC__ 1",
+        "#define __CUDA_ARCH__ 900",
+        f'#include "{rewritten.name}"',
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -277,13 +304,18 @@ def project_sources(repo: Path):
 
 
 def _inputs(repo: Path, with_cuda: bool = True):
-    files = sorted(p for p in (repo / "csrc").rglob("*")
-                   if p.is_file() and (with_cuda or p.parent != repo / "csrc" / "cuda"))
+    files = sorted(
+        p
+        for p in (repo / "csrc").rglob("*")
+        if p.is_file() and (with_cuda or p.parent != repo / "csrc" / "cuda")
+    )
     # the emulator's headers, stubs and registrations, and this script (not mutations.py and
     # the tests, which change no build)
-    files += sorted(p for p in HERE.rglob("*")
-                    if p.is_file()
-                    and (p.suffix in (".h", ".cuh", ".cpp") or p == HERE / "build.py"))
+    files += sorted(
+        p
+        for p in HERE.rglob("*")
+        if p.is_file() and (p.suffix in (".h", ".cuh", ".cpp") or p == HERE / "build.py")
+    )
     return files
 
 
@@ -296,8 +328,18 @@ def build_key(repo: Path, with_cuda: bool = True) -> str:
         h.update(str(p.relative_to(repo) if p.is_relative_to(repo) else p.name).encode())
         h.update(p.read_bytes())
     version = subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
-    h.update("\0".join([torch.__version__, torch.__file__, version, sys.version, *COMMON_FLAGS,
-                        *(f for v in sorted(VARIANTS) for f in [v, *VARIANTS[v]])]).encode())
+    h.update(
+        "\0".join(
+            [
+                torch.__version__,
+                torch.__file__,
+                version,
+                sys.version,
+                *COMMON_FLAGS,
+                *(f for v in sorted(VARIANTS) for f in [v, *VARIANTS[v]]),
+            ]
+        ).encode()
+    )
     return h.hexdigest()[:20]
 
 
@@ -316,8 +358,14 @@ def _run_parallel(commands, jobs, log):
     while pending or running:
         while pending and len(running) < jobs:
             cmd = pending.pop(0)
-            running.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT, text=True)))
+            running.append(
+                (
+                    cmd,
+                    subprocess.Popen(
+                        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                    ),
+                )
+            )
         cmd, proc = running.pop(0)
         out, _ = proc.communicate()
         log.write(" ".join(cmd) + "\n" + out)
@@ -327,8 +375,9 @@ def _run_parallel(commands, jobs, log):
             raise RuntimeError(f"cuemu build failed ({' '.join(cmd[-3:])}):\n{out[-6000:]}")
 
 
-def build(variants=("plain",), repo: Path = REPO, jobs: int | None = None,
-          verbose: bool = False) -> dict:
+def build(
+    variants=("plain",), repo: Path = REPO, jobs: int | None = None, verbose: bool = False
+) -> dict:
     """Build (or find in the cache) the emulated extension of ``repo`` in each of ``variants``;
     returns {variant: path of its library}. The sources that need no instrumentation
     (schemas, autograd, the emulator's ops) are compiled once and shared by every variant."""
@@ -371,20 +420,46 @@ def _build_into(root: Path, common_dir: Path, variants, repo: Path, jobs: int):
     common_objs = [common_dir / f"{i:02d}_{src.stem}.o" for i, src in enumerate(plain)]
     for src, obj in zip(plain, common_objs):
         if not obj.is_file():  # (written under a temporary name: complete or absent)
-            compile_cmds.append([compiler(), *_flags("plain", include_dirs), "-c", str(src),
-                                 "-o", str(obj) + ".tmp"])
+            compile_cmds.append(
+                [
+                    compiler(),
+                    *_flags("plain", include_dirs),
+                    "-c",
+                    str(src),
+                    "-o",
+                    str(obj) + ".tmp",
+                ]
+            )
     torch_lib = torch_dirs()[1]
     for v in variants:
         work = Path(tempfile.mkdtemp(prefix=f".{v}-", dir=root))
         objs = [work / f"{unit.stem}.o" for unit in units]
         for unit, obj in zip(units, objs):
-            compile_cmds.append([compiler(), *_flags(v, include_dirs), "-c", str(unit), "-o",
-                                 str(obj)])
+            compile_cmds.append(
+                [compiler(), *_flags(v, include_dirs), "-c", str(unit), "-o", str(obj)]
+            )
         sanitize = [f for f in VARIANTS[v] if f.startswith("-fsanitize")]
-        links.append((v, work, [compiler(), "-shared", *sanitize, *map(str, common_objs),
-                                *map(str, objs), f"-L{torch_lib}", "-lc10", "-ltorch",
-                                "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{torch_lib}",
-                                "-o", str(work / "_C.so")]))
+        links.append(
+            (
+                v,
+                work,
+                [
+                    compiler(),
+                    "-shared",
+                    *sanitize,
+                    *map(str, common_objs),
+                    *map(str, objs),
+                    f"-L{torch_lib}",
+                    "-lc10",
+                    "-ltorch",
+                    "-ltorch_cpu",
+                    "-ltorch_python",
+                    f"-Wl,-rpath,{torch_lib}",
+                    "-o",
+                    str(work / "_C.so"),
+                ],
+            )
+        )
     try:
         with open(root / "build.log", "a") as log:
             _run_parallel(compile_cmds, jobs, log)
@@ -403,13 +478,18 @@ def _build_into(root: Path, common_dir: Path, variants, repo: Path, jobs: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", action="append", choices=sorted(VARIANTS),
-                    help="plain (default), asan (AddressSanitizer + UBSan) or tsan; repeatable")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        choices=sorted(VARIANTS),
+        help="plain (default), asan (AddressSanitizer + UBSan) or tsan; repeatable",
+    )
     ap.add_argument("--repo", default=str(REPO), help="checkout whose csrc/ to build")
     ap.add_argument("--jobs", type=int, default=None)
     args = ap.parse_args(argv)
-    for variant, lib in build(args.variant or ["plain"], Path(args.repo), args.jobs,
-                              verbose=True).items():
+    for variant, lib in build(
+        args.variant or ["plain"], Path(args.repo), args.jobs, verbose=True
+    ).items():
         print(f"{variant} {lib}")
 
 
