@@ -1,6 +1,7 @@
 // Host-side pieces shared by the CPU and CUDA op implementations: argument checks (the last
-// line of defence for direct torch.ops calls; the Python API checks first and says more) and
-// the memory layout the kernels index with.
+// line of defence for direct torch.ops calls; the Python API checks first and says more), the
+// memory layout the kernels index with, and the mc_loss ops' prologue (check_loss,
+// check_loss_backward) and outputs (LossOutputs), so that each backend's op only launches.
 #pragma once
 
 #include <ATen/core/Tensor.h>

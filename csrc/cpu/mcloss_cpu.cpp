@@ -239,20 +239,6 @@ void draw_mask(at::Tensor& keep, const LossShape& s, const at::Tensor& offsets, 
   }
 }
 
-// Per group (b, i): the diversity sum h and the logit, one pass over x.
-void group_sums(at::Tensor& h, at::Tensor& logits, const at::Tensor& x, const LossShape& s,
-                const at::Tensor& offsets, const at::Tensor& mask, bool avg_pool) {
-  launch(
-      x, s.B * s.K, s.C / s.K * s.HW, [](const auto& t) { return t.mc_loss_forward; },
-      [&](auto& a) {
-        using acc = typename std::decay_t<decltype(a)>::acc_type;
-        set_groups(a, s, offsets, mask);
-        a.avg_pool = avg_pool;
-        a.h = h.mutable_data_ptr<acc>();
-        a.logits = logits.mutable_data_ptr<acc>();
-      });
-}
-
 // The (B, K) tail: a few thousand values, one thread, in the fixed order of the loops. Writes
 // loss, dis, div, lse and weight_sums of `out` from h and out.logits.
 void loss_tail(LossOutputs& out, const at::Tensor& h, const at::Tensor& targets,
@@ -317,8 +303,17 @@ mc_loss_cpu(const at::Tensor& x, const at::Tensor& targets, const at::Tensor& of
   LossOutputs out(x, s, per_sample_mask);
   if (s.draw) draw_mask(out.drawn_mask, s, offsets, drop, drop_fraction, generator);
   auto h = at::empty({s.B, s.K}, out.logits.options());
-  group_sums(h, out.logits, x, s, offsets, mask_values(s.draw ? out.drawn_mask : *mask, x),
-             avg_pool);
+  const at::Tensor m = mask_values(s.draw ? out.drawn_mask : *mask, x);
+  // per group (b, i): the diversity sum h and the logit, one pass over x
+  launch(
+      x, s.B * s.K, s.C / s.K * s.HW, [](const auto& t) { return t.mc_loss_forward; },
+      [&](auto& a) {
+        using acc = typename std::decay_t<decltype(a)>::acc_type;
+        set_groups(a, s, offsets, m);
+        a.avg_pool = avg_pool;
+        a.h = h.mutable_data_ptr<acc>();
+        a.logits = out.logits.mutable_data_ptr<acc>();
+      });
   loss_tail(out, h, targets, offsets, s, alpha, beta, weight, label_smoothing);
   return out.as_tuple();
 }
