@@ -5,8 +5,8 @@ tools/cuemu/build.py compiles this checkout's ``csrc/`` (an edited ``.cu`` needs
 into a test-only ``mcloss_cuda._C`` whose CPU kernels are the CUDA host wrappers and kernels,
 every CUDA thread a fiber. Each test here runs pytest in a child process with that build loaded
 in place of the installed extension (``MCLOSS_EMULATED_EXTENSION``, see conftest.py): the CPU
-kernel suites (test_kernels, test_nan_inf, test_opcheck, test_repeatability, test_properties,
-test_features_nd, test_loss_options)
+kernel suites (test_kernels, test_nan_inf, test_opcheck, test_registration, test_repeatability,
+test_properties, test_features_nd, test_loss_options)
 plus tests/cuda_emulated_cases.py, with the threads of a block resumed in forward, reverse and
 random order after every synchronisation point; a smaller set under AddressSanitizer + UBSan
 and under ThreadSanitizer with blocks on two OS threads. The forward run must launch every
@@ -32,13 +32,20 @@ import build as cuemu_build  # noqa: E402
 # (test_baseline_isa_kernels_match_reference tests the CPU build's other ISA in a child
 # process, which imports the installed extension: not the CUDA code)
 FULL = ["tests/test_kernels.py", "tests/test_nan_inf.py", "tests/test_opcheck.py",
-        "tests/test_repeatability.py", "tests/test_properties.py", "tests/cuda_emulated_cases.py",
-        "tests/test_features_nd.py", "tests/test_loss_options.py", "-k", "not baseline_isa"]
+        "tests/test_registration.py", "tests/test_repeatability.py", "tests/test_properties.py",
+        "tests/cuda_emulated_cases.py", "tests/test_features_nd.py", "tests/test_loss_options.py",
+        "-k", "not baseline_isa"]
 # Where a run is repeated (other schedules, sanitizers), it leaves out what adds no kernel path:
 # the strided layouts (copied to contiguous before any kernel) and the NaN, opcheck,
 # repeatability and hypothesis sweeps.
 NOT_STRIDED = "not sliced and not transposed and not baseline_isa"
-SCHEDULE_SET = ["tests/test_kernels.py", "tests/cuda_emulated_cases.py", "-k", NOT_STRIDED]
+# Of the repeatability suite, only the repeat of every fused op on one fixed problem
+# (test_bitwise_repeatable); of the registration checks, the dispatcher's view of the build
+# (the opcheck coverage check is about test_opcheck's samples, and runs in FULL).
+SCHEDULE_SET = ["tests/test_kernels.py", "tests/test_registration.py",
+                "tests/test_repeatability.py", "tests/cuda_emulated_cases.py", "-k",
+                f"{NOT_STRIDED} and not test_opcheck_covers_every_op and "
+                "(not test_repeatability or test_bitwise_repeatable)"]
 # every kernel of every op, fp32 and bf16, on the maps that are not large; not the trap cases:
 # under the preloaded ASan runtime its __cxa_throw interceptor finds no real __cxa_throw, so an
 # exception out of a launch aborts the process (they run in the plain builds)

@@ -21,6 +21,7 @@ pytestmark = [fused_only,
               pytest.mark.skipif(not mc._ops.AVAILABLE, reason="extension not built")]
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+# every op gets samples (test_registration.py checks that these are all the registered ops)
 OP_NAMES = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
             "ccmp_backward", "mc_loss", "mc_loss_backward")
 FORWARD_OPS = ("spatial_softmax", "channel_mask", "ccmp", "mc_loss")
@@ -249,16 +250,6 @@ def test_generator_draws_repeat(device, per_sample, fresh_seed):
         fake = torch.ops.mcloss_cuda.mc_loss(*fake_args)
     for a, b in zip(eager[:7], fake):
         assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_covers_every_op(device):
-    # every op the extension registers appears above (a new op must get samples)
-    registered = {name.split("::")[1].split(".")[0]
-                  for name in torch._C._dispatch_get_all_op_names()
-                  if name.startswith("mcloss_cuda::")}
-    assert registered == set(OP_NAMES), registered
-    assert set(mc._ops.OP_NAMES) == set(OP_NAMES)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,7 +4,9 @@ Repeatability: the same seed (``torch.manual_seed``, or a seeded ``torch.Generat
 same inputs give bitwise the same loss, terms, logits and gradient, run after run (5 runs), with
 1 and with 2 intra-op threads, for the fused path and the reference, every dtype, with the
 random mask drawn inside the call. The fused kernels split work by (sample, class group) only,
-so their results do not depend on the number of threads either.
+so their results do not depend on the number of threads either. With a given mask, the fused
+loss, spatial_softmax and ccmp repeat bitwise, forward and backward, on uneven groups in both
+memory formats, and the fused loss on the random problems of test_properties.py (hypothesis).
 
 Layout: channels_last and strided (non-contiguous: sliced, transposed, batch-expanded) features
 give the same loss and gradient as contiguous ones (bitwise where the fused path copies them to
@@ -17,11 +19,14 @@ Inputs are random and fresh on every run (the seed is printed).
 
 import pytest
 import torch
+from hypothesis import given, settings
 
 import mcloss_cuda as mc
 from helpers import entropy_seed
-from helpers import (DEVICES, DTYPES, GRAD_TOL, VALUE_TOL, random_features, random_targets,
-                     separated_features)
+from helpers import (DEVICES, DTYPES, GRAD_TOL, VALUE_TOL, apply_layout, fused_only,
+                     random_features, random_targets, separated_features)
+# the random problems (shapes, groups, dtypes, layouts, masks, values) of the property tests
+from test_properties import SETTINGS, build, problems
 
 F64 = torch.float64
 IMPLS = [pytest.param(mc, id="fused"), pytest.param(mc.reference, id="reference")]
@@ -143,6 +148,48 @@ def test_primitives_repeat_bitwise(impl, device, dtype):
                     assert torch.equal(a, b), f"{name} with {threads} threads"
     finally:
         torch.set_num_threads(before)
+
+
+def grad_of(out, x, g=None):
+    (dx,) = torch.autograd.grad(out, x, g)
+    return dx
+
+
+@fused_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bitwise_repeatable(device, dtype, layout):
+    # uneven groups (3, 1, 5, 3) of C = 12 channels on a 14x14 map, a given mask
+    B, K, counts, H, W = 5, 4, (3, 1, 5, 3), 14, 14
+    C = sum(counts)
+    x = random_features(B, C, H, W, dtype=dtype, device=device)
+    x = apply_layout(x, layout).detach().requires_grad_()
+    y = random_targets(B, K, device)
+    mask = torch.rand(C, device=device) < 0.5
+    runs = []
+    for _ in range(2):
+        out = mc.mc_loss(x, y, K, counts, mask=mask)
+        p = mc.spatial_softmax(x)
+        z = mc.ccmp(x, list(counts))
+        gp = torch.ones_like(p)
+        runs.append(tuple(out) + (p, z, grad_of(out.loss, x), grad_of((p * gp).sum(), x),
+                                  grad_of(z.sum(), x)))
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), i
+
+
+@fused_only
+@settings(max_examples=20, **SETTINGS)
+@given(problems())
+def test_repeatable(p):
+    x, mask, y, _ = build(p)
+    K, cnum = p["K"], p["cnum"]
+    a = mc.mc_loss(x, y, K, cnum, mask=mask)
+    b = mc.mc_loss(x, y, K, cnum, mask=mask)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.equal(grad_of(a.loss, x), grad_of(b.loss, x))
 
 
 # ----------------------------------------------------------------------------------------------
