@@ -2,6 +2,7 @@
 
 import os
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -56,6 +57,14 @@ def counts_of(num_classes, cnum, channels=None):
     if isinstance(cnum, int):
         return [cnum] * num_classes
     return list(cnum)
+
+
+def group_bounds(counts):
+    """[0, n_0, n_0 + n_1, ..., C]: group i holds channels bounds[i]:bounds[i + 1]."""
+    bounds = [0]
+    for n in counts:
+        bounds.append(bounds[-1] + int(n))
+    return bounds
 
 
 def separated_features(batch, counts, H, W, dtype=torch.float32, device="cpu",
@@ -135,3 +144,38 @@ def assert_grad_close(actual, expected, terms=0.0, equal_nan=False):
     torch.testing.assert_close(actual, expected, rtol=rtol,
                                atol=atol + GRAD_SCALE[expected.dtype] * scale,
                                equal_nan=equal_nan)
+
+
+class SavedForBackward(NamedTuple):
+    out: object  # what fn() returned (its graph keeps the saved tensors alive)
+    nbytes: int  # bytes of the unique storages saved, x's own storage left out
+    shapes: list  # the shapes of the saved tensors not on x's storage, one per save
+    saw_x: bool  # whether a tensor on x's storage was saved
+
+
+def saved_for_backward(fn, x):
+    """Run ``fn()`` under saved_tensors_hooks and measure what autograd keeps for its backward.
+
+    A storage counts once however many saved tensors view it, and x's own storage not at all:
+    the caller keeps the features alive anyway, so they cost the backward nothing extra. A
+    saved tensor without a storage (e.g. a sparse or meta one) counts nothing."""
+    x_key = (str(x.device), x.untyped_storage().data_ptr())
+    sizes, shapes, saw_x = {}, [], False
+
+    def pack(t):
+        nonlocal saw_x
+        try:
+            st = t.untyped_storage()
+            key, nbytes = (str(t.device), st.data_ptr()), st.nbytes()
+        except Exception:
+            return t
+        if key == x_key:
+            saw_x = True
+        else:
+            sizes[key] = nbytes
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return SavedForBackward(out, int(sum(sizes.values())), shapes, saw_x)

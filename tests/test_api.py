@@ -25,30 +25,66 @@ NO = P.empty
 # names and signatures, written out from docs/spec.md's contract: (name, kind, default)
 
 SPEC_SIGNATURES = {
-    "mc_loss": [("features", POS, NO), ("targets", POS, NO), ("num_classes", POS, NO),
-                ("cnum", POS, None), ("mask", KW, None), ("alpha", KW, 1.5), ("beta", KW, 20.0),
-                ("drop", KW, None), ("per_sample_mask", KW, False), ("generator", KW, None),
-                ("pooling", KW, "max"), ("weight", KW, None), ("label_smoothing", KW, 0.0),
-                ("reduction", KW, "mean")],
+    "mc_loss": [
+        ("features", POS, NO),
+        ("targets", POS, NO),
+        ("num_classes", POS, NO),
+        ("cnum", POS, None),
+        ("mask", KW, None),
+        ("alpha", KW, 1.5),
+        ("beta", KW, 20.0),
+        ("drop", KW, None),
+        ("per_sample_mask", KW, False),
+        ("generator", KW, None),
+        ("pooling", KW, "max"),
+        ("weight", KW, None),
+        ("label_smoothing", KW, 0.0),
+        ("reduction", KW, "mean"),
+    ],
     "spatial_softmax": [("x", POS, NO)],
     "channel_mask": [("x", POS, NO), ("mask", POS, NO)],
     "ccmp": [("x", POS, NO), ("cnum", POS, NO)],
     "diversity_loss": [("x", POS, NO), ("num_classes", POS, NO), ("cnum", POS, None)],
-    "discriminality_logits": [("x", POS, NO), ("num_classes", POS, NO), ("mask", POS, NO),
-                              ("cnum", POS, None)],
-    "random_channel_mask": [("num_classes", POS, NO), ("cnum", POS, NO), ("batch", KW, None),
-                            ("drop", KW, None), ("generator", KW, None), ("device", KW, None)],
+    "discriminality_logits": [
+        ("x", POS, NO),
+        ("num_classes", POS, NO),
+        ("mask", POS, NO),
+        ("cnum", POS, None),
+    ],
+    "random_channel_mask": [
+        ("num_classes", POS, NO),
+        ("cnum", POS, NO),
+        ("batch", KW, None),
+        ("drop", KW, None),
+        ("generator", KW, None),
+        ("device", KW, None),
+    ],
     "backend": [("device", POS, NO)],
 }
-MCLOSS_INIT = [("num_classes", POS, NO), ("cnum", POS, None), ("alpha", POS, 1.5),
-               ("beta", POS, 20.0), ("drop", POS, None), ("per_sample_mask", POS, False),
-               ("pooling", POS, "max"), ("weight", POS, None), ("label_smoothing", POS, 0.0),
-               ("reduction", POS, "mean")]
+MCLOSS_INIT = [
+    ("num_classes", POS, NO),
+    ("cnum", POS, None),
+    ("alpha", POS, 1.5),
+    ("beta", POS, 20.0),
+    ("drop", POS, None),
+    ("per_sample_mask", POS, False),
+    ("pooling", POS, "max"),
+    ("weight", POS, None),
+    ("label_smoothing", POS, 0.0),
+    ("reduction", POS, "mean"),
+]
 MCLOSS_FORWARD = [("features", POS, NO), ("targets", POS, NO), ("mask", POS, None)]
 # docs/spec.md: mc.reference holds the pure-PyTorch versions of the functions (backend and the
 # module wrapper are about dispatch, not about numbers)
-REFERENCE_NAMES = ["mc_loss", "spatial_softmax", "channel_mask", "ccmp", "diversity_loss",
-                   "discriminality_logits", "random_channel_mask"]
+REFERENCE_NAMES = [
+    "mc_loss",
+    "spatial_softmax",
+    "channel_mask",
+    "ccmp",
+    "diversity_loss",
+    "discriminality_logits",
+    "random_channel_mask",
+]
 
 
 def described(fn):
@@ -93,7 +129,7 @@ def test_mcloss_output_namedtuple():
     for impl in (mc, mc.reference):
         out = impl.mc_loss(x, y, 3)
         assert isinstance(out, mc.MCLossOutput)
-        loss, dis, div, logits = out                             # unpacks in field order
+        loss, dis, div, logits = out  # unpacks in field order
         assert loss is out.loss and dis is out.dis and div is out.div and logits is out.logits
         assert loss.dim() == dis.dim() == div.dim() == 0 and logits.shape == (2, 3)
 
@@ -180,13 +216,13 @@ def group_slices(counts):
 
 MASK_CASES = [
     # (num_classes, cnum, drop, dropped per group)
-    (2, 3, None, [1, 1]),               # the published setting: one of three
+    (2, 3, None, [1, 1]),  # the published setting: one of three
     (3, 4, None, [2, 2, 2]),
-    (4, 1, None, [0, 0, 0, 0]),         # floor(1/2) = 0
+    (4, 1, None, [0, 0, 0, 0]),  # floor(1/2) = 0
     (2, 5, None, [2, 2]),
-    (3, [1, 2, 5], None, [0, 1, 2]),    # uneven: floor(n_i / 2) per group
+    (3, [1, 2, 5], None, [0, 1, 2]),  # uneven: floor(n_i / 2) per group
     (4, [3, 6, 2, 7], None, [1, 3, 1, 3]),
-    (2, [3, 6], 2, [2, 2]),             # explicit drop on uneven groups
+    (2, [3, 6], 2, [2, 2]),  # explicit drop on uneven groups
     (5, 5, 0, [0] * 5),
     (3, 4, 3, [3, 3, 3]),
     (1, 9, 8, [8]),
@@ -228,8 +264,9 @@ def test_mask_per_sample_rows_differ(device):
 def test_mask_channels_dropped_uniformly(device):
     counts = [3, 4, 5, 1]
     drops = [n // 2 for n in counts]
-    expected_freq = torch.tensor([d / n for n, d in zip(counts, drops) for _ in range(n)],
-                                 dtype=torch.float64)
+    expected_freq = torch.tensor(
+        [d / n for n, d in zip(counts, drops) for _ in range(n)], dtype=torch.float64
+    )
     # per-sample draws: 6000 rows; the frequency of each channel has sd <= 0.0065, allow 0.04
     m = mc.random_channel_mask(4, counts, batch=6000, device=device).cpu()
     freq = (~m).double().mean(0)
@@ -243,7 +280,7 @@ def test_mask_channels_dropped_uniformly(device):
     code = (g * torch.tensor([1, 2, 4, 8])).sum(1)
     pairs = torch.tensor([a + b for a, b in itertools.combinations([1, 2, 4, 8], 2)])
     hits = (code[:, None] == pairs).long().sum(0)
-    assert hits.sum() == code.shape[0]           # every row drops exactly one of the 6 pairs
+    assert hits.sum() == code.shape[0]  # every row drops exactly one of the 6 pairs
     share = hits.double() / code.shape[0]
     assert (share - 1 / 6).abs().max() < 0.03, share
 
@@ -290,7 +327,7 @@ MC_SEED_CASES = [
     (3, 4, 12),
     (2, 3, 6),
     (3, [2, 5, 3], 10),
-    (4, None, 11),          # balanced split [3, 3, 3, 2]
+    (4, None, 11),  # balanced split [3, 3, 3, 2]
 ]
 
 
@@ -298,9 +335,19 @@ def drawn_by_the_fused_op(x, y, counts, drop, per_sample, generator):
     """The mask the fused mc_loss draws inside its op for these arguments (with mask=None,
     mc.mc_loss passes drop=-1 and drop_fraction=0.5 for drop=None: floor(n_i / 2))."""
     offsets = torch.tensor([0] + list(itertools.accumulate(counts)), device=x.device)
-    out = torch.ops.mcloss_cuda.mc_loss(x.detach(), y, offsets, max(counts), None,
-                                        -1 if drop is None else drop, 0.5, per_sample,
-                                        generator, 1.5, 20.0)
+    out = torch.ops.mcloss_cuda.mc_loss(
+        x.detach(),
+        y,
+        offsets,
+        max(counts),
+        None,
+        -1 if drop is None else drop,
+        0.5,
+        per_sample,
+        generator,
+        1.5,
+        20.0,
+    )
     return out[0], out[5]
 
 
@@ -330,14 +377,14 @@ def test_mc_loss_random_mask_is_seeded(device, K, cnum, C, per_sample, use_gener
     out1 = mc.mc_loss(x, y, K, cnum, drop=drop, per_sample_mask=per_sample, **rng())
     out2 = mc.mc_loss(x, y, K, cnum, drop=drop, per_sample_mask=per_sample, **rng())
     if mc.backend(device) == "reference":
-        mask = mc.random_channel_mask(K, counts, batch=B if per_sample else None, drop=drop,
-                                      device=device, **rng())
+        mask = mc.random_channel_mask(
+            K, counts, batch=B if per_sample else None, drop=drop, device=device, **rng()
+        )
     else:
         # the fused path draws the mask inside its op (another stream of numbers than
         # random_channel_mask's for the same seed): the op's own drawn_mask, drawn from the
         # same generator state, is the mask it used
-        loss, mask = drawn_by_the_fused_op(x, y, counts, drop, per_sample,
-                                           rng().get("generator"))
+        loss, mask = drawn_by_the_fused_op(x, y, counts, drop, per_sample, rng().get("generator"))
         assert torch.equal(loss, out1.loss.detach())
     rows = B if per_sample else 1
     want = [[n // 2 if drop is None else drop] * rows for n in counts]
@@ -354,8 +401,9 @@ def test_mc_loss_random_mask_is_seeded(device, K, cnum, C, per_sample, use_gener
     assert torch.equal(g1, g3)
     # the reference draws with random_channel_mask, from the same generator state
     ref1 = mc.reference.mc_loss(x, y, K, cnum, drop=drop, per_sample_mask=per_sample, **rng())
-    ref_mask = mc.random_channel_mask(K, counts, batch=B if per_sample else None, drop=drop,
-                                      device=device, **rng())
+    ref_mask = mc.random_channel_mask(
+        K, counts, batch=B if per_sample else None, drop=drop, device=device, **rng()
+    )
     for a, b in zip(ref1, mc.reference.mc_loss(x, y, K, cnum, mask=ref_mask)):
         assert torch.equal(a, b)
 
@@ -381,7 +429,7 @@ def test_dtype_policy(impl, device, dtype):
     (g,) = torch.autograd.grad(out.loss, x)
     assert g.dtype == dtype and g.shape == x.shape
     if impl is mc.reference and dtype in (torch.float32, torch.float64):
-        return          # the comparison below would be the reference against itself
+        return  # the comparison below would be the reference against itself
     # the numbers are those of the same loss on the exactly upcast input (fp32 accumulation,
     # not accumulation in the input's own precision)
     xu = x.detach().to(out_dtype).requires_grad_()

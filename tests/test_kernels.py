@@ -42,17 +42,28 @@ from torch.autograd.gradcheck import GradcheckError
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mcloss_cuda as mc
-from helpers import (DEVICES, GRAD_SCALE, VALUE_TOL, apply_layout, assert_grad_close,
-                     child_env, counts_of, cuda_only, entropy_seed, fused_only, random_features,
-                     random_targets, separated_features)
+from helpers import (
+    DEVICES,
+    GRAD_SCALE,
+    VALUE_TOL,
+    apply_layout,
+    assert_grad_close,
+    child_env,
+    counts_of,
+    cuda_only,
+    entropy_seed,
+    fused_only,
+    random_features,
+    random_targets,
+    separated_features,
+)
 
 R = mc.reference
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = [F32, F64, F16, BF16]
 
 # one ulp for maps rounded to the input dtype (plus the smallest subnormal)
-MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2 ** -10, 6e-8),
-           BF16: (2 ** -7, 1e-38)}
+MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2**-10, 6e-8), BF16: (2**-7, 1e-38)}
 # the largest maps on which separated_features can build near-tie-free fp16/bf16 inputs
 SEPARATED_MAX_HW = {F16: 512, BF16: 128}
 
@@ -85,7 +96,7 @@ class Case:
 
 
 CASES = {
-    "single_1x1": Case(1, 1, 1, 1, 1, 1),            # one channel, one position
+    "single_1x1": Case(1, 1, 1, 1, 1, 1),  # one channel, one position
     "cnum1_7x7": Case(2, 3, 1, 3, 7, 7),
     "uniform_14x14": Case(5, 4, 3, 12, 14, 14),
     "row_1x9": Case(2, 3, 2, 6, 1, 9),
@@ -94,9 +105,9 @@ CASES = {
     "row_1x8": Case(2, 2, 3, 6, 1, 8),
     "map_4x4": Case(3, 2, 2, 4, 4, 4),
     "col_9x1": Case(2, 2, 4, 8, 9, 1),
-    "map_1x1": Case(5, 2, 3, 6, 1, 1),              # groups larger than the map
+    "map_1x1": Case(5, 2, 3, 6, 1, 1),  # groups larger than the map
     "uneven_5x9": Case(2, 3, (1, 4, 2), 7, 5, 9),
-    "balanced_5x9": Case(1, 4, None, 10, 5, 9),      # C % K != 0: counts 3, 3, 2, 2
+    "balanced_5x9": Case(1, 4, None, 10, 5, 9),  # C % K != 0: counts 3, 3, 2, 2
     "cnum64_9x9": Case(2, 2, 64, 128, 9, 9),
     "uneven64_9x9": Case(1, 3, (64, 1, 7), 72, 9, 9),
     "large_56x56": Case(1, 2, 3, 6, 56, 56),
@@ -122,8 +133,9 @@ def make_features(case, dtype, device, layout="contiguous", for_grad=True):
         # keep the values within about +-20 on big fp32 maps (separated_features spreads its
         # values over +-HW/16); adjacent values still differ by a factor exp(>= 0.003) in p
         scale = 1.0 if case.HW <= 320 else 320.0 / case.HW
-        x = separated_features(case.B, case.counts, case.H, case.W, dtype=dtype, device=device,
-                               scale=scale)
+        x = separated_features(
+            case.B, case.counts, case.H, case.W, dtype=dtype, device=device, scale=scale
+        )
     x = apply_layout(x, layout)
     assert x.shape == (case.B, case.C, case.H, case.W)
     return x.detach().requires_grad_()
@@ -133,8 +145,12 @@ def mask_variants(case, device):
     """(name, mask): shared (C,) and per-sample (B, C), bool and float, random 0/1."""
     shared = torch.rand(case.C, device=device) < 0.5
     per_sample = torch.rand(case.B, case.C, device=device) < 0.5
-    return [("shared_bool", shared), ("shared_float", shared.float()),
-            ("per_sample_bool", per_sample), ("per_sample_float", per_sample.double())]
+    return [
+        ("shared_bool", shared),
+        ("shared_float", shared.float()),
+        ("per_sample_bool", per_sample),
+        ("per_sample_float", per_sample.double()),
+    ]
 
 
 def check_fused(x):
@@ -185,11 +201,19 @@ def params(with_layouts=True):
     for device in DEVICES:
         for dtype in DTYPES:
             for name, case in CASES.items():
-                for layout in (LAYOUTS if with_layouts else ["contiguous"]):
+                for layout in LAYOUTS if with_layouts else ["contiguous"]:
                     bwd = grad_feasible(case, dtype)
                     tag = "fwdbwd" if bwd else "fwd"
-                    out.append(pytest.param(device, dtype, case, layout, bwd,
-                                            id=f"{device}-{str(dtype)[6:]}-{name}-{layout}-{tag}"))
+                    out.append(
+                        pytest.param(
+                            device,
+                            dtype,
+                            case,
+                            layout,
+                            bwd,
+                            id=f"{device}-{str(dtype)[6:]}-{name}-{layout}-{tag}",
+                        )
+                    )
     return out
 
 
@@ -220,7 +244,7 @@ def test_channel_mask(device, dtype, case, layout, bwd):
     for name, mask in mask_variants(case, device):
         y, y_ref = mc.channel_mask(x, mask), R.channel_mask(x, mask)
         assert y.dtype == y_ref.dtype == dtype and y.shape == y_ref.shape
-        assert torch.equal(y, y_ref), name                  # x * 0/1: exact
+        assert torch.equal(y, y_ref), name  # x * 0/1: exact
         g = torch.randn(y.shape, device=device).to(dtype)
         assert torch.equal(grad_of(y, x, g), grad_of(y_ref, x, g)), name
     # the gradient of a sum arrives expanded (stride 0)
@@ -288,18 +312,23 @@ def test_mc_loss(device, dtype, case, layout, bwd):
             assert a.dtype == b.dtype and a.shape == b.shape, field
             assert_value_close(a, b, HW=case.HW, coeff=alpha + beta)
         if bwd:
-            assert_grad_close(grad_of(out.loss, x), grad_of(ref.loss, x),
-                              mc_terms(x, case.counts, alpha, beta))
+            assert_grad_close(
+                grad_of(out.loss, x), grad_of(ref.loss, x), mc_terms(x, case.counts, alpha, beta)
+            )
     if not bwd:
         return
     # each output on its own (the other gradient reaches the backward as None or zeros)
     mask = masks[0][1]
     w = torch.randn(case.B, case.K, device=device)
-    picks = [(lambda o: o.dis, mc_terms(x, case.counts, 1, 0)),
-             (lambda o: o.div, mc_terms(x, case.counts, 0, 1)),
-             (lambda o: (o.logits * w.to(o.logits)).sum(),
-              mc_terms(x, case.counts, case.B * w.abs().max().item(), 0)),
-             (lambda o: 3.0 * o.dis - 7.0 * o.div, mc_terms(x, case.counts, 3, 7))]
+    picks = [
+        (lambda o: o.dis, mc_terms(x, case.counts, 1, 0)),
+        (lambda o: o.div, mc_terms(x, case.counts, 0, 1)),
+        (
+            lambda o: (o.logits * w.to(o.logits)).sum(),
+            mc_terms(x, case.counts, case.B * w.abs().max().item(), 0),
+        ),
+        (lambda o: 3.0 * o.dis - 7.0 * o.div, mc_terms(x, case.counts, 3, 7)),
+    ]
     for pick, terms in picks:
         a = pick(mc.mc_loss(x, y, case.K, case.cnum, mask=mask))
         b = pick(R.mc_loss(x, y, case.K, case.cnum, mask=mask))
@@ -315,15 +344,16 @@ def test_all_negative_groups_masked_channels_count_as_zero(device, dtype):
     x = (-make_features(case, dtype, device, for_grad=False).abs() - 0.5).detach()
     x.requires_grad_()
     mask = torch.ones(case.B, case.C, dtype=torch.bool, device=device)
-    mask[0, 1] = False            # group 0 of sample 0: logit exactly 0
-    mask[1, 8] = False            # group 2 of sample 1: logit exactly 0
+    mask[0, 1] = False  # group 0 of sample 0: logit exactly 0
+    mask[1, 8] = False  # group 2 of sample 1: logit exactly 0
     lg = mc.discriminality_logits(x, case.K, mask, case.cnum)
     assert lg[0, 0].item() == 0.0 and lg[1, 2].item() == 0.0
     assert (lg[0, 1:] < 0).all() and (lg[1, :2] < 0).all()
     assert_value_close(lg, R.discriminality_logits(x, case.K, mask, case.cnum))
     g = torch.randn(lg.shape, device=device)
-    assert_grad_close(grad_of(lg, x, g),
-                      grad_of(R.discriminality_logits(x, case.K, mask, case.cnum), x, g))
+    assert_grad_close(
+        grad_of(lg, x, g), grad_of(R.discriminality_logits(x, case.K, mask, case.cnum), x, g)
+    )
 
 
 @fused_only
@@ -347,17 +377,23 @@ def test_exact_ties_go_to_the_first_channel(device, dtype, layout):
     for c0 in (0, 3, 5):
         assert (dz[:, c0 + 1] == 0).all()
     y = random_targets(case.B, case.K, device)
-    for mask in (torch.ones(case.C, dtype=torch.bool, device=device),
-                 torch.rand(case.B, case.C, device=device) < 0.5):
+    for mask in (
+        torch.ones(case.C, dtype=torch.bool, device=device),
+        torch.rand(case.B, case.C, device=device) < 0.5,
+    ):
         out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask)
         ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask)
         for field in out._fields:
             assert_value_close(getattr(out, field), getattr(ref, field), coeff=21.5)
-        assert_grad_close(grad_of(out.loss, x), grad_of(ref.loss, x),
-                          mc_terms(x, case.counts, 1.5, 20.0))
+        assert_grad_close(
+            grad_of(out.loss, x), grad_of(ref.loss, x), mc_terms(x, case.counts, 1.5, 20.0)
+        )
     d = mc.diversity_loss(x, case.K, case.cnum)
-    assert_grad_close(grad_of(d, x), grad_of(R.diversity_loss(x, case.K, case.cnum), x),
-                      mc_terms(x, case.counts, 0, 1))
+    assert_grad_close(
+        grad_of(d, x),
+        grad_of(R.diversity_loss(x, case.K, case.cnum), x),
+        mc_terms(x, case.counts, 0, 1),
+    )
 
 
 @fused_only
@@ -402,16 +438,16 @@ def test_extreme_logits(device, dtype):
     # ulps of 1e4 whatever the summation order (the loss weighs them by alpha = 1.5)
     atol = 8 * torch.finfo(dtype).eps * 1e4 * 1.5
     for field in out._fields:
-        torch.testing.assert_close(getattr(out, field), getattr(ref, field),
-                                   rtol=VALUE_TOL[dtype][0], atol=atol)
+        torch.testing.assert_close(
+            getattr(out, field), getattr(ref, field), rtol=VALUE_TOL[dtype][0], atol=atol
+        )
     assert out.loss.isfinite()
     assert_value_close(out.div, ref.div)
     # dCE/dlogit moves by up to 1/2 of the logits' rounding error (above), reaching x through
     # alpha / (B HW): extra absolute tolerance on the gradient
     extra = 1.5 / (case.B * case.HW) * 0.5 * (8 * torch.finfo(dtype).eps * 1e4)
     dx, dx_ref = grad_of(out.loss, x), grad_of(ref.loss, x)
-    assert_grad_close(dx, dx_ref, mc_terms(x, case.counts, 1.5, 20.0) +
-                      extra / GRAD_SCALE[dtype])
+    assert_grad_close(dx, dx_ref, mc_terms(x, case.counts, 1.5, 20.0) + extra / GRAD_SCALE[dtype])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,8 +457,9 @@ OPS = torch.ops.mcloss_cuda if mc._ops.AVAILABLE else None
 
 
 def offsets_of(counts, device):
-    return torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64,
-                        device=device)
+    return torch.tensor(
+        [0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64, device=device
+    )
 
 
 REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
@@ -433,25 +470,66 @@ def op_options(opts, x):
     weight = opts.get("weight")
     if weight is not None:
         weight = weight.to(F64 if x.dtype == F64 else F32)
-    return (opts.get("pooling", "max") == "avg", weight, float(opts.get("label_smoothing", 0.0)),
-            REDUCTION_ENUM[opts.get("reduction", "mean")])
+    return (
+        opts.get("pooling", "max") == "avg",
+        weight,
+        float(opts.get("label_smoothing", 0.0)),
+        REDUCTION_ENUM[opts.get("reduction", "mean")],
+    )
 
 
-def op_forward(x, y, counts, mask, alpha=1.5, beta=20.0, drop=-1, drop_fraction=0.5,
-               per_sample=False, generator=None, max_group=None, opts=None):
+def op_forward(
+    x,
+    y,
+    counts,
+    mask,
+    alpha=1.5,
+    beta=20.0,
+    drop=-1,
+    drop_fraction=0.5,
+    per_sample=False,
+    generator=None,
+    max_group=None,
+    opts=None,
+):
     """ops.mc_loss: (loss, dis, div, logits, lse, drawn_mask, weight_sums)."""
     mg = max(counts) if max_group is None else max_group
     extra = op_options(opts, x) if opts else ()
-    return OPS.mc_loss(x, y, offsets_of(counts, x.device), mg, mask, drop, drop_fraction,
-                       per_sample, generator, alpha, beta, *extra)
+    return OPS.mc_loss(
+        x,
+        y,
+        offsets_of(counts, x.device),
+        mg,
+        mask,
+        drop,
+        drop_fraction,
+        per_sample,
+        generator,
+        alpha,
+        beta,
+        *extra,
+    )
 
 
-def op_backward(grads, x, y, counts, mask, logits, lse, alpha=1.5, beta=20.0, max_group=None,
-                opts=None, weight_sums=None):
+def op_backward(
+    grads,
+    x,
+    y,
+    counts,
+    mask,
+    logits,
+    lse,
+    alpha=1.5,
+    beta=20.0,
+    max_group=None,
+    opts=None,
+    weight_sums=None,
+):
     mg = max(counts) if max_group is None else max_group
     extra = op_options(opts, x) + (weight_sums,) if opts else ()
-    return OPS.mc_loss_backward(*grads, x, y, offsets_of(counts, x.device), mg, mask, logits,
-                                lse, alpha, beta, *extra)
+    return OPS.mc_loss_backward(
+        *grads, x, y, offsets_of(counts, x.device), mg, mask, logits, lse, alpha, beta, *extra
+    )
 
 
 def lse_of(logits):
@@ -481,8 +559,14 @@ def grad_patterns(B, K, device, acc, per_sample=False):
     shape = (B,) if per_sample else ()
     s = lambda: torch.randn(shape, device=device, dtype=acc)  # noqa: E731
     gl = lambda: torch.randn(B, K, device=device, dtype=acc)  # noqa: E731
-    return [(s(), s(), s(), gl()), (s(), None, None, None), (None, s(), s(), None),
-            (None, None, None, gl()), (None, None, s(), gl()), (None, None, None, None)]
+    return [
+        (s(), s(), s(), gl()),
+        (s(), None, None, None),
+        (None, s(), s(), None),
+        (None, None, None, gl()),
+        (None, None, s(), gl()),
+        (None, None, None, None),
+    ]
 
 
 def grad_terms(x, counts, grads, alpha, beta):
@@ -495,8 +579,11 @@ def grad_terms(x, counts, grads, alpha, beta):
 
 def assert_like_x(dx, x):
     assert dx.shape == x.shape and dx.dtype == x.dtype and dx.device == x.device
-    fmt = torch.channels_last if (not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last)) else torch.contiguous_format
+    fmt = (
+        torch.channels_last
+        if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+        else torch.contiguous_format
+    )
     assert dx.is_contiguous(memory_format=fmt), (dx.stride(), x.stride())
 
 
@@ -530,8 +617,20 @@ def check_ops_against_reference(x, y, case, mask, alpha, beta, bwd, opts=None, *
         return out
     per_sample = (opts or {}).get("reduction") == "none"
     for grads in grad_patterns(case.B, case.K, x.device, acc, per_sample):
-        dx = op_backward(grads, xd, y, case.counts, mask, logits, lse, alpha, beta,
-                         kw.get("max_group"), opts, weight_sums)
+        dx = op_backward(
+            grads,
+            xd,
+            y,
+            case.counts,
+            mask,
+            logits,
+            lse,
+            alpha,
+            beta,
+            kw.get("max_group"),
+            opts,
+            weight_sums,
+        )
         assert_like_x(dx, x)
         total = weighted_sum(ref, grads)
         if total is None:
@@ -543,8 +642,16 @@ def check_ops_against_reference(x, y, case, mask, alpha, beta, bwd, opts=None, *
     return out
 
 
-OP_CASES = ["uniform_14x14", "uneven_5x9", "balanced_5x9", "map_1x1", "cnum64_9x9", "row_1x8",
-            "uneven64_9x9", "cnum1_7x7"]
+OP_CASES = [
+    "uniform_14x14",
+    "uneven_5x9",
+    "balanced_5x9",
+    "map_1x1",
+    "cnum64_9x9",
+    "row_1x8",
+    "uneven64_9x9",
+    "cnum1_7x7",
+]
 
 
 def op_params(case_names=OP_CASES):
@@ -554,9 +661,17 @@ def op_params(case_names=OP_CASES):
             for name in case_names:
                 for layout in ("contiguous", "channels_last"):
                     bwd = grad_feasible(CASES[name], dtype)
-                    out.append(pytest.param(device, dtype, CASES[name], layout, bwd,
-                                            id=f"{device}-{str(dtype)[6:]}-{name}-{layout}-"
-                                               f"{'fwdbwd' if bwd else 'fwd'}"))
+                    out.append(
+                        pytest.param(
+                            device,
+                            dtype,
+                            CASES[name],
+                            layout,
+                            bwd,
+                            id=f"{device}-{str(dtype)[6:]}-{name}-{layout}-"
+                            f"{'fwdbwd' if bwd else 'fwd'}",
+                        )
+                    )
     return out
 
 
@@ -581,14 +696,18 @@ def test_loss_ops_direct(device, dtype, case, layout, bwd):
         acc = F64 if dtype == F64 else F32
         grads = grad_patterns(case.B, case.K, device, acc)[0]
         dx = grad_of(weighted_sum(out, grads), x)
-        dx_op = op_backward(grads, x.detach(), y, case.counts, shared, out[3].detach(),
-                            out[4], alpha, beta)
+        dx_op = op_backward(
+            grads, x.detach(), y, case.counts, shared, out[3].detach(), out[4], alpha, beta
+        )
         assert torch.equal(dx, dx_op)
         # the gradient of a sum of the logits arrives expanded (stride 0)
         out = op_forward(x, y, case.counts, shared, alpha, beta)
         ref = R.mc_loss(x, y, case.K, case.cnum, mask=shared, alpha=alpha, beta=beta)
-        assert_grad_close(grad_of(out[3].sum(), x), grad_of(ref.logits.sum(), x),
-                          mc_terms(x, case.counts, case.B, 0))
+        assert_grad_close(
+            grad_of(out[3].sum(), x),
+            grad_of(ref.logits.sum(), x),
+            mc_terms(x, case.counts, case.B, 0),
+        )
 
 
 # pooling (CCAP), class weights, label smoothing and the three reductions, in combinations
@@ -599,8 +718,9 @@ LOSS_OPTIONS = {
     "weight-smoothing": dict(weight="rand", label_smoothing=0.2),
     "weight-sum": dict(weight="rand", reduction="sum"),
     "smoothing-none": dict(label_smoothing=0.1, reduction="none"),
-    "avg-weight-smoothing-none": dict(pooling="avg", weight="rand", label_smoothing=0.3,
-                                      reduction="none"),
+    "avg-weight-smoothing-none": dict(
+        pooling="avg", weight="rand", label_smoothing=0.3, reduction="none"
+    ),
     "smoothing-sum": dict(label_smoothing=0.15, reduction="sum"),
     "weight": dict(weight="rand"),
 }
@@ -627,9 +747,12 @@ def test_loss_ops_options(device, dtype, case, layout, bwd):
             assert a.shape == b.shape == ((case.B,) if per_sample and a.dim() < 2 else b.shape)
         if bwd:
             g = torch.randn(out.loss.shape, device=device, dtype=out.loss.dtype)
-            assert_grad_close(grad_of((out.loss * g).sum(), x), grad_of((ref.loss * g).sum(), x),
-                              mc_terms(x, case.counts, 1.5 * 4, 20.0) *
-                              (case.B if opts.get("reduction") == "sum" else 1))
+            assert_grad_close(
+                grad_of((out.loss * g).sum(), x),
+                grad_of((ref.loss * g).sum(), x),
+                mc_terms(x, case.counts, 1.5 * 4, 20.0)
+                * (case.B if opts.get("reduction") == "sum" else 1),
+            )
 
 
 @fused_only
@@ -668,8 +791,9 @@ def assert_drawn(drawn, counts, drops, rows):
     drawn = drawn.reshape(-1, sum(counts))
     rows = drawn.shape[0]
     bounds = offsets_of(counts, "cpu").tolist()
-    dropped = torch.stack([(~drawn[:, a:b]).sum(1) for a, b in zip(bounds[:-1], bounds[1:])],
-                          1).cpu()
+    dropped = torch.stack(
+        [(~drawn[:, a:b]).sum(1) for a, b in zip(bounds[:-1], bounds[1:])], 1
+    ).cpu()
     want = torch.tensor(drops).expand(rows, -1)
     assert torch.equal(dropped, want), (dropped, want)
 
@@ -745,18 +869,19 @@ def test_drawn_mask_backward(device, dtype, per_sample):
     drawn = None
     for grads in grad_patterns(case.B, case.K, device, acc)[:5]:
         gen = torch.Generator(device=device).manual_seed(seed)
-        out = op_forward(x, y, case.counts, None, 0.7, 3.0, per_sample=per_sample,
-                         generator=gen)
+        out = op_forward(x, y, case.counts, None, 0.7, 3.0, per_sample=per_sample, generator=gen)
         if drawn is None:
             drawn = out[5]
         assert torch.equal(out[5], drawn)
         dx = grad_of(weighted_sum(out, grads), x)
-        dx_op = op_backward(grads, x.detach(), y, case.counts, drawn, out[3].detach(), out[4],
-                            0.7, 3.0)
+        dx_op = op_backward(
+            grads, x.detach(), y, case.counts, drawn, out[3].detach(), out[4], 0.7, 3.0
+        )
         assert torch.equal(dx, dx_op)
         ref = R.mc_loss(x, y, case.K, case.cnum, mask=drawn, alpha=0.7, beta=3.0)
-        assert_grad_close(dx, grad_of(weighted_sum(ref, grads), x),
-                          grad_terms(x, case.counts, grads, 0.7, 3.0))
+        assert_grad_close(
+            dx, grad_of(weighted_sum(ref, grads), x), grad_terms(x, case.counts, grads, 0.7, 3.0)
+        )
 
 
 @fused_only
@@ -773,9 +898,10 @@ def test_drawn_masks_are_fresh_and_leave_other_generators_alone(device):
     cuda_state = torch.cuda.get_rng_state() if torch.device(device).type == "cuda" else None
     gen = torch.Generator(device=device).manual_seed(seed)
     a = op_forward(x, y, counts, None, generator=gen)[5]
-    b = op_forward(x, y, counts, None, generator=gen)[5]       # the generator moved on
-    c = op_forward(x, y, counts, None,
-                   generator=torch.Generator(device=device).manual_seed(seed + 1))[5]
+    b = op_forward(x, y, counts, None, generator=gen)[5]  # the generator moved on
+    c = op_forward(
+        x, y, counts, None, generator=torch.Generator(device=device).manual_seed(seed + 1)
+    )[5]
     assert not torch.equal(a, b) and not torch.equal(a, c)
     # a generator given: the default one is not touched
     assert torch.equal(torch.get_rng_state(), cpu_state)
@@ -820,13 +946,20 @@ def test_drawn_masks_are_uniform_and_independent(device):
         assert (joint - 1 / 18).abs().max() < 0.035, joint
     # neither call repeats rows of the other, shifted or not
     for shift in range(-3, 4):
-        a = first[max(shift, 0):B + min(shift, 0)]
-        b = second[max(-shift, 0):B + min(-shift, 0)]
+        a = first[max(shift, 0) : B + min(shift, 0)]
+        b = second[max(-shift, 0) : B + min(-shift, 0)]
         assert (a == b).all(1).double().mean() < 0.2, shift
     # the shared draw (one row per call) is uniform over calls too (1200 calls: the bound is
     # then over 7 standard errors of a share, which a fair draw does not reach by chance)
-    codes = torch.stack([((~op_forward(x[:1], y[:1], counts, None, generator=gen)[5][:4])
-                          .long().cpu() * weights).sum() for _ in range(1200)])
+    codes = torch.stack(
+        [
+            (
+                (~op_forward(x[:1], y[:1], counts, None, generator=gen)[5][:4]).long().cpu()
+                * weights
+            ).sum()
+            for _ in range(1200)
+        ]
+    )
     share = (codes[:, None] == pairs).double().mean(0)
     assert (share - 1 / 6).abs().max() < 0.08, share
 
@@ -852,8 +985,21 @@ class OpRecorder(TorchDispatchMode):
 
 FUSED_LOSS = {"mc_loss", "mc_loss_backward"}
 # aten ops that would draw a mask in Python (what the fused path no longer does)
-RANDOM_OPS = {"rand", "rand_like", "randn", "randint", "randperm", "uniform_", "bernoulli",
-              "bernoulli_", "multinomial", "normal_", "random_", "argsort", "sort"}
+RANDOM_OPS = {
+    "rand",
+    "rand_like",
+    "randn",
+    "randint",
+    "randperm",
+    "uniform_",
+    "bernoulli",
+    "bernoulli_",
+    "multinomial",
+    "normal_",
+    "random_",
+    "argsort",
+    "sort",
+}
 
 
 @fused_only
@@ -868,10 +1014,14 @@ def test_public_functions_dispatch_to_fused_ops(device):
         (lambda: mc.spatial_softmax(x).sum(), [{"spatial_softmax", "spatial_softmax_backward"}]),
         (lambda: (mc.channel_mask(x, mask) * x.detach()).sum(), [{"channel_mask"}]),
         (lambda: mc.ccmp(x, 3).sum(), [{"ccmp", "ccmp_backward"}]),
-        (lambda: mc.diversity_loss(x, 2),
-         [FUSED_LOSS, {"spatial_softmax", "spatial_softmax_backward", "ccmp", "ccmp_backward"}]),
-        (lambda: mc.discriminality_logits(x, 2, mask).sum(),
-         [FUSED_LOSS, {"channel_mask", "ccmp", "ccmp_backward"}]),
+        (
+            lambda: mc.diversity_loss(x, 2),
+            [FUSED_LOSS, {"spatial_softmax", "spatial_softmax_backward", "ccmp", "ccmp_backward"}],
+        ),
+        (
+            lambda: mc.discriminality_logits(x, 2, mask).sum(),
+            [FUSED_LOSS, {"channel_mask", "ccmp", "ccmp_backward"}],
+        ),
         (lambda: mc.mc_loss(x, y, 2, mask=mask).loss, [FUSED_LOSS]),
         (lambda: mc.mc_loss(x, y, 2).loss, [FUSED_LOSS]),
         (lambda: mc.mc_loss(x, y, 2, per_sample_mask=True, drop=2).loss, [FUSED_LOSS]),
@@ -881,8 +1031,12 @@ def test_public_functions_dispatch_to_fused_ops(device):
             grad_of(fn(), x)
         assert any(ops <= rec.ops for ops in alternatives), (alternatives, rec.ops)
     # with no mask given, the fused loss draws it inside its op: no random aten op runs
-    for kw in (dict(), dict(per_sample_mask=True), dict(drop=1),
-               dict(generator=torch.Generator(device=device).manual_seed(1))):
+    for kw in (
+        dict(),
+        dict(per_sample_mask=True),
+        dict(drop=1),
+        dict(generator=torch.Generator(device=device).manual_seed(1)),
+    ):
         with OpRecorder() as rec:
             grad_of(mc.mc_loss(x, y, 2, **kw).loss, x)
         assert "mc_loss" in rec.ops and not rec.aten & RANDOM_OPS, (kw, rec.aten)
@@ -904,9 +1058,12 @@ GC_CASES = {
 def gc_input(case, layout, device):
     # separated_features: no two channels of a group within 1/8 of each other at a position, no
     # value 0, so a 1e-6 perturbation never changes a winner
-    x = separated_features(case.B, case.counts, case.H, case.W, dtype=F64, device=device) \
-        if case.HW > 1 else random_features(case.B, case.C, 1, 1, dtype=F64, device=device)
-    if case.HW == 1:   # a raw max with no near-tie: spread the channels apart
+    x = (
+        separated_features(case.B, case.counts, case.H, case.W, dtype=F64, device=device)
+        if case.HW > 1
+        else random_features(case.B, case.C, 1, 1, dtype=F64, device=device)
+    )
+    if case.HW == 1:  # a raw max with no near-tie: spread the channels apart
         x = x + torch.arange(case.C, device=device, dtype=F64).view(1, -1, 1, 1) * 0.37
     return apply_layout(x, layout).detach().requires_grad_()
 
@@ -954,8 +1111,13 @@ def test_gradcheck_can_fail(device):
             return g * 1.001
 
     with pytest.raises(GradcheckError):
-        torch.autograd.gradcheck(lambda t: mc.diversity_loss(Wrong.apply(t), case.K, case.cnum),
-                                 (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+        torch.autograd.gradcheck(
+            lambda t: mc.diversity_loss(Wrong.apply(t), case.K, case.cnum),
+            (x,),
+            eps=1e-6,
+            atol=1e-7,
+            rtol=1e-5,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -978,12 +1140,19 @@ def run_all(x, y, case, mask, grads):
     xd = x.detach()
     out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask)
     fwd = op_forward(xd, y, case.counts, mask)
-    drawn = op_forward(xd, y, case.counts, None, per_sample=True,
-                       generator=torch.Generator(device=x.device).manual_seed(7))
+    drawn = op_forward(
+        xd,
+        y,
+        case.counts,
+        None,
+        per_sample=True,
+        generator=torch.Generator(device=x.device).manual_seed(7),
+    )
     return {
         "mc_loss": fwd,
-        "mc_loss_backward": tuple(op_backward(g, xd, y, case.counts, mask, fwd[3], fwd[4])
-                                  for g in grads),
+        "mc_loss_backward": tuple(
+            op_backward(g, xd, y, case.counts, mask, fwd[3], fwd[4]) for g in grads
+        ),
         "mc_loss drawn": drawn,
         "spatial_softmax": ops.spatial_softmax(xd),
         "ccmp": ops.ccmp(xd, offsets),
@@ -1007,8 +1176,10 @@ def test_parallel_split(two_threads, device, dtype, layout):
     acc = F64 if dtype == F64 else F32
     grads = grad_patterns(case.B, case.K, device, acc)[:5]
     two = run_all(x, y, case, mask, grads)
-    out, ref = mc.mc_loss(x, y, case.K, case.cnum, mask=mask), \
-        R.mc_loss(x, y, case.K, case.cnum, mask=mask)
+    out, ref = (
+        mc.mc_loss(x, y, case.K, case.cnum, mask=mask),
+        R.mc_loss(x, y, case.K, case.cnum, mask=mask),
+    )
     for field in out._fields:
         assert_value_close(getattr(out, field), getattr(ref, field))
     assert_grad_close(two["grad"], grad_of(ref.loss, x), mc_terms(x, case.counts, 1.5, 20.0))
@@ -1061,8 +1232,7 @@ def test_saves_only_the_features(device, layout, dtype):
     x = apply_layout(torch.randn(B, K * cnum, H, W, device=device).to(dtype), layout)
     x.requires_grad_()
     y = random_targets(B, K, device)
-    out, nbytes, shapes, saw_x = saved_bytes_other_than(
-        lambda: mc.mc_loss(x, y, K, cnum), x)
+    out, nbytes, shapes, saw_x = saved_bytes_other_than(lambda: mc.mc_loss(x, y, K, cnum), x)
     feature_bytes = x.numel() * x.element_size()
     assert saw_x, "the features themselves are expected to be saved for the recomputing backward"
     assert nbytes <= 0.02 * feature_bytes, (nbytes, feature_bytes, shapes)
@@ -1113,9 +1283,14 @@ def test_baseline_isa_kernels_match_reference():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"SEED={seed}")
     env = child_env(MCLOSS_CPU_ISA="default", SEED=str(seed))
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)),
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "baseline ok" in res.stdout
 
@@ -1133,14 +1308,18 @@ def test_cuda_matches_cpu_kernels(dtype, layout):
     case = Case(5, 7, (3, 5, 1, 2, 3, 2, 4), 20, 8, 8)
     x_cpu = make_features(case, dtype, "cpu", layout)
     x_gpu = x_cpu.detach().cuda().requires_grad_()
-    assert x_gpu.is_contiguous(memory_format=torch.channels_last) == \
-        x_cpu.is_contiguous(memory_format=torch.channels_last)
+    assert x_gpu.is_contiguous(memory_format=torch.channels_last) == x_cpu.is_contiguous(
+        memory_format=torch.channels_last
+    )
     y = random_targets(case.B, case.K)
     mask = torch.rand(case.B, case.C) < 0.5
     oc = mc.mc_loss(x_cpu, y, case.K, case.cnum, mask=mask)
     og = mc.mc_loss(x_gpu, y.cuda(), case.K, case.cnum, mask=mask.cuda())
     for a, b in zip(og, oc):
         assert_value_close(a.cpu(), b)
-    assert_grad_close(grad_of(og.loss, x_gpu).cpu(), grad_of(oc.loss, x_cpu),
-                      mc_terms(x_cpu, case.counts, 1.5, 20.0))
+    assert_grad_close(
+        grad_of(og.loss, x_gpu).cpu(),
+        grad_of(oc.loss, x_cpu),
+        mc_terms(x_cpu, case.counts, 1.5, 20.0),
+    )
     torch.cuda.synchronize()

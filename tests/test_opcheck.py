@@ -10,20 +10,25 @@ that their backward (one of our backward ops) goes through the checks.
 Random inputs are fresh every run (seed printed).
 """
 
-
 import pytest
 import torch
 
 import mcloss_cuda as mc
 from helpers import DEVICES, fused_only
 
-pytestmark = [fused_only,
-              pytest.mark.skipif(not mc._ops.AVAILABLE, reason="extension not built")]
+pytestmark = [fused_only, pytest.mark.skipif(not mc._ops.AVAILABLE, reason="extension not built")]
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 # every op gets samples (test_registration.py checks that these are all the registered ops)
-OP_NAMES = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-            "ccmp_backward", "mc_loss", "mc_loss_backward")
+OP_NAMES = (
+    "spatial_softmax",
+    "spatial_softmax_backward",
+    "channel_mask",
+    "ccmp",
+    "ccmp_backward",
+    "mc_loss",
+    "mc_loss_backward",
+)
 FORWARD_OPS = ("spatial_softmax", "channel_mask", "ccmp", "mc_loss")
 # how the loss ops get their mask: given in x's dtype, given as bool, drawn inside from the
 # default generator, drawn from a seeded torch.Generator (see test_opcheck for what opcheck
@@ -47,8 +52,9 @@ SHAPES = {
 
 
 def offsets_of(counts, device):
-    return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int64,
-                        device=device)
+    return torch.tensor(
+        [0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int64, device=device
+    )
 
 
 def features(B, counts, H, W, dtype, device, channels_last):
@@ -73,14 +79,24 @@ def loss_args(x, counts, per_sample, mask_kind, seed, options=None):
     device = x.device
     mask = None
     if mask_kind in ("dtype", "bool"):
-        mask = mask_for(B, C, x.dtype if mask_kind == "dtype" else torch.bool, device,
-                        per_sample)
+        mask = mask_for(B, C, x.dtype if mask_kind == "dtype" else torch.bool, device, per_sample)
     drop = 1 if mask_kind == "drawn" and per_sample else -1
-    generator = (torch.Generator(device=device).manual_seed(seed)
-                 if mask_kind == "drawn_generator" else None)
-    args = (x, torch.randint(0, K, (B,), device=device), offsets_of(counts, device), max(counts),
-            mask, drop, 0.5, per_sample, generator, float(torch.rand(()) + 0.5),
-            float(torch.rand(()) * 20))
+    generator = (
+        torch.Generator(device=device).manual_seed(seed) if mask_kind == "drawn_generator" else None
+    )
+    args = (
+        x,
+        torch.randint(0, K, (B,), device=device),
+        offsets_of(counts, device),
+        max(counts),
+        mask,
+        drop,
+        0.5,
+        per_sample,
+        generator,
+        float(torch.rand(()) + 0.5),
+        float(torch.rand(()) * 20),
+    )
     if options is None:
         return args
     avg_pool, weight, smoothing, reduction = options
@@ -90,8 +106,18 @@ def loss_args(x, counts, per_sample, mask_kind, seed, options=None):
     return args + (avg_pool, weight, smoothing, reduction)
 
 
-def samples(op, device, dtype, shape, channels_last, per_sample, requires_grad, kind=None,
-            seed=0, options=None):
+def samples(
+    op,
+    device,
+    dtype,
+    shape,
+    channels_last,
+    per_sample,
+    requires_grad,
+    kind=None,
+    seed=0,
+    options=None,
+):
     """Sample args for ``op``; forward ops get requires_grad features when asked."""
     B, counts, H, W = SHAPES[shape]
     C, K = sum(counts), len(counts)
@@ -105,28 +131,40 @@ def samples(op, device, dtype, shape, channels_last, per_sample, requires_grad, 
         return loss_args(x, counts, per_sample, kind, seed, options)
     if op == "mc_loss_backward":
         # the backward of a forward with the mask given (in x's dtype or bool) or drawn
-        mask_kind = {"all": "dtype", "loss": "bool", "dis_div": "drawn",
-                     "logits": "drawn_generator"}[kind]
+        mask_kind = {
+            "all": "dtype",
+            "loss": "bool",
+            "dis_div": "drawn",
+            "logits": "drawn_generator",
+        }[kind]
         fwd = loss_args(x, counts, per_sample, mask_kind, seed, options)
         out = torch.ops.mcloss_cuda.mc_loss(*fwd)
         used = fwd[4] if fwd[4] is not None else out[5]
         term = (B,) if options is not None and options[3] == 0 else ()
         s = lambda: torch.randn(term, device=device, dtype=acc)  # noqa: E731
         gl = torch.randn(B, K, device=device, dtype=acc)
-        grads = {"all": (s(), s(), s(), gl), "loss": (s(), None, None, None),
-                 "dis_div": (None, s(), s(), None), "logits": (None, None, None, gl)}[kind]
+        grads = {
+            "all": (s(), s(), s(), gl),
+            "loss": (s(), None, None, None),
+            "dis_div": (None, s(), s(), None),
+            "logits": (None, None, None, gl),
+        }[kind]
         extra = () if options is None else (*fwd[11:], out[6])
-        return (*grads, x, fwd[1], off, max(counts), used, out[3], out[4], fwd[9], fwd[10],
-                *extra)
+        return (*grads, x, fwd[1], off, max(counts), used, out[3], out[4], fwd[9], fwd[10], *extra)
     like_x = torch.randn(x.shape, device=device).to(dtype)
     if channels_last:
         like_x = like_x.contiguous(memory_format=torch.channels_last)
     return {
         "spatial_softmax": (x,),
-        "spatial_softmax_backward": (like_x, torch.softmax(x.detach().float().flatten(2), -1)
-                                     .view(x.shape).to(dtype)
-                                     .contiguous(memory_format=torch.channels_last
-                                                 if channels_last else torch.contiguous_format)),
+        "spatial_softmax_backward": (
+            like_x,
+            torch.softmax(x.detach().float().flatten(2), -1)
+            .view(x.shape)
+            .to(dtype)
+            .contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format
+            ),
+        ),
         "channel_mask": (x, mask),
         "ccmp": (x, off),
         "ccmp_backward": (torch.randn(B, K, H, W, device=device).to(dtype), x, off),
@@ -137,12 +175,24 @@ def samples(op, device, dtype, shape, channels_last, per_sample, requires_grad, 
 # cnum = 1 groups; the mask alternates between (C,) and (B, C) along the list, and for the
 # loss ops the mask kind (or the gradients' kind) changes every two entries, so that every
 # kind meets both mask shapes
-COMBOS = [(F32, "uniform", False), (F32, "uniform", True), (F32, "uneven", False),
-          (F32, "uneven", True), (F32, "one_group_1x1", True), (F32, "cnum1_row", False),
-          (F64, "uneven", True), (F64, "uniform", False), (F16, "uniform", True),
-          (BF16, "uneven", False), (F32, "uneven", True), (BF16, "uniform", False),
-          (F64, "one_group_1x1", False), (F32, "cnum1_row", True), (F16, "uneven", False),
-          (F32, "uniform", True)]
+COMBOS = [
+    (F32, "uniform", False),
+    (F32, "uniform", True),
+    (F32, "uneven", False),
+    (F32, "uneven", True),
+    (F32, "one_group_1x1", True),
+    (F32, "cnum1_row", False),
+    (F64, "uneven", True),
+    (F64, "uniform", False),
+    (F16, "uniform", True),
+    (BF16, "uneven", False),
+    (F32, "uneven", True),
+    (BF16, "uniform", False),
+    (F64, "one_group_1x1", False),
+    (F32, "cnum1_row", True),
+    (F16, "uneven", False),
+    (F32, "uniform", True),
+]
 
 
 def cases():
@@ -162,11 +212,22 @@ def cases():
                 # autograd and aot_dispatch checks run their registered backward
                 rg = op in FORWARD_OPS and dtype in (F32, F64)
                 opt_id = "" if options is None else f"-opt{opt}"
-                out.append(pytest.param(
-                    op, device, dtype, shape, cl, per_sample, rg, kind, options,
-                    id=f"{op}-{device}-{str(dtype)[6:]}-{shape}-"
-                       f"{'cl' if cl else 'contig'}-{'bc' if per_sample else 'c'}"
-                       f"{'-' + kind if kind else ''}{opt_id}{'-grad' if rg else ''}"))
+                out.append(
+                    pytest.param(
+                        op,
+                        device,
+                        dtype,
+                        shape,
+                        cl,
+                        per_sample,
+                        rg,
+                        kind,
+                        options,
+                        id=f"{op}-{device}-{str(dtype)[6:]}-{shape}-"
+                        f"{'cl' if cl else 'contig'}-{'bc' if per_sample else 'c'}"
+                        f"{'-' + kind if kind else ''}{opt_id}{'-grad' if rg else ''}",
+                    )
+                )
     return out
 
 
@@ -175,17 +236,33 @@ def cases():
 # a torch.Generator passed in moves on from one run to the next, so the masks, and the outputs,
 # differ. That one check is left out for it; test_generator_draws_repeat states what it would
 # have compared.
-ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
-              "test_aot_dispatch_dynamic")
+ALL_CHECKS = (
+    "test_schema",
+    "test_autograd_registration",
+    "test_faketensor",
+    "test_aot_dispatch_dynamic",
+)
 
 
-@pytest.mark.parametrize("op, device, dtype, shape, channels_last, per_sample, requires_grad, "
-                         "kind, options", cases())
-def test_opcheck(op, device, dtype, shape, channels_last, per_sample, requires_grad, kind,
-                 options, fresh_seed):
+@pytest.mark.parametrize(
+    "op, device, dtype, shape, channels_last, per_sample, requires_grad, kind, options", cases()
+)
+def test_opcheck(
+    op, device, dtype, shape, channels_last, per_sample, requires_grad, kind, options, fresh_seed
+):
     assert mc.backend(device) != "reference"
-    args = samples(op, device, dtype, shape, channels_last, per_sample, requires_grad, kind,
-                   fresh_seed, options)
+    args = samples(
+        op,
+        device,
+        dtype,
+        shape,
+        channels_last,
+        per_sample,
+        requires_grad,
+        kind,
+        fresh_seed,
+        options,
+    )
     with_generator = any(isinstance(a, torch.Generator) for a in args)
     checks = ALL_CHECKS[:3] if with_generator else ALL_CHECKS
     result = torch.library.opcheck(getattr(torch.ops.mcloss_cuda, op), args, test_utils=checks)

@@ -14,18 +14,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mcloss_cuda as mc
-from helpers import (DEVICES, GRAD_TOL, VALUE_TOL, apply_layout, fused_only,
-                     separated_features)
+from helpers import DEVICES, GRAD_TOL, VALUE_TOL, apply_layout, fused_only, separated_features
 
 pytestmark = fused_only
 R = mc.reference
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-SETTINGS = dict(deadline=None, derandomize=False, print_blob=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
-GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2 ** -9, BF16: 2 ** -6}
-MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2 ** -10, 6e-8),
-           BF16: (2 ** -7, 1e-38)}
+SETTINGS = dict(
+    deadline=None,
+    derandomize=False,
+    print_blob=True,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2**-9, BF16: 2**-6}
+MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2**-10, 6e-8), BF16: (2**-7, 1e-38)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,18 +58,33 @@ def groups(draw, max_k=4, max_n=5):
 def problems(draw, dtypes=(F32, F64, F16, BF16)):
     K, cnum, counts = draw(groups())
     B = draw(st.integers(1, 3))
-    H, W = draw(st.sampled_from([(1, 1), (1, 2), (2, 1), (1, 7), (6, 1), (2, 3), (3, 3),
-                                 (4, 5), (5, 4), (7, 7)]))
+    H, W = draw(
+        st.sampled_from(
+            [(1, 1), (1, 2), (2, 1), (1, 7), (6, 1), (2, 3), (3, 3), (4, 5), (5, 4), (7, 7)]
+        )
+    )
     dtype = draw(st.sampled_from(dtypes))
     layout = draw(st.sampled_from(["contiguous", "channels_last", "sliced", "transposed"]))
-    mask_kind = draw(st.sampled_from(["shared_bool", "shared_float", "per_sample_bool",
-                                      "per_sample_float"]))
-    values = draw(st.sampled_from(["randn", "separated", "huge", "equal", "negative",
-                                   "scaled"]))
-    seed = draw(st.integers(0, 2 ** 62))
+    mask_kind = draw(
+        st.sampled_from(["shared_bool", "shared_float", "per_sample_bool", "per_sample_float"])
+    )
+    values = draw(st.sampled_from(["randn", "separated", "huge", "equal", "negative", "scaled"]))
+    seed = draw(st.integers(0, 2**62))
     device = draw(st.sampled_from(DEVICES))
-    return dict(B=B, K=K, cnum=cnum, counts=counts, H=H, W=W, dtype=dtype, layout=layout,
-                mask_kind=mask_kind, values=values, seed=seed, device=device)
+    return dict(
+        B=B,
+        K=K,
+        cnum=cnum,
+        counts=counts,
+        H=H,
+        W=W,
+        dtype=dtype,
+        layout=layout,
+        mask_kind=mask_kind,
+        values=values,
+        seed=seed,
+        device=device,
+    )
 
 
 def build(p):
@@ -72,8 +93,11 @@ def build(p):
     B, counts, H, W, dtype = p["B"], p["counts"], p["H"], p["W"], p["dtype"]
     C, HW = sum(counts), H * W
     kind = p["values"]
-    if kind == "separated" and max(counts) <= HW and \
-            HW <= {F16: 512, BF16: 128}.get(dtype, 1 << 30):
+    if (
+        kind == "separated"
+        and max(counts) <= HW
+        and HW <= {F16: 512, BF16: 128}.get(dtype, 1 << 30)
+    ):
         x = separated_features(B, counts, H, W, dtype=F64, generator=g)
         comparable = True
     elif kind == "huge" and dtype in (F32, F64):
@@ -85,7 +109,7 @@ def build(p):
         # all-equal maps: every probability is exactly 1/HW, every group an exact tie
         x = torch.randn(B, C, 1, 1, generator=g, dtype=F64).expand(B, C, H, W).clone()
         if torch.rand((), generator=g) < 0.5:
-            x = x[:, :1].expand(B, C, H, W).clone()   # and equal across channels too
+            x = x[:, :1].expand(B, C, H, W).clone()  # and equal across channels too
         comparable = True
     elif kind == "negative":
         x = -torch.randn(B, C, H, W, generator=g, dtype=F64).abs() - 0.1
@@ -175,8 +199,7 @@ def test_primitives_match_reference(p):
     torch.testing.assert_close(sp, sp_ref, rtol=rtol, atol=atol)
     if comparable:
         gs = torch.randn(sp.shape).to(sp)
-        grad_close(grad_of(sp, x, gs), grad_of(sp_ref, x, gs),
-                   max_prob(x) * gs.abs().max().item())
+        grad_close(grad_of(sp, x, gs), grad_of(sp_ref, x, gs), max_prob(x) * gs.abs().max().item())
     # channel mask and ccmp: selections and 0/1 products, exact in every dtype
     cm = mc.channel_mask(x, mask)
     assert torch.equal(cm, R.channel_mask(x, mask))
@@ -213,8 +236,13 @@ def test_single_position_maps(p):
     assert torch.equal(mc.spatial_softmax(x), torch.ones_like(x))
     ref = R.mc_loss(x, y, K, cnum, mask=mask)
     for field in out._fields:
-        value_close(getattr(out, field), getattr(ref, field), 1, coeff=21.5,
-                    scale=magnitude(x) if p["values"] == "huge" else 1.0)
+        value_close(
+            getattr(out, field),
+            getattr(ref, field),
+            1,
+            coeff=21.5,
+            scale=magnitude(x) if p["values"] == "huge" else 1.0,
+        )
     grad_close(grad_of(out.loss, x), grad_of(ref.loss, x), mc_terms(x, counts))
 
 
@@ -226,8 +254,9 @@ def test_all_equal_maps(p):
     p = dict(p, values="equal")
     x, mask, y, _ = build(p)
     K, cnum, counts, HW = p["K"], p["cnum"], p["counts"], p["H"] * p["W"]
-    torch.testing.assert_close(mc.spatial_softmax(x),
-                               torch.full_like(x, 1.0 / HW), rtol=MAP_TOL[x.dtype][0], atol=0)
+    torch.testing.assert_close(
+        mc.spatial_softmax(x), torch.full_like(x, 1.0 / HW), rtol=MAP_TOL[x.dtype][0], atol=0
+    )
     d = mc.diversity_loss(x, K, cnum)
     expected = 1.0 - sum(1.0 / n for n in counts) / K
     assert abs(d.item() - expected) <= 1e-5
@@ -254,4 +283,3 @@ def test_huge_logits(p):
     assert dx.isfinite().all()
     if comparable:
         grad_close(dx, grad_of(ref.loss, x), mc_terms(x, p["counts"]))
-

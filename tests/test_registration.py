@@ -12,11 +12,19 @@ import torch
 
 import mcloss_cuda as mc
 from helpers import DEVICES, fused_only
+
 # the ops test_opcheck.py builds samples for: one list, read where it drives the cases
 from test_opcheck import OP_NAMES as OPCHECKED_OPS
 
-KERNEL_OPS = ("spatial_softmax", "spatial_softmax_backward", "channel_mask", "ccmp",
-              "ccmp_backward", "mc_loss", "mc_loss_backward")
+KERNEL_OPS = (
+    "spatial_softmax",
+    "spatial_softmax_backward",
+    "channel_mask",
+    "ccmp",
+    "ccmp_backward",
+    "mc_loss",
+    "mc_loss_backward",
+)
 
 
 @pytest.mark.skipif(not mc._ops.AVAILABLE, reason="extension not built")
@@ -28,7 +36,8 @@ def test_cuda_build_registers_cuda_kernels_for_every_op():
         has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
         assert has_cuda == mc.built_with_cuda(), (
             f"{name}: built_with_cuda()={mc.built_with_cuda()} but CUDA kernel registered: "
-            f"{has_cuda}")
+            f"{has_cuda}"
+        )
     assert sorted(KERNEL_OPS) == sorted(mc._ops.KERNEL_OPS)
     # the loss op's autograd is C++'s, at the Autograd key (no Python in a training step)
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mcloss_cuda::mc_loss", "Autograd")
@@ -48,8 +57,10 @@ def test_every_op_is_registered():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_covers_every_op(device):
     # every op the extension registers has opcheck samples (a new op must get samples)
-    registered = {name.split("::")[1].split(".")[0]
-                  for name in torch._C._dispatch_get_all_op_names()
-                  if name.startswith("mcloss_cuda::")}
+    registered = {
+        name.split("::")[1].split(".")[0]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("mcloss_cuda::")
+    }
     assert registered == set(OPCHECKED_OPS), registered
     assert set(mc._ops.OP_NAMES) == set(OPCHECKED_OPS)

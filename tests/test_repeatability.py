@@ -16,15 +16,24 @@ non-contiguous incoming gradients.
 Inputs are random and fresh on every run (the seed is printed).
 """
 
-
 import pytest
 import torch
 from hypothesis import given, settings
 
 import mcloss_cuda as mc
 from helpers import entropy_seed
-from helpers import (DEVICES, DTYPES, GRAD_TOL, VALUE_TOL, apply_layout, fused_only,
-                     random_features, random_targets, separated_features)
+from helpers import (
+    DEVICES,
+    DTYPES,
+    GRAD_TOL,
+    VALUE_TOL,
+    apply_layout,
+    fused_only,
+    random_features,
+    random_targets,
+    separated_features,
+)
+
 # the random problems (shapes, groups, dtypes, layouts, masks, values) of the property tests
 from test_properties import SETTINGS, build, problems
 
@@ -64,7 +73,8 @@ def assert_bitwise(a, b, what):
     for name, u, v in zip(names, a, b):
         assert u.dtype == v.dtype and u.shape == v.shape, (what, name)
         assert torch.equal(u, v), (
-            f"{what}: {name} differs, max |diff| {(u.double() - v.double()).abs().max().item()}")
+            f"{what}: {name} differs, max |diff| {(u.double() - v.double()).abs().max().item()}"
+        )
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
@@ -125,8 +135,18 @@ def primitive_results(impl, x, mask, K, n, gz, gp):
     return tuple(t.detach() for t in out)
 
 
-PRIMITIVE_NAMES = ["softmax", "d softmax", "ccmp", "d ccmp", "channel_mask", "d channel_mask",
-                   "diversity", "d diversity", "logits", "d logits"]
+PRIMITIVE_NAMES = [
+    "softmax",
+    "d softmax",
+    "ccmp",
+    "d ccmp",
+    "channel_mask",
+    "d channel_mask",
+    "diversity",
+    "d diversity",
+    "logits",
+    "d logits",
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -173,8 +193,10 @@ def test_bitwise_repeatable(device, dtype, layout):
         p = mc.spatial_softmax(x)
         z = mc.ccmp(x, list(counts))
         gp = torch.ones_like(p)
-        runs.append(tuple(out) + (p, z, grad_of(out.loss, x), grad_of((p * gp).sum(), x),
-                                  grad_of(z.sum(), x)))
+        runs.append(
+            tuple(out)
+            + (p, z, grad_of(out.loss, x), grad_of((p * gp).sum(), x), grad_of(z.sum(), x))
+        )
     for i, (a, b) in enumerate(zip(*runs)):
         assert torch.equal(a, b), i
 
@@ -206,11 +228,15 @@ def layouts(x):
     transposed = torch.empty(B, C, W, H, dtype=x.dtype, device=x.device).transpose(2, 3)
     transposed.copy_(x)
     cl_sliced = torch.zeros(B, C, H, 2 * W, dtype=x.dtype, device=x.device).contiguous(
-        memory_format=torch.channels_last)[..., ::2]
+        memory_format=torch.channels_last
+    )[..., ::2]
     cl_sliced.copy_(x)
-    out = [("channels_last", x.contiguous(memory_format=torch.channels_last), False),
-           ("sliced", sliced, True), ("transposed-HW", transposed, True),
-           ("channels_last-sliced", cl_sliced, True)]
+    out = [
+        ("channels_last", x.contiguous(memory_format=torch.channels_last), False),
+        ("sliced", sliced, True),
+        ("transposed-HW", transposed, True),
+        ("channels_last-sliced", cl_sliced, True),
+    ]
     for name, t, _ in out:
         assert torch.equal(t, x), name
     cl = out[0][1]
@@ -227,7 +253,7 @@ def assert_same(a, b, what, bitwise, grad):
     tol = GRAD_TOL if grad else VALUE_TOL
     rtol, atol = tol[a.dtype] if a.dtype in tol else tol[torch.float32]
     if not grad:
-        atol *= 20.0      # the loss carries beta = 20 times the diversity term
+        atol *= 20.0  # the loss carries beta = 20 times the diversity term
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=what)
 
 
@@ -245,12 +271,11 @@ def test_mc_loss_layouts_match_contiguous(impl, device, dtype, per_sample):
     for name, xv, copied in layouts(x):
         res = run_loss_with_mask(impl, xv, y, K, mask)
         for what, a, b in zip(("loss", "dis", "div", "logits", "gradient"), res, base):
-            assert_same(a, b, f"{name}: {what}", bitwise=fused and copied,
-                        grad=what == "gradient")
+            assert_same(a, b, f"{name}: {what}", bitwise=fused and copied, grad=what == "gradient")
 
 
 def run_loss_with_mask(impl, xv, y, K, mask):
-    leaf = xv.detach().requires_grad_()         # keeps the layout of xv
+    leaf = xv.detach().requires_grad_()  # keeps the layout of xv
     out = impl.mc_loss(leaf, y, K, mask=mask)
     (g,) = torch.autograd.grad(out.loss, leaf)
     assert g.shape == xv.shape
@@ -289,7 +314,7 @@ def test_primitives_layouts_match_contiguous(impl, device, dtype, grad_kind):
     def incoming(shape):
         # the gradient flowing into the primitive, in various layouts
         if grad_kind == "sum-expanded":
-            return None                            # out.sum().backward(): a stride-0 gradient
+            return None  # out.sum().backward(): a stride-0 gradient
         g = torch.randn(shape, dtype=F64).to(dtype=dtype, device=device)
         if grad_kind == "channels_last":
             return g.contiguous(memory_format=torch.channels_last)
@@ -303,8 +328,11 @@ def test_primitives_layouts_match_contiguous(impl, device, dtype, grad_kind):
 
     def results(xv):
         out = []
-        for f, g in ((impl.spatial_softmax, gp), (lambda t: impl.ccmp(t, n), gz),
-                     (lambda t: impl.channel_mask(t, mask), gp)):
+        for f, g in (
+            (impl.spatial_softmax, gp),
+            (lambda t: impl.ccmp(t, n), gz),
+            (lambda t: impl.channel_mask(t, mask), gp),
+        ):
             leaf = xv.detach().requires_grad_()
             y = f(leaf)
             if g is None:
@@ -318,11 +346,16 @@ def test_primitives_layouts_match_contiguous(impl, device, dtype, grad_kind):
     names = ["softmax", "d softmax", "ccmp", "d ccmp", "channel_mask", "d channel_mask"]
     for lname, xv, copied in [("contiguous", x, True)] + layouts(x):
         for what, a, b in zip(names, results(xv), base):
-            exact = (fused and copied) or what in ("ccmp", "d ccmp", "channel_mask",
-                                                   "d channel_mask")
+            exact = (fused and copied) or what in (
+                "ccmp",
+                "d ccmp",
+                "channel_mask",
+                "d channel_mask",
+            )
             if what == "softmax" and not exact:
-                rtol, atol = {torch.float16: (2 ** -10, 6e-8), torch.bfloat16: (2 ** -7, 1e-38)
-                              }.get(dtype, VALUE_TOL[dtype])
+                rtol, atol = {torch.float16: (2**-10, 6e-8), torch.bfloat16: (2**-7, 1e-38)}.get(
+                    dtype, VALUE_TOL[dtype]
+                )
                 torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=f"{lname}: {what}")
             else:
                 assert_same(a, b, f"{lname}: {what}", bitwise=exact, grad=True)
