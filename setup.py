@@ -202,7 +202,8 @@ def main():
         install_requires=["torch>=2.4"],
         extras_require={
             "test": ["pytest", "hypothesis", "numpy", "matplotlib"],
-            "bench": ["matplotlib", "numpy"],
+            # pytest: the benchmark imports its baselines from tests/ (helpers.py needs it)
+            "bench": ["matplotlib", "numpy", "pytest"],
             # examples/train_fgvc.py, the training recipe
             "recipe": ["torchvision", "tqdm"],
         },

@@ -5,9 +5,10 @@ Implementations (``--impls``):
   fused      mc.mc_loss(...): the package's kernels where mc.backend(device) is "cpu"/"cuda",
              otherwise its pure-PyTorch path (the row's ``backend`` says which ran);
   reference  mc.reference.mc_loss(...), the pure-PyTorch oracle;
-  eager      the published formulation (Chang et al., TIP 2020), written fresh here: the mask
-             is built on the host every step with a Python random.shuffle loop and copied to the
-             device, CCMP is transpose + max_pool2d + transpose, GAP is avg_pool2d;
+  eager      the published formulation (Chang et al., TIP 2020) of tests/published_formulation.py,
+             the one the tests compare the package with: the mask is built on the host every
+             step with a Python random.shuffle loop and copied to the device, CCMP is
+             transpose + max_pool2d + transpose, GAP is avg_pool2d;
   compiled   torch.compile of that formulation, with the mask passed in as a tensor;
   graphed    (CUDA only) fused's forward, and its forward+backward, each captured once in a
              CUDA graph and replayed: the GPU time of the step without Python or launch
@@ -16,52 +17,64 @@ Implementations (``--impls``):
              target is "fused forward+backward <= 2.5x one softmax pass".
 
 Run ``python benchmarks/bench.py --help`` for the options. Progress goes to stderr; the
-Markdown table goes to stdout.
+Markdown table goes to stdout. This file holds the shapes, the implementations and how one
+shape's rows are measured; timing.py the timer and other measurements, report.py the output.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
-import json
 import math
 import os
-import platform
 import random
-import resource
-import statistics
 import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 # The installed package (with its compiled extension) comes first; a checkout that was not
 # installed falls back to the repository root (e.g. after `setup.py build_ext --inplace`).
 try:
     import mcloss_cuda as mc
 except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, ROOT)
     import mcloss_cuda as mc
+
+# This file's siblings, and the tests' modules it shares (the published formulation and the
+# saved-bytes probe, imported by name as the tests import them), whether it runs as a script or
+# is loaded by path (tests/test_bench.py). Neither folder holds an mcloss_cuda to shadow.
+for _folder in (os.path.join(ROOT, "tests"), HERE):
+    if _folder not in sys.path:
+        sys.path.insert(0, _folder)
+
+from helpers import counts_of, saved_for_backward  # noqa: E402
+from published_formulation import ALPHA, BETA, host_mask_published, published_loss  # noqa: E402
+from report import Progress, header_lines, markdown, plot, write_json  # noqa: E402
+from timing import Timer, capture_graphs, copy_bandwidth_gbps, device_name  # noqa: E402
+from timing import free_memory, peak_extra_bytes, sync  # noqa: E402
 
 ALL_IMPLS = ("fused", "graphed", "reference", "eager", "compiled", "softmax")
 CUDA_ONLY = ("graphed",)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
-ALPHA, BETA = 1.5, 20.0  # the published CUB-200 weights (the defaults, docs/spec.md)
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 # Tolerance on the scalar loss when checking fused against the other implementations.
 # eager/compiled run the published ops in the input dtype (a bf16 softmax rounds every
 # probability to 8 bits), while fused/reference accumulate in fp32, so half precision needs a
 # loose bound; fp32 and fp64 differ only by summation order.
 # (A bf16 loss near 15 is itself rounded to a 0.0625 step, 0.4%: allow a few such steps.)
-LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3,
-             torch.bfloat16: 2e-2}
+LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,10 +94,7 @@ class Case:
 
     @property
     def counts(self) -> Tuple[int, ...]:
-        if self.cnum is not None:
-            return (self.cnum,) * self.K
-        base, extra = divmod(self.C, self.K)
-        return tuple(base + (1 if i < extra else 0) for i in range(self.K))
+        return tuple(counts_of(self.K, self.cnum, self.C))
 
     @property
     def uniform(self) -> bool:
@@ -132,471 +142,310 @@ CPU_HALF_MAX_NUMEL = 4_000_000
 
 
 # ----------------------------------------------------------------------------------------------
-# the published formulation, written fresh from the formulas of docs/spec.md
+# the implementations, each on one shape's shared inputs (a CaseRun)
 
 
-def host_mask_published(batch: int, counts: Sequence[int]) -> torch.Tensor:
-    """The published mask: a Python loop over the classes shuffling a 0/1 list per group on the
-    host, replicated over the batch, turned into a (B, C, 1, 1) float32 tensor via numpy.
-    Kept deliberately host-side: that per-step cost is part of what is being compared."""
-    bar = []
-    if len(set(counts)) == 1:
-        n = counts[0]
-        foo = [1] * (n - n // 2) + [0] * (n // 2)  # drop floor(n/2), as the package's default
-        for _ in counts:
-            random.shuffle(foo)
-            bar += foo
-    else:  # same idea per uneven group
-        for n in counts:
-            foo = [1] * (n - n // 2) + [0] * (n // 2)
-            random.shuffle(foo)
-            bar += foo
-    bar = [bar for _ in range(batch)]
-    arr = np.array(bar).astype("float32").reshape(batch, len(bar[0]), 1, 1)
-    return torch.from_numpy(arr)
+class Impl(NamedTuple):
+    loss: Callable[[], torch.Tensor]  # one step's scalar loss, with autograd recording
+    backend: str  # the row's `backend` column
+    note: str  # shown in the row's `check` column
 
 
-def make_published_loss(counts: Sequence[int], device):
-    """The published loss as a function of (x, targets, mask4), mask4 of shape (B, C, 1, 1).
+def published_step(counts, device):
+    """The published loss as a function of (x, targets, mask4) -> the scalar loss, mask4 of
+    shape (B, C, 1, 1): what eager calls and compiled compiles."""
+    published = published_loss(counts, device, alpha=ALPHA, beta=BETA)
 
-    Uniform groups use the published CCMP (transpose, max_pool2d with kernel (1, cnum),
-    transpose back). Uneven groups cannot go through max_pool2d, so they gather each group into
-    (K, n_max) slots padded with a -inf channel and take the max over the slots: same math.
-    """
-    counts = tuple(counts)
-    K, C = len(counts), sum(counts)
-    uniform = len(set(counts)) == 1
-    cnum = counts[0]
-    if not uniform:
-        nmax = max(counts)
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        idx = np.full((K, nmax), C, dtype=np.int64)  # C = the extra -inf channel
-        for i, (o, n) in enumerate(zip(offsets, counts)):
-            idx[i, :n] = np.arange(o, o + n)
-        index = torch.from_numpy(idx).to(device)
-        sizes = torch.tensor(counts, dtype=torch.float32, device=device)
+    def step(x, targets, mask4):
+        return published(x, targets, mask4).loss
 
-    def ccmp(t):
-        if uniform:
-            t = t.transpose(3, 1)
-            t = F.max_pool2d(t, kernel_size=(1, cnum), stride=(1, cnum))
-            return t.transpose(3, 1).contiguous()
-        B, _, H, W = t.shape
-        padded = torch.cat([t, t.new_full((B, 1, H, W), float("-inf"))], dim=1)
-        return padded[:, index].max(dim=2).values
-
-    def published_loss(x, targets, mask4):
-        B, _, H, W = x.shape
-        branch = F.softmax(x.reshape(B, C, H * W), 2).reshape(B, C, H, W)
-        branch = ccmp(branch).reshape(B, K, H * W)
-        if uniform:
-            loss_div = 1.0 - 1.0 * torch.mean(torch.sum(branch, 2)) / cnum
-        else:
-            loss_div = 1.0 - torch.mean(torch.sum(branch, 2) / sizes.to(branch.dtype))
-        branch_1 = x * mask4
-        branch_1 = ccmp(branch_1)
-        branch_1 = F.avg_pool2d(branch_1, kernel_size=(H, W))
-        logits = branch_1.view(B, -1)
-        loss_dis = F.cross_entropy(logits, targets)
-        return ALPHA * loss_dis + BETA * loss_div
-
-    return published_loss
+    return step
 
 
-# ----------------------------------------------------------------------------------------------
-# timing and measurement
+def fused_impl(run):
+    x, targets, K, cnum, mask = run.x, run.targets, run.case.K, run.case.cnum, run.mask
+
+    def fused_loss():  # cnum None = the balanced split, as mc takes it
+        return mc.mc_loss(x, targets, K, cnum, mask=mask, alpha=ALPHA, beta=BETA).loss
+
+    return Impl(fused_loss, mc.backend(run.device), "")
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def graphed_impl(run):
+    # fused's step; CaseRun.prepare_graphed captures it in CUDA graphs
+    return fused_impl(run)._replace(
+        note="fused in a CUDA graph: GPU time without Python/launch overhead"
+    )
 
 
-class Timer:
-    """Median wall times of callables, after warm-up, taken side by side.
-
-    CPU: time.perf_counter. CUDA: events around each run plus a synchronize; before each run a
-    256 MiB buffer is overwritten (outside the events) so that inputs are not served from the L2
-    cache of the previous run: the bandwidth figures then mean DRAM traffic.
-
-    On the CPU each run's minor page faults are counted too: a step whose fresh outputs the
-    allocator has just handed back to the OS pays for zeroed pages in the kernel (sys time),
-    which can move a row's time by tens of percent from one run to the next; the count says
-    when that happened.
-    """
-
-    def __init__(self, device, warmup, repeats, budget_s, rounds=4):
-        self.device, self.warmup, self.repeats, self.budget_s = device, warmup, repeats, budget_s
-        self.rounds = max(1, rounds)
-        self.flush = None
-        if device.type == "cuda":
-            self.flush = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device=device)
-
-    def _once(self, fn, faults=None) -> float:
-        if self.device.type == "cuda":
-            self.flush.zero_()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
-        fn()
-        ms = (time.perf_counter() - t0) * 1e3
-        if faults is not None:
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-        return ms
-
-    def median_ms(self, fn) -> Tuple[float, int]:
-        result = self.side_by_side([("only", fn)])["only"]
-        if isinstance(result, Exception):
-            raise result
-        return result[:2]
-
-    def side_by_side(self, jobs):
-        """{key: (median ms, runs, median page faults per run or None)} for jobs [(key, fn)];
-        {key: exception} for a job that failed.
-
-        Each job is warmed up and timed once to size it: as many runs as fit in the budget, at
-        least 5 (a median of fewer means little), at most `repeats`. Its runs are then taken in
-        `rounds` blocks, round-robin over the jobs, each block after one untimed run. On a
-        shared machine whose speed drifts by tens of percent over a minute, every job then sees
-        the same mix of fast and slow spells, which keeps the ratios between rows (speed-ups,
-        softmax passes) honest.
-        """
-        # As timeit does: no cyclic garbage collection inside the timed runs, where it would
-        # land on whichever row happens to cross the threshold (the eager and compiled rows
-        # leave the garbage; a cheap row then pays for collecting it).
-        gc.collect()
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return self._side_by_side(jobs)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-
-    def _side_by_side(self, jobs):
-        times, want, out = {}, {}, {}
-        faults = {key: ([] if self.device.type == "cpu" else None) for key, _ in jobs}
-        for key, fn in jobs:
-            try:
-                for _ in range(self.warmup):
-                    fn()
-                sync(self.device)
-                first = self._once(fn)
-            except Exception as e:
-                out[key] = e
-                continue
-            times[key] = [first]
-            want[key] = int(min(self.repeats, max(5, self.budget_s * 1e3 / max(first, 1e-3))))
-        for r in range(self.rounds):
-            for key, fn in jobs:
-                if key not in times:
-                    continue
-                # runs left spread evenly over the rounds left
-                block = -(-(want[key] - len(times[key])) // (self.rounds - r))
-                if block <= 0:
-                    continue
-                try:
-                    if r > 0:
-                        fn()  # untimed: the previous block was another job's
-                        sync(self.device)
-                    times[key] += [self._once(fn, faults[key]) for _ in range(block)]
-                except Exception as e:
-                    out[key] = e
-                    del times[key]
-        for key, ts in times.items():
-            f = faults[key]
-            out[key] = (statistics.median(ts), len(ts), statistics.median(f) if f else None)
-        return out
+def reference_impl(run):
+    x, targets, K, cnum, mask = run.x, run.targets, run.case.K, run.case.cnum, run.mask
+    return Impl(
+        lambda: mc.reference.mc_loss(x, targets, K, cnum, mask=mask, alpha=ALPHA, beta=BETA).loss,
+        "reference",
+        "",
+    )
 
 
-def saved_bytes_of(forward, x) -> int:
-    """Bytes autograd keeps for backward: unique storages packed through saved-tensor hooks,
-    not counting the input features' own storage (which the caller keeps alive anyway)."""
-    seen = {}
-    x_ptr = x.untyped_storage().data_ptr()
+def eager_impl(run):
+    x, targets, device, published = run.x, run.targets, run.device, run.published
+    counts = run.case.counts
 
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            if st.data_ptr() != x_ptr:
-                seen[(str(t.device), st.data_ptr())] = st.nbytes()
-        except Exception:  # a tensor without storage (e.g. a sparse or meta one): count nothing
-            pass
-        return t
+    def eager():
+        # the published step: a fresh host-built mask, copied to the device every call
+        m = host_mask_published(x.shape[0], counts).to(device=device, dtype=x.dtype)
+        return published(x, targets, m)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
-    return int(sum(seen.values()))
+    return Impl(
+        eager, "eager", "" if run.case.uniform else "uneven: padded gather instead of max_pool2d"
+    )
 
 
-def copy_bandwidth_gbps(device, timer) -> float:
-    """Device-to-device copy bandwidth (read + write) on a 1 GiB buffer, GB/s (1e9)."""
-    n = 256 * 1024 * 1024
-
-    def measure():
-        src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
-        dst = torch.empty_like(src)
-        return timer.median_ms(lambda: dst.copy_(src))[0]
-
-    ms = measure()  # the two buffers are gone once it returns
-    free_memory(device)
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
-
-
-# ----------------------------------------------------------------------------------------------
-# environment
-
-
-def cpu_model() -> str:
+def compiled_impl(run):
+    # A fresh dynamo state per (shape, dtype): one static-shape compile each, and no
+    # recompile limit reached across the cases.
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        torch._dynamo.reset()
+        compiled = torch.compile(run.published, dynamic=False)
+    except Exception as e:  # surfaces in the row's error at its first call
+
+        def compiled(*_, _err=e):
+            raise _err
+
+    x, targets, mask4 = run.x, run.targets, run.mask4
+    return Impl(
+        lambda: compiled(x, targets, mask4),
+        "inductor",
+        "" if run.case.uniform else "uneven: padded gather",
+    )
 
 
-def device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+# in ALL_IMPLS order (softmax, a bare torch.softmax, has no Impl)
+IMPL_BUILDERS = {
+    "fused": fused_impl,
+    "graphed": graphed_impl,
+    "reference": reference_impl,
+    "eager": eager_impl,
+    "compiled": compiled_impl,
+}
 
 
 # ----------------------------------------------------------------------------------------------
 # one (case, dtype): every implementation on the same x, targets and mask
 
 
-def capture_graphs(fused_loss, x):
-    """{"fwd": (graph, loss), "fwd_bwd": (graph, dx)}: fused's forward and forward+backward,
-    each captured in a CUDA graph after a warm-up on a side stream (allocator, caches)."""
-    steps = {"fwd": lambda: fused_loss().detach(),
-             "fwd_bwd": lambda: torch.autograd.grad(fused_loss(), x)[0]}
-    graphs = {}
-    for kind, step in steps.items():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        graphs[kind] = (graph, out)
-    return graphs
+class CaseRun:
+    """One shape and dtype: the inputs every implementation shares, the loss each gives on them
+    (checked against fused's), and the building of each row's record."""
 
+    def __init__(self, case, dtype, device, copy_gbps, rec_base):
+        self.case, self.dtype, self.device = case, dtype, device
+        self.copy_gbps, self.rec_base = copy_gbps, rec_base
+        gen = torch.Generator().manual_seed(1234)
+        B, C, H, W = case.B, case.C, case.H, case.W
+        x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float32).to(
+            device=device, dtype=dtype
+        )
+        self.x = x.requires_grad_(True)
+        self.targets = torch.randint(0, case.K, (B,), generator=gen).to(device)
+        # one mask from the package's sampler (docs/spec.md: drop floor(n_i/2) per group, shared
+        # by the batch); fused and reference take it as (C,) bool, compiled as the published
+        # (B, C, 1, 1)
+        torch.manual_seed(4321)
+        self.mask = mc.random_channel_mask(case.K, case.counts, device=device)
+        self.mask4 = self.mask.to(dtype).view(1, C, 1, 1).expand(B, C, 1, 1).contiguous()
+        self.x_bytes = x.numel() * x.element_size()
+        self.published = published_step(case.counts, device)
+        self.losses = {}  # name -> float, or the exception its loss raised
 
-def build_impls(names, case, x, targets, mask, mask4, device):
-    """name -> (callable returning the scalar loss, backend label, note)."""
-    counts = case.counts
-    cnum = case.cnum  # None = balanced split, also what mc takes
-    published = make_published_loss(counts, device)
-    impls = {}
-
-    def fused_loss():
-        return mc.mc_loss(x, targets, case.K, cnum, mask=mask, alpha=ALPHA, beta=BETA).loss
-
-    if "fused" in names:
-        impls["fused"] = (fused_loss, mc.backend(device), "")
-    if "graphed" in names:  # the same step, captured in CUDA graphs by run_case
-        impls["graphed"] = (fused_loss, mc.backend(device),
-                            "fused in a CUDA graph: GPU time without Python/launch overhead")
-    if "reference" in names:
-        impls["reference"] = (lambda: mc.reference.mc_loss(x, targets, case.K, cnum, mask=mask,
-                                                           alpha=ALPHA, beta=BETA).loss,
-                              "reference", "")
-    if "eager" in names:
-        def eager():
-            # the published step: a fresh host-built mask, copied to the device every call
-            m = host_mask_published(x.shape[0], counts).to(device=device, dtype=x.dtype)
-            return published(x, targets, m)
-        impls["eager"] = (eager, "eager",
-                          "" if case.uniform else "uneven: padded gather instead of max_pool2d")
-    if "compiled" in names:
-        # A fresh dynamo state per (shape, dtype): one static-shape compile each, and no
-        # recompile limit reached across the cases.
-        try:
-            torch._dynamo.reset()
-            compiled = torch.compile(published, dynamic=False)
-        except Exception as e:  # surfaces in the row's error at its first call
-            def compiled(*_, _err=e):
-                raise _err
-        impls["compiled"] = (lambda: compiled(x, targets, mask4), "inductor",
-                             "" if case.uniform else "uneven: padded gather")
-    return impls, published
-
-
-def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
-    """Measure every implementation on one (case, dtype). Returns a list of records."""
-    gen = torch.Generator().manual_seed(1234)
-    B, C, H, W = case.B, case.C, case.H, case.W
-    x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-    x.requires_grad_(True)
-    targets = torch.randint(0, case.K, (B,), generator=gen).to(device)
-    # one mask from the package's sampler (docs/spec.md: drop floor(n_i/2) per group, shared by the
-    # batch); fused and reference take it as (C,) bool, compiled as the published (B, C, 1, 1)
-    torch.manual_seed(4321)
-    mask = mc.random_channel_mask(case.K, case.counts, device=device)
-    mask4 = mask.to(dtype).view(1, C, 1, 1).expand(B, C, 1, 1).contiguous()
-    x_bytes = x.numel() * x.element_size()
-
-    impls, published = build_impls(names, case, x, targets, mask, mask4, device)
-    records = []
-
-    def base_record(impl, backend, note=""):
-        r = dict(rec_base)
-        r.update(impl=impl, shape=[B, C, H, W], groups=case.groups, num_classes=case.K,
-                 dtype=str(dtype).replace("torch.", ""), backend=backend, case=case.why,
-                 fwd_ms=None, fwd_bwd_ms=None, fwd_page_faults=None, fwd_bwd_page_faults=None,
-                 saved_bytes=None, saved_pct_of_x=None,
-                 peak_extra_bytes=None, bw_gbps=None, bw_share_of_copy=None,
-                 loss=None, loss_abs_diff_vs_fused=None, check="", note=note, error=None,
-                 feature_bytes=x_bytes)
+    def record(self, impl, backend, note=""):
+        r = dict(self.rec_base)
+        r.update(
+            impl=impl,
+            shape=[self.case.B, self.case.C, self.case.H, self.case.W],
+            groups=self.case.groups,
+            num_classes=self.case.K,
+            dtype=str(self.dtype).replace("torch.", ""),
+            backend=backend,
+            case=self.case.why,
+            fwd_ms=None,
+            fwd_bwd_ms=None,
+            fwd_page_faults=None,
+            fwd_bwd_page_faults=None,
+            saved_bytes=None,
+            saved_pct_of_x=None,
+            peak_extra_bytes=None,
+            bw_gbps=None,
+            bw_share_of_copy=None,
+            loss=None,
+            loss_abs_diff_vs_fused=None,
+            check="",
+            note=note,
+            error=None,
+            feature_bytes=self.x_bytes,
+        )
         return r
 
-    # --- correctness: each implementation's loss against fused's, same x, targets and mask.
-    # eager takes the same mask here (mask4) instead of drawing one on the host.
-    losses = {}
-    with torch.no_grad():
-        for name in impls:
-            try:
-                if name == "eager":
-                    v = published(x, targets, mask4)
-                elif name in ("compiled", "graphed"):
-                    continue  # checked after its compile or capture, below
-                else:
-                    v = impls[name][0]()
-                losses[name] = float(v)
-            except Exception as e:  # recorded in the row below
-                losses[name] = e
+    def compute_losses(self, impls):
+        """Each implementation's loss on the shared inputs, before anything is timed. eager
+        takes the shared mask here (mask4) instead of drawing one on the host; compiled and
+        graphed are checked after their compile or capture."""
+        with torch.no_grad():
+            for name, impl in impls.items():
+                try:
+                    if name == "eager":
+                        v = self.published(self.x, self.targets, self.mask4)
+                    elif name in ("compiled", "graphed"):
+                        continue
+                    else:
+                        v = impl.loss()
+                    self.losses[name] = float(v)
+                except Exception as e:  # recorded in the row
+                    self.losses[name] = e
 
-    def check_against_fused(name, value, rec):
+    def check(self, name, value, rec):
+        """Record name's loss, and flag it if it is not fused's within LOSS_RTOL."""
         rec["loss"] = value
-        ref = losses.get("fused")
+        ref = self.losses.get("fused")
         if name == "fused" or not isinstance(ref, float) or not isinstance(value, float):
             return
         diff = abs(value - ref)
         rec["loss_abs_diff_vs_fused"] = diff
-        tol = LOSS_RTOL[dtype] * max(1.0, abs(ref))
+        tol = LOSS_RTOL[self.dtype] * max(1.0, abs(ref))
         if math.isfinite(diff) and diff <= tol:
             rec["check"] = "ok"
         else:
             rec["check"] = f"MISMATCH |d|={diff:.3g}"
-            print(f"WARNING: {case.label()} {dtype}: {name} loss {value!r} vs fused {ref!r} "
-                  f"(|d|={diff:.3g} > tol {tol:.3g})", file=sys.stderr)
+            print(
+                f"WARNING: {self.case.label()} {self.dtype}: {name} loss {value!r} vs fused "
+                f"{ref!r} (|d|={diff:.3g} > tol {tol:.3g})",
+                file=sys.stderr,
+            )
 
-    def fail(rec, name, e):
+    def fail(self, rec, name, e):
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        print(f"ERROR in {name} {case.label()} {dtype}: {rec['error']}", file=sys.stderr)
+        print(f"ERROR in {name} {self.case.label()} {self.dtype}: {rec['error']}", file=sys.stderr)
 
-    def set_bandwidth(rec):
+    def set_bandwidth(self, rec):
         # minimal traffic: read x (forward), read x (backward), write dx
-        rec["bw_gbps"] = 3 * x_bytes / (rec["fwd_bwd_ms"] * 1e-3) / 1e9
-        if copy_gbps:
-            rec["bw_share_of_copy"] = rec["bw_gbps"] / copy_gbps
+        rec["bw_gbps"] = 3 * self.x_bytes / (rec["fwd_bwd_ms"] * 1e-3) / 1e9
+        if self.copy_gbps:
+            rec["bw_share_of_copy"] = rec["bw_gbps"] / self.copy_gbps
 
-    # --- prepare every implementation (compile, check), then time them all side by side
-    jobs, rows = [], []
-    for name in [n for n in ALL_IMPLS if n in names]:
-        progress(f"{case.label()} {str(dtype).replace('torch.', '')} {name}")
-        if name == "softmax":
-            rec = base_record("softmax", "torch", "forward only: one softmax over the H*W map")
-            xs = x.detach().reshape(B, C, H * W)
-            jobs.append(((name, "fwd"), lambda xs=xs: torch.softmax(xs, -1)))
-            rows.append((name, rec, None))
-            continue
-        fn, backend, note = impls[name]
-        rec = base_record(name, backend, note)
-        if name == "graphed":
-            rows.append((name, rec, None))
-            try:
-                graphs = capture_graphs(fn, x)
-                graphs["fwd"][0].replay()
-                sync(device)
-                check_against_fused(name, float(graphs["fwd"][1]), rec)
-            except Exception as e:
-                fail(rec, name, e)
-                traceback.print_exc(file=sys.stderr)
-                continue
-            jobs += [((name, kind), graph.replay) for kind, (graph, _) in graphs.items()]
-            continue
-        rows.append((name, rec, fn))
+    # Each prepare_* returns (record, the step to measure memory with or None, timing jobs
+    # [((name, "fwd" or "fwd_bwd"), fn)]); a failed preparation leaves the jobs out and the
+    # error in the record.
+
+    def prepare_softmax(self):
+        rec = self.record("softmax", "torch", "forward only: one softmax over the H*W map")
+        xs = self.x.detach().reshape(self.case.B, self.case.C, self.case.H * self.case.W)
+        return rec, None, [(("softmax", "fwd"), lambda: torch.softmax(xs, -1))]
+
+    def prepare_graphed(self, impl):
+        rec = self.record("graphed", impl.backend, impl.note)
+        try:
+            graphs = capture_graphs(impl.loss, self.x)
+            graphs["fwd"][0].replay()
+            sync(self.device)
+            self.check("graphed", float(graphs["fwd"][1]), rec)
+        except Exception as e:
+            self.fail(rec, "graphed", e)
+            traceback.print_exc(file=sys.stderr)
+            return rec, None, []
+        return rec, None, [(("graphed", kind), graph.replay) for kind, (graph, _) in graphs.items()]
+
+    def compile_now(self, fn, rec):
+        """Compile forward and backward before timing, so that only warm calls are timed (with
+        autograd: a no_grad call would compile a second, inference graph)."""
+        t0 = time.perf_counter()
+        v = fn()
+        self.losses["compiled"] = float(v.detach())
+        v.backward()
+        self.x.grad = None
+        del v
+        rec["compile_s"] = round(time.perf_counter() - t0, 2)
+
+    def prepare_autograd(self, name, impl):
+        """fused, reference, eager and compiled: the forward, and forward + loss.backward()."""
+        rec = self.record(name, impl.backend, impl.note)
+        fn, x = impl.loss, self.x
         try:
             if name == "compiled":
-                # compile forward and backward now; only warm calls are timed
-                # (one training graph: a no_grad call would compile a second, inference one)
-                t0 = time.perf_counter()
-                v = fn()
-                losses["compiled"] = float(v.detach())
-                v.backward()
-                x.grad = None
-                del v
-                rec["compile_s"] = round(time.perf_counter() - t0, 2)
-            if isinstance(losses.get(name), Exception):
-                raise losses[name]
-            check_against_fused(name, losses.get(name), rec)
+                self.compile_now(fn, rec)
+            if isinstance(self.losses.get(name), Exception):
+                raise self.losses[name]
+            self.check(name, self.losses.get(name), rec)
         except Exception as e:
-            fail(rec, name, e)
+            self.fail(rec, name, e)
             traceback.print_exc(file=sys.stderr)
-            continue
+            return rec, fn, []
         finally:
             x.grad = None
 
-        def fwd_bwd(fn=fn):
+        def fwd_bwd():
             x.grad = None
             fn().backward()
 
-        jobs += [((name, "fwd"), fn), ((name, "fwd_bwd"), fwd_bwd)]
+        return rec, fn, [((name, "fwd"), fn), ((name, "fwd_bwd"), fwd_bwd)]
 
-    # The yardstick right after the fused rows: every round then times fused and one softmax
-    # back to back, so that their ratio (softmax passes) sees the same spell of the machine
-    # rather than two moments a second or two apart (a shared VM drifts at that scale).
-    soft = [j for j in jobs if j[0][0] == "softmax"]
-    if soft:
-        jobs = [j for j in jobs if j[0][0] != "softmax"]
-        at = max((i for i, j in enumerate(jobs) if j[0][0] == "fused"), default=-1) + 1
-        jobs[at:at] = soft
-    timed = timer.side_by_side(jobs)
-    x.grad = None
+    def prepare(self, name, impls):
+        if name == "softmax":
+            return self.prepare_softmax()
+        if name == "graphed":
+            return self.prepare_graphed(impls[name])
+        return self.prepare_autograd(name, impls[name])
 
-    for name, rec, fn in rows:
+    def measure_memory(self, rec, fn):
+        """What autograd saves for backward; on the GPU also the peak memory of one step and
+        the bandwidth its time means."""
+        x = self.x
+        rec["saved_bytes"] = saved_for_backward(fn, x).nbytes
+        rec["saved_pct_of_x"] = 100.0 * rec["saved_bytes"] / self.x_bytes
+        if self.device.type == "cuda":
+
+            def step():
+                x.grad = None
+                fn().backward()  # x.grad (one feature map) is part of the peak
+
+            rec["peak_extra_bytes"] = peak_extra_bytes(step, self.device)
+            self.set_bandwidth(rec)
+
+    def finish(self, name, rec, fn, timed):
+        """Fill a row with its timings, then measure what timing cannot (done after every row
+        is timed, so that these extra runs fall outside the interleaved rounds)."""
         for kind in ("fwd", "fwd_bwd"):
             result = timed.get((name, kind))
             if isinstance(result, Exception):
                 if not rec["error"]:
-                    fail(rec, name, result)
+                    self.fail(rec, name, result)
             elif result is not None:
                 rec[f"{kind}_ms"], rec[f"{kind}_runs"], rec[f"{kind}_page_faults"] = result
         if name == "graphed" and rec.get("fwd_bwd_ms"):
-            set_bandwidth(rec)
+            self.set_bandwidth(rec)
         if fn is not None and not rec["error"]:
             try:
-                rec["saved_bytes"] = saved_bytes_of(fn, x)
-                rec["saved_pct_of_x"] = 100.0 * rec["saved_bytes"] / x_bytes
-                if device.type == "cuda":
-                    gc.collect()
-                    sync(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                    base = torch.cuda.memory_allocated(device)
-                    x.grad = None
-                    fn().backward()  # x.grad (one feature map) is part of the peak
-                    sync(device)
-                    rec["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - base
-                    set_bandwidth(rec)
+                self.measure_memory(rec, fn)
             except Exception as e:
-                fail(rec, name, e)
+                self.fail(rec, name, e)
             finally:
-                x.grad = None
-        records.append(rec)
+                self.x.grad = None
+        return rec
 
-    # speed-up of fused over every row, and each row against one softmax pass
+
+def softmax_after_fused(jobs):
+    """The yardstick right after the fused rows: every round then times fused and one softmax
+    back to back, so that their ratio (softmax passes) sees the same spell of the machine
+    rather than two moments a second or two apart (a shared VM drifts at that scale)."""
+    soft = [j for j in jobs if j[0][0] == "softmax"]
+    if not soft:
+        return jobs
+    jobs = [j for j in jobs if j[0][0] != "softmax"]
+    at = max((i for i, j in enumerate(jobs) if j[0][0] == "fused"), default=-1) + 1
+    return jobs[:at] + soft + jobs[at:]
+
+
+def add_ratios(records):
+    """The speed-up of fused over every row, and each row's time in one softmax pass."""
     fused = next((r for r in records if r["impl"] == "fused"), None)
     soft = next((r for r in records if r["impl"] == "softmax"), None)
     for r in records:
@@ -609,133 +458,25 @@ def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
     return records
 
 
-def free_memory(device):
-    """Release what a finished shape left behind (its tensors, graphs and compiled code)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def run_case(case, dtype, names, device, timer, copy_gbps, rec_base, progress):
+    """Measure every implementation on one (case, dtype). Returns a list of records."""
+    run = CaseRun(case, dtype, device, copy_gbps, rec_base)
+    impls = {name: build(run) for name, build in IMPL_BUILDERS.items() if name in names}
+    run.compute_losses(impls)
+    # prepare every implementation (compile, capture, check), then time them all side by side
+    rows, jobs = [], []
+    for name in [n for n in ALL_IMPLS if n in names]:
+        progress(f"{case.label()} {str(dtype).replace('torch.', '')} {name}")
+        rec, fn, row_jobs = run.prepare(name, impls)
+        rows.append((name, rec, fn))
+        jobs += row_jobs
+    timed = timer.side_by_side(softmax_after_fused(jobs))
+    run.x.grad = None
+    return add_ratios([run.finish(name, rec, fn, timed) for name, rec, fn in rows])
 
 
 # ----------------------------------------------------------------------------------------------
-# output
-
-
-def _f(v, fmt="{:.3f}"):
-    return "—" if v is None else fmt.format(v)
-
-
-def markdown(records, header_lines, device, skipped):
-    cuda = device.type == "cuda"
-    cols = ["shape (B,C,H,W)", "groups", "dtype", "impl", "backend", "fwd ms", "fwd+bwd ms",
-            "fused speed-up fwd", "fused speed-up fwd+bwd", "saved for bwd MiB (% of x)"]
-    if cuda:
-        cols += ["peak extra MiB", "BW GB/s (% of copy)"]
-    else:
-        cols += ["page faults / fwd+bwd"]
-    cols += ["/ softmax", "check"]
-    out = list(header_lines) + ["", "| " + " | ".join(cols) + " |",
-                                "|" + "|".join("---" for _ in cols) + "|"]
-    for r in records:
-        saved = ("—" if r["saved_bytes"] is None else
-                 f"{r['saved_bytes'] / 2**20:.1f} ({r['saved_pct_of_x']:.0f}%)")
-        row = ["x".join(map(str, r["shape"])), str(r["groups"]), r["dtype"], r["impl"],
-               r["backend"], _f(r["fwd_ms"]), _f(r["fwd_bwd_ms"]),
-               _f(r.get("fused_speedup_fwd"), "{:.2f}x"),
-               _f(r.get("fused_speedup_fwd_bwd"), "{:.2f}x"), saved]
-        if cuda:
-            row.append(_f(None if r["peak_extra_bytes"] is None else r["peak_extra_bytes"] / 2**20,
-                          "{:.1f}"))
-            row.append("—" if r["bw_gbps"] is None else
-                       f"{r['bw_gbps']:.0f}" + ("" if r["bw_share_of_copy"] is None
-                                                else f" ({100 * r['bw_share_of_copy']:.0f}%)"))
-        else:
-            key = "fwd_page_faults" if r["impl"] == "softmax" else "fwd_bwd_page_faults"
-            row.append(_f(r.get(key), "{:.0f}"))
-        row.append(_f(r.get("softmax_passes"), "{:.2f}"))
-        flags = [r["check"]] if r["check"] else []
-        if r.get("note"):
-            flags.append(r["note"])
-        if r.get("error"):
-            flags.append("ERROR " + r["error"].replace("|", "/")[:120])
-        row.append("; ".join(flags))
-        out.append("| " + " | ".join(row) + " |")
-    out += [
-        "",
-        "Legend: times are medians after warm-up, every row of a shape timed side by side in "
-        "interleaved rounds (forward with autograd recording; forward+"
-        "backward includes `loss.backward()`). `fused speed-up` = this row's time / fused's time "
-        "(>1: fused is faster). `saved for bwd` = unique storages autograd keeps, the input "
-        "features excluded. `/ softmax` = this row's fwd+bwd time in units of one forward "
-        "softmax over the same map (target for fused: <= 2.5). eager builds its mask on the "
-        "host every step (as published) and copies it to the device; fused, reference and "
-        "compiled take one precomputed mask. eager/compiled compute in the input dtype; "
-        "fused/reference accumulate half precision in fp32. `check`: loss vs fused on the same "
-        "mask.",
-    ]
-    if cuda:
-        out.append("GPU: inputs evicted from L2 before each timed run; `peak extra` = peak "
-                   "allocation during one fwd+bwd above what was allocated before (includes "
-                   "x.grad); `BW` = (read x fwd + read x bwd + write dx) / fwd+bwd time, and "
-                   "its share of the device-to-device copy bandwidth measured in this run.")
-    if not cuda:
-        out.append("CPU: `page faults` = median minor page faults per timed fwd+bwd (forward "
-                   "for softmax), whole process: fresh pages the OS zeroes because the "
-                   "allocator had returned freed outputs to it; 4 KiB each (about 3,700 per "
-                   "15 MB output).")
-    if skipped:
-        out.append("Not run (time limit reached): " + ", ".join(skipped))
-    return "\n".join(out)
-
-
-def _plot_label(r):
-    g = f"cnum={r['groups']}" if r["groups"] != "balanced" else "balanced (uneven)"
-    return f"{'x'.join(map(str, r['shape']))}\n{g}"
-
-
-def plot(records, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dtypes = list(dict.fromkeys(r["dtype"] for r in records))
-    others = [i for i in ("eager", "compiled", "reference")
-              if any(r["impl"] == i for r in records)]
-    fig, axes = plt.subplots(len(dtypes), 1, figsize=(10, 4 * len(dtypes)), squeeze=False)
-    for ax, dt in zip(axes[:, 0], dtypes):
-        rows = [r for r in records if r["dtype"] == dt]
-        labels = list(dict.fromkeys(_plot_label(r) for r in rows))
-        width = 0.8 / max(1, len(others))
-        for j, impl in enumerate(others):
-            ys = []
-            for lab in labels:
-                r = next((r for r in rows if r["impl"] == impl and _plot_label(r) == lab), None)
-                ys.append(r.get("fused_speedup_fwd_bwd") if r else None)
-            xs = [i + (j - (len(others) - 1) / 2) * width for i in range(len(labels))]
-            vals = [y if y is not None else 0 for y in ys]
-            bars = ax.bar(xs, vals, width, label=f"over {impl}")
-            for b, y in zip(bars, ys):
-                ax.annotate("n/a" if y is None else f"{y:.1f}", (b.get_x() + b.get_width() / 2,
-                            b.get_height()), ha="center", va="bottom", fontsize=7)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_ylabel("fused speed-up (fwd+bwd)")
-        backend = next((r["backend"] for r in rows if r["impl"] == "fused"), "?")
-        ax.set_title(f"{rows[0]['device_name']} — {dt} — fused backend: {backend}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_json(records, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------
+# the command line
 
 
 def parse_dtypes(values, quick):
@@ -768,88 +509,129 @@ def parse_impls(values, device):
     return [n for n in ALL_IMPLS if n in names]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"],
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", nargs="+", metavar="DTYPE",
-                   help="float32 bfloat16 float16 float64, a comma list, or 'all' "
-                        "(= float32,bfloat16). Default: float32 with --quick, else all")
-    p.add_argument("--quick", action="store_true",
-                   help="a few small shapes (~1 min on 2 CPU cores)")
-    p.add_argument("--impls", nargs="+", metavar="IMPL",
-                   help=f"subset of {','.join(ALL_IMPLS)} (default: all)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="max timed runs per figure (default: 50 on cuda, 20 on cpu, 10 quick)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed runs first (default 3 cuda, 2 cpu)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="seconds of timed runs per figure before stopping early (min 5 runs)")
-    p.add_argument("--rounds", type=int, default=4,
-                   help="interleaved rounds the timed runs of a shape's rows are split into "
-                        "(default 4; 1 = each row timed in one block)")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="start no new (shape, dtype) after this many seconds; the rest is listed "
-                        "as not run")
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        metavar="DTYPE",
+        help="float32 bfloat16 float16 float64, a comma list, or 'all' "
+        "(= float32,bfloat16). Default: float32 with --quick, else all",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a few small shapes (~1 min on 2 CPU cores)"
+    )
+    p.add_argument(
+        "--impls", nargs="+", metavar="IMPL", help=f"subset of {','.join(ALL_IMPLS)} (default: all)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="max timed runs per figure (default: 50 on cuda, 20 on cpu, 10 quick)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed runs first (default 3 cuda, 2 cpu)"
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds of timed runs per figure before stopping early (min 5 runs)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="interleaved rounds the timed runs of a shape's rows are split into "
+        "(default 4; 1 = each row timed in one block)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="start no new (shape, dtype) after this many seconds; the rest is listed as not run",
+    )
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of fused's speed-ups")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def make_timer(args, device):
+    """The Timer of --repeats, --warmup, --budget-s and --rounds, or of their device defaults."""
+    cuda = device.type == "cuda"
+    repeats = args.repeats or (50 if cuda else (10 if args.quick else 20))
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
+    budget = (
+        args.budget_s
+        if args.budget_s is not None
+        else (0.3 if cuda else (0.5 if args.quick else 1.0))
+    )
+    return Timer(device, warmup, repeats, budget, args.rounds)
+
+
+def plan(quick, dtypes, device):
+    """The (case, dtype) pairs to run, in order."""
+    cuda = device.type == "cuda"
+    cases = QUICK_CASES if quick else (FULL_CASES_CUDA if cuda else FULL_CASES_CPU)
+    work = []
+    for case in cases:
+        for dt in dtypes:
+            if (
+                not cuda
+                and dt in (torch.bfloat16, torch.float16)
+                and case.numel > CPU_HALF_MAX_NUMEL
+            ):
+                continue  # slow on the CPU: keep half-precision shapes modest there
+            work.append((case, dt))
+    return work
+
+
+def environment(args, device, timer):
+    """What every record carries about the run (and the Markdown header shows)."""
+    dev_name = device_name(device)
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    threads = torch.get_num_threads()
+    copy_gbps = copy_bandwidth_gbps(device, timer) if device.type == "cuda" else None
+    # the CPU figures mean little if other work shares the cores: say how busy they were
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return dict(
+        device=args.device,
+        device_name=dev_name,
+        torch=torch.__version__,
+        threads=threads,
+        date=now,
+        copy_gbps=copy_gbps,
+        loadavg_at_start=load,
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     dtypes = parse_dtypes(args.dtype, args.quick)
     names = parse_impls(args.impls, device)
-    cuda = device.type == "cuda"
-    repeats = args.repeats or (50 if cuda else (10 if args.quick else 20))
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
-    budget = args.budget_s if args.budget_s is not None else (0.3 if cuda else
-                                                               (0.5 if args.quick else 1.0))
-    timer = Timer(device, warmup, repeats, budget, args.rounds)
+    timer = make_timer(args, device)
     random.seed(0)  # the eager path's host-side mask
+    work = plan(args.quick, dtypes, device)
+    env = environment(args, device, timer)
+    header = header_lines(env, mc.backend(device))
 
-    cases = QUICK_CASES if args.quick else (FULL_CASES_CUDA if cuda else FULL_CASES_CPU)
-    work = []
-    for case in cases:
-        for dt in dtypes:
-            if (not cuda and dt in (torch.bfloat16, torch.float16)
-                    and case.numel > CPU_HALF_MAX_NUMEL):
-                continue  # slow on the CPU: keep half-precision shapes modest there
-            work.append((case, dt))
-
-    dev_name = device_name(device)
-    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    threads = torch.get_num_threads()
-    copy_gbps = copy_bandwidth_gbps(device, timer) if cuda else None
-    # the CPU figures mean little if other work shares the cores: say how busy they were
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    header = [
-        f"# MC-Loss benchmark — {args.device}: {dev_name}",
-        f"torch {torch.__version__} (CUDA {torch.version.cuda}), {threads} CPU threads, {now}; "
-        f"mcloss_cuda backend on {args.device}: **{mc.backend(device)}**"
-        + (f"; device-to-device copy bandwidth {copy_gbps:.0f} GB/s" if copy_gbps else "")
-        + (f"; 1-min load average at start {load:.2f}" if load is not None else ""),
-    ]
-    rec_base = dict(device=args.device, device_name=dev_name, torch=torch.__version__,
-                    threads=threads, date=now, copy_gbps=copy_gbps, loadavg_at_start=load)
-
-    n_rows = len(work) * len(names)
-    done = [0]
-    t_start = time.perf_counter()
-
-    def progress(what):
-        done[0] += 1
-        print(f"[{done[0]}/{n_rows}, {n_rows - done[0]} left after this, "
-              f"{time.perf_counter() - t_start:.0f}s] {what}", file=sys.stderr, flush=True)
-
+    progress = Progress(len(work) * len(names))
     records, skipped = [], []
     for case, dt in work:
-        if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
+        if args.time_limit is not None and progress.elapsed() > args.time_limit:
             skipped.append(f"{case.label()} {str(dt).replace('torch.', '')}")
-            done[0] += len(names)
+            progress.skip(len(names))
             continue
-        records += run_case(case, dt, names, device, timer, copy_gbps, rec_base, progress)
+        records += run_case(case, dt, names, device, timer, env["copy_gbps"], env, progress)
         free_memory(device)
         if args.json:  # after every shape, so a run cut short still leaves its rows
             write_json(records, args.json)
@@ -864,7 +646,7 @@ def main(argv=None):
             plot(records, args.plot)
         except Exception as e:  # the table and JSON are the primary output
             print(f"plot failed: {type(e).__name__}: {e}", file=sys.stderr)
-    print(f"done in {time.perf_counter() - t_start:.0f}s", file=sys.stderr)
+    print(f"done in {progress.elapsed():.0f}s", file=sys.stderr)
     mismatches = [r for r in records if r["check"].startswith("MISMATCH")]
     return 1 if mismatches else 0
 

@@ -42,6 +42,7 @@ from helpers import (
     VALUE_TOL,
     assert_grad_close,
     entropy_seed,
+    offsets_of,
     random_features,
     random_targets,
     separated_features,
@@ -76,10 +77,6 @@ BAD_OFFSETS = [
 
 def acc_of(dtype):
     return F64 if dtype == F64 else F32
-
-
-def offsets_of(counts):
-    return torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64)
 
 
 def fwd(

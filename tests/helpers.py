@@ -13,18 +13,31 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-fused_only = pytest.mark.skipif(mc.backend("cpu") == "reference",
-                                reason="extension not built or MCLOSS_BACKEND=reference")
+fused_only = pytest.mark.skipif(
+    mc.backend("cpu") == "reference", reason="extension not built or MCLOSS_BACKEND=reference"
+)
 
 # (rtol, atol) for values computed in fp32 (fp16/bf16 inputs accumulate in fp32 too);
 # gradients of fp16/bf16 inputs come back rounded to the input dtype.
-VALUE_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6),
-             torch.float16: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6)}
-GRAD_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-7),
-            torch.float16: (1e-2, 1e-5), torch.bfloat16: (2e-2, 1e-4)}
+VALUE_TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (1e-5, 1e-6),
+    torch.bfloat16: (1e-5, 1e-6),
+}
+GRAD_TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-7),
+    torch.float16: (1e-2, 1e-5),
+    torch.bfloat16: (2e-2, 1e-4),
+}
 # absolute gradient tolerance, as a fraction of the largest |gradient| (a few ulps of it)
-GRAD_SCALE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2 ** -9,
-              torch.bfloat16: 2 ** -6}
+GRAD_SCALE = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 2**-9,
+    torch.bfloat16: 2**-6,
+}
 
 
 def entropy_seed():
@@ -67,8 +80,22 @@ def group_bounds(counts):
     return bounds
 
 
-def separated_features(batch, counts, H, W, dtype=torch.float32, device="cpu",
-                       generator=None, scale=1.0, channels_last=False):
+def offsets_of(counts, device="cpu"):
+    """The int64 (K + 1,) group boundaries the ops take."""
+    return torch.tensor(group_bounds(counts), dtype=torch.int64, device=device)
+
+
+def separated_features(
+    batch,
+    counts,
+    H,
+    W,
+    dtype=torch.float32,
+    device="cpu",
+    generator=None,
+    scale=1.0,
+    channels_last=False,
+):
     """Random features whose per-position channel maxima are never near-ties.
 
     Every channel of a group holds the same set of distinct values (odd multiples of 1/16,
@@ -81,8 +108,11 @@ def separated_features(batch, counts, H, W, dtype=torch.float32, device="cpu",
     HW = H * W
     if max(counts) > HW:
         raise ValueError("separated_features needs groups no larger than H*W")
-    if HW > (128 if dtype == torch.bfloat16 else 512) and dtype != torch.float32 and \
-            dtype != torch.float64:
+    if (
+        HW > (128 if dtype == torch.bfloat16 else 512)
+        and dtype != torch.float32
+        and dtype != torch.float64
+    ):
         raise ValueError("separated_features: map too large for distinct values in this dtype")
     span = max(HW, 64)
     xs = []
@@ -90,7 +120,7 @@ def separated_features(batch, counts, H, W, dtype=torch.float32, device="cpu",
         # per sample: HW distinct odd multiples of 1/16 in [-span/16, span/16], shuffled
         grid = (torch.arange(-span, span, dtype=torch.float64) * 2 + 1) / 16
         pick = torch.rand(batch, grid.numel(), generator=generator).argsort(-1)[:, :HW]
-        vals = grid[pick] * scale                                  # (B, HW)
+        vals = grid[pick] * scale  # (B, HW)
         order = torch.rand(batch, HW, generator=generator).argsort(-1)
         vals = torch.gather(vals, 1, order)
         chans = torch.stack([torch.roll(vals, shifts=j + 1, dims=1) for j in range(n)], 1)
@@ -101,10 +131,12 @@ def separated_features(batch, counts, H, W, dtype=torch.float32, device="cpu",
     return x
 
 
-def random_features(batch, channels, H, W, dtype=torch.float32, device="cpu", scale=1.0,
-                    channels_last=False):
-    x = (torch.randn(batch, channels, H, W, dtype=torch.float64) * scale).to(dtype=dtype,
-                                                                             device=device)
+def random_features(
+    batch, channels, H, W, dtype=torch.float32, device="cpu", scale=1.0, channels_last=False
+):
+    x = (torch.randn(batch, channels, H, W, dtype=torch.float64) * scale).to(
+        dtype=dtype, device=device
+    )
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -124,7 +156,7 @@ def apply_layout(x, layout):
     B, C, H, W = x.shape
     if layout == "sliced":
         big = torch.full((B + 1, C + 2, H, W + 3), float("nan"), dtype=x.dtype, device=x.device)
-        view = big[1:, 1:C + 1, :, 2:W + 2]
+        view = big[1:, 1 : C + 1, :, 2 : W + 2]
         view.copy_(x)
         return view
     if layout == "transposed":
@@ -141,9 +173,13 @@ def assert_grad_close(actual, expected, terms=0.0, equal_nan=False):
     rtol, atol = GRAD_TOL[expected.dtype]
     finite = expected[expected.isfinite()]
     scale = max(finite.abs().max().item() if finite.numel() else 0.0, float(terms))
-    torch.testing.assert_close(actual, expected, rtol=rtol,
-                               atol=atol + GRAD_SCALE[expected.dtype] * scale,
-                               equal_nan=equal_nan)
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=rtol,
+        atol=atol + GRAD_SCALE[expected.dtype] * scale,
+        equal_nan=equal_nan,
+    )
 
 
 class SavedForBackward(NamedTuple):

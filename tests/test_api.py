@@ -14,7 +14,16 @@ import torch
 
 import mcloss_cuda as mc
 from helpers import entropy_seed
-from helpers import DEVICES, GRAD_TOL, VALUE_TOL, counts_of, random_targets, separated_features
+from helpers import (
+    DEVICES,
+    GRAD_TOL,
+    VALUE_TOL,
+    counts_of,
+    group_bounds,
+    offsets_of,
+    random_targets,
+    separated_features,
+)
 
 P = inspect.Parameter
 POS, KW = P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY
@@ -210,7 +219,7 @@ def test_mcloss_random_mask_equals_mc_loss(device, per_sample):
 
 
 def group_slices(counts):
-    bounds = list(itertools.accumulate(counts, initial=0))
+    bounds = group_bounds(counts)
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -334,7 +343,7 @@ MC_SEED_CASES = [
 def drawn_by_the_fused_op(x, y, counts, drop, per_sample, generator):
     """The mask the fused mc_loss draws inside its op for these arguments (with mask=None,
     mc.mc_loss passes drop=-1 and drop_fraction=0.5 for drop=None: floor(n_i / 2))."""
-    offsets = torch.tensor([0] + list(itertools.accumulate(counts)), device=x.device)
+    offsets = offsets_of(counts, x.device)
     out = torch.ops.mcloss_cuda.mc_loss(
         x.detach(),
         y,
@@ -370,7 +379,7 @@ def test_mc_loss_random_mask_is_seeded(device, K, cnum, C, per_sample, use_gener
         return {}
 
     def drops_per_group(mask):
-        bounds = list(itertools.accumulate(counts, initial=0))
+        bounds = group_bounds(counts)
         m = mask.reshape(-1, C)
         return [(~m[:, a:b]).sum(1).tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 

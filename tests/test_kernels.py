@@ -53,8 +53,10 @@ from helpers import (
     cuda_only,
     entropy_seed,
     fused_only,
+    offsets_of,
     random_features,
     random_targets,
+    saved_for_backward,
     separated_features,
 )
 
@@ -454,12 +456,6 @@ def test_extreme_logits(device, dtype):
 # the loss ops themselves: torch.ops.mcloss_cuda.mc_loss and mc_loss_backward, called directly
 
 OPS = torch.ops.mcloss_cuda if mc._ops.AVAILABLE else None
-
-
-def offsets_of(counts, device):
-    return torch.tensor(
-        [0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64, device=device
-    )
 
 
 REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
@@ -1204,25 +1200,6 @@ def test_parallel_split(two_threads, device, dtype, layout):
             assert torch.equal(u, v), f"{key}: 1 and 2 threads differ"
 
 
-def saved_bytes_other_than(fn, x):
-    """Run ``fn`` under saved_tensors_hooks; (bytes of saved tensors not sharing x's storage,
-    their shapes, whether x itself was saved)."""
-    ptr = x.untyped_storage().data_ptr()
-    others, saw_x = [], []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() == ptr:
-            saw_x.append(True)
-        else:
-            others.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    nbytes = sum(t.untyped_storage().nbytes() for t in others)
-    return out, nbytes, [tuple(t.shape) for t in others], bool(saw_x)
-
-
 @fused_only
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -1232,7 +1209,7 @@ def test_saves_only_the_features(device, layout, dtype):
     x = apply_layout(torch.randn(B, K * cnum, H, W, device=device).to(dtype), layout)
     x.requires_grad_()
     y = random_targets(B, K, device)
-    out, nbytes, shapes, saw_x = saved_bytes_other_than(lambda: mc.mc_loss(x, y, K, cnum), x)
+    out, nbytes, shapes, saw_x = saved_for_backward(lambda: mc.mc_loss(x, y, K, cnum), x)
     feature_bytes = x.numel() * x.element_size()
     assert saw_x, "the features themselves are expected to be saved for the recomputing backward"
     assert nbytes <= 0.02 * feature_bytes, (nbytes, feature_bytes, shapes)
@@ -1240,7 +1217,7 @@ def test_saves_only_the_features(device, layout, dtype):
     # the backward still works from what was saved
     assert grad_of(out.loss, x).shape == x.shape
     # the measurement is not vacuous: the reference saves several B x C x H x W tensors
-    _, ref_bytes, _, _ = saved_bytes_other_than(lambda: R.mc_loss(x, y, K, cnum), x)
+    ref_bytes = saved_for_backward(lambda: R.mc_loss(x, y, K, cnum), x).nbytes
     assert ref_bytes > feature_bytes
 
 

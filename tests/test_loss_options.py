@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mcloss_cuda as mc
-from helpers import assert_grad_close, fused_only
+from helpers import assert_grad_close, fused_only, group_bounds
 
 R = mc.reference
 F64 = torch.float64
@@ -29,7 +29,7 @@ def written_out(x, y, counts, mask, alpha, beta, pooling, weight, eps, reduction
     x = x.double()
     B, K = x.shape[0], len(counts)
     w = torch.ones(K, dtype=F64) if weight is None else weight.double()
-    bounds = [0] + torch.tensor(counts).cumsum(0).tolist()
+    bounds = group_bounds(counts)
     logits = torch.empty(B, K, dtype=F64)
     div = torch.empty(B, dtype=F64)
     for b in range(B):

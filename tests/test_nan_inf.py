@@ -21,16 +21,23 @@ import pytest
 import torch
 
 import mcloss_cuda as mc
-from helpers import DEVICES, DTYPES, GRAD_TOL, VALUE_TOL, random_targets, separated_features
+from helpers import (
+    DEVICES,
+    DTYPES,
+    GRAD_TOL,
+    VALUE_TOL,
+    group_bounds,
+    random_targets,
+    separated_features,
+)
 
 NAN, INF = float("nan"), float("inf")
 VALUES = {"nan": NAN, "+inf": INF, "-inf": -INF}
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 # as in test_kernels.py: maps rounded to fp16/bf16 may differ by one ulp; a gradient element's
 # rounding error scales with the largest gradient element
-MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2 ** -10, 6e-8),
-           BF16: (2 ** -7, 1e-38)}
-GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2 ** -9, BF16: 2 ** -6}
+MAP_TOL = {F64: VALUE_TOL[F64], F32: VALUE_TOL[F32], F16: (2**-10, 6e-8), BF16: (2**-7, 1e-38)}
+GRAD_SCALE = {F64: 1e-12, F32: 2e-6, F16: 2**-9, BF16: 2**-6}
 
 
 SPECIALS = (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf))
@@ -43,7 +50,8 @@ def same_specials(a, b, what):
         fa, fb = f(a), f(b)
         assert torch.equal(fa, fb), (
             f"{what}: {name} positions differ (fused has {int(fa.sum())}, reference "
-            f"{int(fb.sum())}), e.g. at {(fa != fb).nonzero().tolist()[:6]}")
+            f"{int(fb.sum())}), e.g. at {(fa != fb).nonzero().tolist()[:6]}"
+        )
 
 
 def finite_close(a, b, what, kind, coeff=1.0):
@@ -59,8 +67,9 @@ def finite_close(a, b, what, kind, coeff=1.0):
     else:
         rtol, atol = GRAD_TOL[b.dtype]
         atol += GRAD_SCALE[b.dtype] * (b.abs().max().item() if b.numel() else 0.0)
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol,
-                               msg=lambda m: f"{what}: finite values differ\n{m}")
+    torch.testing.assert_close(
+        a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: finite values differ\n{m}"
+    )
 
 
 def like_reference(a, b, what, kind, coeff=1.0):
@@ -76,8 +85,14 @@ LAYOUTS = {
     "uniform-shared-bool": ([3, 3, 3, 3], "shared"),
     "uneven-per-sample-float": ([2, 4, 3, 3], "per_sample"),
 }
-WHERE = ["kept-winner", "kept-loser", "masked-winner", "masked-loser", "whole-channel",
-         "whole-group-at-position"]
+WHERE = [
+    "kept-winner",
+    "kept-loser",
+    "masked-winner",
+    "masked-loser",
+    "whole-channel",
+    "whole-group-at-position",
+]
 
 
 def make_case(where, value, counts, mask_kind, dtype, device, B=3, H=4, W=5):
@@ -90,9 +105,9 @@ def make_case(where, value, counts, mask_kind, dtype, device, B=3, H=4, W=5):
     if per_sample:
         mask = mask.to(dtype)
     b, i, k = random.randrange(B), random.randrange(K), random.randrange(HW)
-    g0 = sum(counts[:i])
+    g0 = group_bounds(counts)[i]  # the group's first channel
     flat = x.view(B, C, HW)
-    winner = g0 + int(flat[b, g0:g0 + counts[i], k].float().argmax())
+    winner = g0 + int(flat[b, g0 : g0 + counts[i], k].float().argmax())
     losers = [j for j in range(g0, g0 + counts[i]) if j != winner]
     j = winner if where.endswith("winner") else random.choice(losers)
     if where.startswith(("kept", "masked")):
@@ -104,7 +119,7 @@ def make_case(where, value, counts, mask_kind, dtype, device, B=3, H=4, W=5):
     if where == "whole-channel":
         flat[b, j, :] = value
     elif where == "whole-group-at-position":
-        flat[b, g0:g0 + counts[i], k] = value
+        flat[b, g0 : g0 + counts[i], k] = value
     else:
         flat[b, j, k] = value
     keep_j = bool(mask[b, j] if per_sample else mask[j])
@@ -154,8 +169,9 @@ def test_mc_loss_many_specials_like_reference(device, dtype):
     for (b, i), v in zip(slots, (NAN, INF, NAN, INF)):
         flat[b, i, random.randrange(n), random.randrange(H * W)] = v
     for _ in range(2):
-        flat[random.randrange(B), random.randrange(K), random.randrange(n),
-             random.randrange(H * W)] = -INF
+        flat[
+            random.randrange(B), random.randrange(K), random.randrange(n), random.randrange(H * W)
+        ] = -INF
     y = random_targets(B, K, device)
     mask = mc.random_channel_mask(K, n, batch=B, device=device)
     (fo, fg), (ro, rg) = loss_and_grads(x, y, K, None, mask)
@@ -194,8 +210,15 @@ def test_mc_loss_mask_values_beyond_0_1(device, dtype, mask_value, pooling):
 # ----------------------------------------------------------------------------------------------
 # the primitives
 
-SOFTMAX_CASES = ["one-nan", "one-+inf", "two-+inf", "one--inf", "channel--inf", "grad-nan",
-                 "grad-inf"]
+SOFTMAX_CASES = [
+    "one-nan",
+    "one-+inf",
+    "two-+inf",
+    "one--inf",
+    "channel--inf",
+    "grad-nan",
+    "grad-inf",
+]
 
 
 @pytest.mark.parametrize("case", SOFTMAX_CASES)
@@ -246,13 +269,22 @@ def first_max_oracle(x, n):
     anynan = isnan.any(dim=2, keepdim=True)
     best = torch.where(anynan.squeeze(2), torch.full_like(v[:, :, 0], NAN), v.amax(dim=2))
     hit = torch.where(anynan, isnan, v == v.amax(dim=2, keepdim=True))
-    first = hit.float().argmax(dim=2)           # the first 1 (argmax returns the first maximum)
+    first = hit.float().argmax(dim=2)  # the first 1 (argmax returns the first maximum)
     return best.view(B, C // n, H, W), first
 
 
-CCMP_CASES = ["nan-in-winner", "nan-after-winner", "nan-before-winner", "nan-twice",
-              "+inf-then-nan", "nan-then-+inf", "+inf-twice", "-inf-whole-group",
-              "-inf-in-winner", "nan-whole-group"]
+CCMP_CASES = [
+    "nan-in-winner",
+    "nan-after-winner",
+    "nan-before-winner",
+    "nan-twice",
+    "+inf-then-nan",
+    "nan-then-+inf",
+    "+inf-twice",
+    "-inf-whole-group",
+    "-inf-in-winner",
+    "nan-whole-group",
+]
 
 
 @pytest.mark.parametrize("case", CCMP_CASES)
@@ -265,7 +297,7 @@ def test_ccmp_specials_first_max_rule(device, dtype, case):
     B, K, n, H, W = 2, 3, 4, 3, 5
     x = separated_features(B, [n] * K, H, W, dtype=dtype, device=device)
     fx = x.view(B, K, n, H * W)
-    for _ in range(3):          # three positions per map, each with the case's pattern
+    for _ in range(3):  # three positions per map, each with the case's pattern
         b, i, k = random.randrange(B), random.randrange(K), random.randrange(H * W)
         col = fx[b, i, :, k]
         w = int(col.float().argmax())
@@ -304,9 +336,12 @@ def test_ccmp_specials_first_max_rule(device, dtype, case):
     expect = torch.zeros(B, K, n, H * W, dtype=dtype, device=device)
     expect.scatter_(2, first.unsqueeze(2), g.view(B, K, 1, H * W))
     expect = expect.view_as(x)
-    for what, a, e in (("fused ccmp", fz, best), ("reference ccmp", rz, best),
-                       ("fused ccmp gradient", fdx, expect),
-                       ("reference ccmp gradient", rdx, expect)):
+    for what, a, e in (
+        ("fused ccmp", fz, best),
+        ("reference ccmp", rz, best),
+        ("fused ccmp gradient", fdx, expect),
+        ("reference ccmp gradient", rdx, expect),
+    ):
         torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=what)
     # uneven groups (per-class counts) follow the same rule: fused as the reference, exactly
     counts = [1, 2, 4, 5]
@@ -382,6 +417,7 @@ def test_diversity_loss_and_logits_specials(device, dtype, value):
 # ----------------------------------------------------------------------------------------------
 # the two cases that once differed from the reference, each on its own
 
+
 # A channel whose softmax is NaN but that wins no position (an earlier channel of its group
 # is NaN too) still gets NaN over its whole map, as through torch's softmax backward.
 @pytest.mark.parametrize("value", ["nan", "+inf"])
@@ -391,8 +427,9 @@ def test_two_nan_softmax_channels_in_a_group(device, dtype, value):
     if mc.backend(device) == "reference":
         pytest.skip("the fused path does not run here")
     counts, mask_kind = LAYOUTS["uniform-shared-bool"]
-    x, mask, _ = make_case("whole-group-at-position", VALUES[value], counts, mask_kind, dtype,
-                           device)
+    x, mask, _ = make_case(
+        "whole-group-at-position", VALUES[value], counts, mask_kind, dtype, device
+    )
     y = random_targets(x.shape[0], len(counts), device)
     (_, fg), (_, rg) = loss_and_grads(x, y, len(counts), counts, mask)
     same_specials(fg, rg, "gradient")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mcloss_cuda as mc
-from helpers import DEVICES, fused_only
+from helpers import DEVICES, fused_only, offsets_of
 
 pytestmark = [fused_only, pytest.mark.skipif(not mc._ops.AVAILABLE, reason="extension not built")]
 
@@ -49,12 +49,6 @@ SHAPES = {
     "one_group_1x1": (2, (3,), 1, 1),
     "cnum1_row": (1, (1, 1, 1), 1, 6),
 }
-
-
-def offsets_of(counts, device):
-    return torch.tensor(
-        [0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int64, device=device
-    )
 
 
 def features(B, counts, H, W, dtype, device, channels_last):
