@@ -120,21 +120,24 @@ inline constexpr int warpSize = 32;
 #define CUEMU_VEC4(T, N, ALIGN)                 \
   struct alignas(ALIGN) N##4 { T x, y, z, w; }; \
   inline N##4 make_##N##4(T x, T y, T z, T w) { return N##4 {x, y, z, w}; }
-CUEMU_VEC2(signed char, char, 2)
-CUEMU_VEC4(signed char, char, 4) CUEMU_VEC2(unsigned char, uchar, 2)
-    CUEMU_VEC4(unsigned char, uchar, 4) CUEMU_VEC2(short, short, 4) CUEMU_VEC4(short, short, 8)
-        CUEMU_VEC2(unsigned short, ushort, 4) CUEMU_VEC4(unsigned short, ushort, 8)
-            CUEMU_VEC2(int, int, 8) CUEMU_VEC3(int, int) CUEMU_VEC4(int, int, 16)
-                CUEMU_VEC2(unsigned, uint, 8) CUEMU_VEC4(unsigned, uint, 16)
-                    CUEMU_VEC2(long long, longlong, 16)
-                        CUEMU_VEC2(unsigned long long, ulonglong, 16) CUEMU_VEC2(float, float, 8)
-                            CUEMU_VEC3(float, float) CUEMU_VEC4(float, float, 16)
-                                CUEMU_VEC2(double, double, 16)
+// clang-format off
+// (a list of macro calls without semicolons, which clang-format would indent as one statement)
+CUEMU_VEC2(signed char, char, 2) CUEMU_VEC4(signed char, char, 4)
+CUEMU_VEC2(unsigned char, uchar, 2) CUEMU_VEC4(unsigned char, uchar, 4)
+CUEMU_VEC2(short, short, 4) CUEMU_VEC4(short, short, 8)
+CUEMU_VEC2(unsigned short, ushort, 4) CUEMU_VEC4(unsigned short, ushort, 8)
+CUEMU_VEC2(int, int, 8) CUEMU_VEC3(int, int) CUEMU_VEC4(int, int, 16)
+CUEMU_VEC2(unsigned, uint, 8) CUEMU_VEC4(unsigned, uint, 16)
+CUEMU_VEC2(long long, longlong, 16)
+CUEMU_VEC2(unsigned long long, ulonglong, 16)
+CUEMU_VEC2(float, float, 8) CUEMU_VEC3(float, float) CUEMU_VEC4(float, float, 16)
+CUEMU_VEC2(double, double, 16)
 #undef CUEMU_VEC2
 #undef CUEMU_VEC3
 #undef CUEMU_VEC4
 
-                                    typedef struct CUstream_st* cudaStream_t;
+typedef struct CUstream_st* cudaStream_t;
+// clang-format on
 enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
