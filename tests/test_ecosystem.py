@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mcloss_cuda as mc
-from helpers import DEVICES, HAS_CUDA, child_env, counts_of
+from helpers import DEVICES, HAS_CUDA, child_env, counts_of, offsets_of
 
 ROOT = Path(__file__).resolve().parent.parent
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -120,7 +120,7 @@ def mask_a_step_draws(impl, counts, shape):
     (another stream of numbers), so ask the op."""
     if impl == "reference":
         return mc.random_channel_mask(len(counts), counts)
-    offsets = torch.tensor([0] + counts).cumsum(0)
+    offsets = offsets_of(counts)
     x, y = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long)
     return torch.ops.mcloss_cuda.mc_loss(
         x, y, offsets, max(counts), None, -1, 0.5, False, None, 1.5, 20.0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mcloss_cuda as mc
-from helpers import HAS_CUDA
+from helpers import HAS_CUDA, counts_of, offsets_of
 
 B, C, H, W, K = 1040, 2048, 32, 32, 200
 NEEDED_BYTES = 3 * B * C * H * W * 2 + (1 << 30)
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.skipif(not has_room(), reason="needs a CUDA GPU with ~1
 def test_past_int32_indexing():
     assert B * C * H * W > 2**31
     ops = torch.ops.mcloss_cuda
-    counts = [C // K + (i < C % K) for i in range(K)]
-    offsets = torch.tensor([0] + counts, device="cuda").cumsum(0)
+    counts = counts_of(K, None, C)
+    offsets = offsets_of(counts, "cuda")
     max_group = max(counts)
     x = torch.randn(B, C, H, W, device="cuda", dtype=torch.bfloat16)
     y = torch.randint(0, K, (B,), device="cuda")

@@ -14,7 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mcloss_cuda as mc
-from helpers import DEVICES, GRAD_TOL, VALUE_TOL, apply_layout, fused_only, separated_features
+from helpers import (
+    DEVICES,
+    GRAD_TOL,
+    VALUE_TOL,
+    apply_layout,
+    counts_of,
+    fused_only,
+    separated_features,
+)
 
 pytestmark = fused_only
 R = mc.reference
@@ -50,8 +58,7 @@ def groups(draw, max_k=4, max_n=5):
         counts = draw(st.lists(st.integers(1, max_n), min_size=K, max_size=K))
         return K, counts, counts
     C = draw(st.integers(K, K * max_n))
-    base, extra = divmod(C, K)
-    return K, None, [base + (i < extra) for i in range(K)]
+    return K, None, counts_of(K, None, C)
 
 
 @st.composite
