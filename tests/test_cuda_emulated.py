@@ -5,8 +5,8 @@ tools/cuemu/build.py compiles this checkout's ``csrc/`` (an edited ``.cu`` needs
 into a test-only ``mcloss_cuda._C`` whose CPU kernels are the CUDA host wrappers and kernels,
 every CUDA thread a fiber. Each test here runs pytest in a child process with that build loaded
 in place of the installed extension (``MCLOSS_EMULATED_EXTENSION``, see conftest.py): the CPU
-kernel suites (test_kernels, test_nan_inf, test_opcheck, test_registration, test_repeatability,
-test_properties, test_features_nd, test_loss_options)
+kernel suites (test_kernels, test_ops, test_nan_inf, test_opcheck, test_registration,
+test_repeatability, test_properties, test_features_nd, test_loss_options)
 plus tests/cuda_emulated_cases.py, with the threads of a block resumed in forward, reverse and
 random order after every synchronisation point; a smaller set under AddressSanitizer + UBSan
 and under ThreadSanitizer with blocks on two OS threads. The forward run must launch every
@@ -33,6 +33,7 @@ import build as cuemu_build  # noqa: E402
 # process, which imports the installed extension: not the CUDA code)
 FULL = [
     "tests/test_kernels.py",
+    "tests/test_ops.py",
     "tests/test_nan_inf.py",
     "tests/test_opcheck.py",
     "tests/test_registration.py",
@@ -53,6 +54,7 @@ NOT_STRIDED = "not sliced and not transposed and not baseline_isa"
 # (the opcheck coverage check is about test_opcheck's samples, and runs in FULL).
 SCHEDULE_SET = [
     "tests/test_kernels.py",
+    "tests/test_ops.py",
     "tests/test_registration.py",
     "tests/test_repeatability.py",
     "tests/cuda_emulated_cases.py",
@@ -65,23 +67,25 @@ SCHEDULE_SET = [
 # exception out of a launch aborts the process (they run in the plain builds)
 ASAN_SET = [
     "tests/test_kernels.py",
+    "tests/test_ops.py",
     "tests/cuda_emulated_cases.py",
     "-k",
     f"{NOT_STRIDED} and not large_ and not float16 and not float64 and not traps and ("
-    "cuda_emulated_cases or test_spatial_softmax or test_ccmp or test_mc_loss or "
-    "(test_channel_mask and not cnum64))",
+    "cuda_emulated_cases or (test_forward_backward and ("
+    "TestSpatialSoftmax or TestCcmp or TestMcLoss or (TestChannelMask and not cnum64))))",
 ]
 # ThreadSanitizer costs about a second a launch, and more per block: a few shapes of each op
 # (the 700-row tail case, 1400 tiles a pass, takes minutes there; the 900-group one covers the
 # tail's tree across all its threads)
 TSAN_SET = [
     "tests/test_kernels.py",
+    "tests/test_ops.py",
     "tests/cuda_emulated_cases.py",
     "-k",
     f"{NOT_STRIDED} and (many_blocks or (tail_over_more_groups and dtype0) or "
-    "(float32 and ("
-    "(test_mc_loss and (uniform_14x14 or uneven_5x9 or map_1x1)) or "
-    "((test_spatial_softmax or test_ccmp or test_channel_mask) and uneven_5x9))))",
+    "(float32 and test_forward_backward and ("
+    "(TestMcLoss and (uniform_14x14 or uneven_5x9 or map_1x1)) or "
+    "((TestSpatialSoftmax or TestCcmp or TestChannelMask) and uneven_5x9))))",
 ]
 
 # the fewest tests each run must pass (about half of what each selects today): a renamed test

@@ -1,10 +1,12 @@
 """The fused kernels (C++ CPU, and CUDA where built) against ``mcloss_cuda.reference``.
 
-Forward values and gradients of every public function over many shapes (B in {1, 2, 5}, cnum
-from 1 to 64, uneven and balanced groups, 1xN, Nx1, 1x1, 7x7, 14x14, 5x9, 56x56 and 112x112
-maps), every dtype, contiguous / channels_last / non-contiguous inputs, shared and per-sample,
-bool and float masks; gradcheck in float64; the parallel split and what is saved for backward.
-(Bitwise repeatability: test_repeatability.py; the ops' registration: test_registration.py.)
+The cases and comparison helpers of the kernel tests, shared with test_ops.py (one test class
+per public op: forward values and gradients over many shapes, B in {1, 2, 5}, cnum from 1 to
+64, uneven and balanced groups, 1xN, Nx1, 1x1, 7x7, 14x14, 5x9, 56x56 and 112x112 maps, every
+dtype, every layout, shared and per-sample, bool and float masks; gradcheck in float64). Here:
+exact ties, all-negative masked groups, NaN and Inf, extreme logits; the parallel split and
+what is saved for backward. (Bitwise repeatability: test_repeatability.py; the ops'
+registration: test_registration.py.)
 
 The two loss ops are also called directly (``torch.ops.mcloss_cuda.mc_loss`` and
 ``mc_loss_backward``, as the C++ autograd calls them): all seven outputs (lse included) against
@@ -16,15 +18,13 @@ every call, uniform, the default generator untouched when one is given).
 Random inputs are fresh every run: each test seeds torch from the OS entropy pool and prints
 the seed, so a failure can be replayed with ``torch.manual_seed(<seed>)``.
 
-Tolerances. Values computed in fp32/fp64 use ``helpers.VALUE_TOL``. Maps returned in fp16/bf16
-(spatial_softmax) are both rounded once from fp32, so they may differ by one unit in the last
-place: rtol = the dtype's eps. ccmp and channel_mask only select and multiply by 0/1: they must
-be bitwise equal. Gradients use ``helpers.GRAD_TOL`` plus an absolute term proportional to the
-largest gradient element (GRAD_SCALE): a gradient element is a difference of terms of the
-size of the largest ones (p * (g - <g, p>), gh * p * (1 - A_j)), so its rounding error scales
-with them and not with its own magnitude. For fp16/bf16 spatial_softmax the kernel, like
-torch's own softmax, differentiates through the output rounded to the input dtype, an error of
-one ulp of p times |g|.
+Tolerances (the helpers below; test_ops.py's docstring says which op compares how). Values
+computed in fp32/fp64 use ``helpers.VALUE_TOL`` (assert_value_close); maps returned in
+fp16/bf16 may differ by one ulp (assert_map_close, MAP_TOL). Gradients use
+``helpers.GRAD_TOL`` plus an absolute term proportional to the largest gradient element
+(GRAD_SCALE): a gradient element is a difference of terms of the size of the largest ones
+(p * (g - <g, p>), gh * p * (1 - A_j)), so its rounding error scales with them and not with
+its own magnitude (mc_terms).
 """
 
 import itertools
@@ -115,7 +115,6 @@ CASES = {
     "large_56x56": Case(1, 2, 3, 6, 56, 56),
     "large_112x112": Case(1, 2, 2, 4, 112, 112),
 }
-LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed"]
 
 
 def grad_feasible(case, dtype):
@@ -141,22 +140,6 @@ def make_features(case, dtype, device, layout="contiguous", for_grad=True):
     x = apply_layout(x, layout)
     assert x.shape == (case.B, case.C, case.H, case.W)
     return x.detach().requires_grad_()
-
-
-def mask_variants(case, device):
-    """(name, mask): shared (C,) and per-sample (B, C), bool and float, random 0/1."""
-    shared = torch.rand(case.C, device=device) < 0.5
-    per_sample = torch.rand(case.B, case.C, device=device) < 0.5
-    return [
-        ("shared_bool", shared),
-        ("shared_float", shared.float()),
-        ("per_sample_bool", per_sample),
-        ("per_sample_float", per_sample.double()),
-    ]
-
-
-def check_fused(x):
-    assert mc.backend(x.device) != "reference", "the fused kernels are not what runs here"
 
 
 def assert_map_close(actual, expected):
@@ -186,155 +169,15 @@ def mc_terms(x, counts, alpha, beta):
     return abs(beta) * max_prob(x) / (B * len(counts) * min(counts)) + abs(alpha) / (B * HW)
 
 
-def softmax_terms(x, g):
-    """p * g and p * <g, p>: at most max p * max |g|."""
-    return max_prob(x) * g.abs().max().item()
-
-
 def grad_of(out, x, g=None):
     (dx,) = torch.autograd.grad(out, x, g)
     return dx
 
 
-def params(with_layouts=True):
-    """(device, dtype, case, layout, bwd) combinations, with the backward compared only where
-    the inputs can be made free of near-ties (see grad_feasible)."""
-    out = []
-    for device in DEVICES:
-        for dtype in DTYPES:
-            for name, case in CASES.items():
-                for layout in LAYOUTS if with_layouts else ["contiguous"]:
-                    bwd = grad_feasible(case, dtype)
-                    tag = "fwdbwd" if bwd else "fwd"
-                    out.append(
-                        pytest.param(
-                            device,
-                            dtype,
-                            case,
-                            layout,
-                            bwd,
-                            id=f"{device}-{str(dtype)[6:]}-{name}-{layout}-{tag}",
-                        )
-                    )
-    return out
-
-
-PARAMS = params()
-ARGS = "device, dtype, case, layout, bwd"
+ARGS = "device, dtype, case, layout, bwd"  # test_ops.PARAMS, op_params
 
 # ----------------------------------------------------------------------------------------------
-# the primitives and the loss against the reference
-
-
-@fused_only
-@pytest.mark.parametrize(ARGS, PARAMS)
-def test_spatial_softmax(device, dtype, case, layout, bwd):
-    x = make_features(case, dtype, device, layout, for_grad=bwd)
-    check_fused(x)
-    p, p_ref = mc.spatial_softmax(x), R.spatial_softmax(x)
-    assert_map_close(p, p_ref)
-    if bwd:
-        g = torch.randn(p.shape, device=device).to(dtype)
-        assert_grad_close(grad_of(p, x, g), grad_of(p_ref, x, g), softmax_terms(x, g))
-
-
-@fused_only
-@pytest.mark.parametrize(ARGS, PARAMS)
-def test_channel_mask(device, dtype, case, layout, bwd):
-    x = make_features(case, dtype, device, layout, for_grad=False)
-    check_fused(x)
-    for name, mask in mask_variants(case, device):
-        y, y_ref = mc.channel_mask(x, mask), R.channel_mask(x, mask)
-        assert y.dtype == y_ref.dtype == dtype and y.shape == y_ref.shape
-        assert torch.equal(y, y_ref), name  # x * 0/1: exact
-        g = torch.randn(y.shape, device=device).to(dtype)
-        assert torch.equal(grad_of(y, x, g), grad_of(y_ref, x, g)), name
-    # the gradient of a sum arrives expanded (stride 0)
-    y = mc.channel_mask(x, mask)
-    assert torch.equal(grad_of(y.sum(), x), grad_of(R.channel_mask(x, mask).sum(), x))
-
-
-@fused_only
-@pytest.mark.parametrize(ARGS, PARAMS)
-def test_ccmp(device, dtype, case, layout, bwd):
-    # the winner of a raw max is exact whatever the dtype: randn inputs suffice (ties in fp16
-    # and bf16 are exact ties, broken by the first-max rule on both sides)
-    x = make_features(case, dtype, device, layout, for_grad=False)
-    check_fused(x)
-    z, z_ref = mc.ccmp(x, case.ccmp_cnum), R.ccmp(x, case.ccmp_cnum)
-    assert z.shape == (case.B, case.K, case.H, case.W) and z.dtype == dtype
-    assert torch.equal(z, z_ref)
-    g = torch.randn(z.shape, device=device).to(dtype)
-    assert torch.equal(grad_of(z, x, g), grad_of(z_ref, x, g))
-    if isinstance(case.ccmp_cnum, int):
-        assert torch.equal(mc.ccmp(x, [case.ccmp_cnum] * case.K), z)
-
-
-@fused_only
-@pytest.mark.parametrize(ARGS, PARAMS)
-def test_diversity_loss(device, dtype, case, layout, bwd):
-    x = make_features(case, dtype, device, layout, for_grad=bwd)
-    check_fused(x)
-    d, d_ref = mc.diversity_loss(x, case.K, case.cnum), R.diversity_loss(x, case.K, case.cnum)
-    assert d.dim() == 0 and d.dtype == d_ref.dtype
-    assert_value_close(d, d_ref, HW=case.HW)
-    if bwd:
-        assert_grad_close(grad_of(d, x), grad_of(d_ref, x), mc_terms(x, case.counts, 0, 1))
-
-
-@fused_only
-@pytest.mark.parametrize(ARGS, PARAMS)
-def test_discriminality_logits(device, dtype, case, layout, bwd):
-    # masked maxima of raw values have exact winners: gradients compare on randn inputs too
-    x = make_features(case, dtype, device, layout, for_grad=False)
-    check_fused(x)
-    for name, mask in mask_variants(case, device):
-        lg = mc.discriminality_logits(x, case.K, mask, case.cnum)
-        lg_ref = R.discriminality_logits(x, case.K, mask, case.cnum)
-        assert lg.shape == (case.B, case.K) and lg.dtype == lg_ref.dtype
-        assert_value_close(lg, lg_ref, HW=case.HW)
-        g = torch.randn(lg.shape, device=device, dtype=lg.dtype)
-        assert_grad_close(grad_of(lg, x, g), grad_of(lg_ref, x, g))
-
-
-@fused_only
-@pytest.mark.parametrize(ARGS, PARAMS)
-def test_mc_loss(device, dtype, case, layout, bwd):
-    x = make_features(case, dtype, device, layout, for_grad=bwd)
-    check_fused(x)
-    y = random_targets(case.B, case.K, device)
-    alpha, beta = 0.5 + torch.rand(()).item(), 10.0 * torch.rand(()).item()
-    masks = mask_variants(case, device)
-    for name, mask in masks:
-        out = mc.mc_loss(x, y, case.K, case.cnum, mask=mask, alpha=alpha, beta=beta)
-        ref = R.mc_loss(x, y, case.K, case.cnum, mask=mask, alpha=alpha, beta=beta)
-        assert isinstance(out, mc.MCLossOutput)
-        for field in out._fields:
-            a, b = getattr(out, field), getattr(ref, field)
-            assert a.dtype == b.dtype and a.shape == b.shape, field
-            assert_value_close(a, b, HW=case.HW, coeff=alpha + beta)
-        if bwd:
-            assert_grad_close(
-                grad_of(out.loss, x), grad_of(ref.loss, x), mc_terms(x, case.counts, alpha, beta)
-            )
-    if not bwd:
-        return
-    # each output on its own (the other gradient reaches the backward as None or zeros)
-    mask = masks[0][1]
-    w = torch.randn(case.B, case.K, device=device)
-    picks = [
-        (lambda o: o.dis, mc_terms(x, case.counts, 1, 0)),
-        (lambda o: o.div, mc_terms(x, case.counts, 0, 1)),
-        (
-            lambda o: (o.logits * w.to(o.logits)).sum(),
-            mc_terms(x, case.counts, case.B * w.abs().max().item(), 0),
-        ),
-        (lambda o: 3.0 * o.dis - 7.0 * o.div, mc_terms(x, case.counts, 3, 7)),
-    ]
-    for pick, terms in picks:
-        a = pick(mc.mc_loss(x, y, case.K, case.cnum, mask=mask))
-        b = pick(R.mc_loss(x, y, case.K, case.cnum, mask=mask))
-        assert_grad_close(grad_of(a, x), grad_of(b, x), terms)
+# ties, masked groups, NaN and Inf, extreme values (the ops on their own cases: test_ops.py)
 
 
 @fused_only
@@ -1049,6 +892,8 @@ GC_CASES = {
     "map1x1": (Case(2, 2, 2, 4, 1, 1), "contiguous"),
     "transposed": (Case(1, 2, 2, 4, 2, 3), "transposed"),
 }
+# gradcheck's tolerances (test_ops.py's test_gradcheck of every op, and the check below)
+GC_TOL = dict(eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def gc_input(case, layout, device):
@@ -1066,34 +911,9 @@ def gc_input(case, layout, device):
 
 @fused_only
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", list(GC_CASES))
-def test_gradcheck(device, name):
-    case, layout = GC_CASES[name]
-    x = gc_input(case, layout, device)
-    check_fused(x)
-    mask = torch.rand(case.B, case.C, device=device) < 0.5
-    mask1 = torch.rand(case.C, device=device) < 0.5
-    y = random_targets(case.B, case.K, device)
-    fns = {
-        "spatial_softmax": lambda t: mc.spatial_softmax(t),
-        "channel_mask": lambda t: mc.channel_mask(t, mask),
-        "ccmp": lambda t: mc.ccmp(t, case.ccmp_cnum),
-        "diversity_loss": lambda t: mc.diversity_loss(t, case.K, case.cnum),
-        "discriminality_logits": lambda t: mc.discriminality_logits(t, case.K, mask, case.cnum),
-        "mc_loss.loss": lambda t: mc.mc_loss(t, y, case.K, case.cnum, mask=mask).loss,
-        "mc_loss.all": lambda t: tuple(mc.mc_loss(t, y, case.K, case.cnum, mask=mask1)),
-        "mc_loss.dis": lambda t: mc.mc_loss(t, y, case.K, case.cnum, mask=mask).dis,
-        "mc_loss.div": lambda t: mc.mc_loss(t, y, case.K, case.cnum, mask=mask).div,
-        "mc_loss.logits": lambda t: mc.mc_loss(t, y, case.K, case.cnum, mask=mask).logits,
-    }
-    for fname, fn in fns.items():
-        assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5), fname
-
-
-@fused_only
-@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_can_fail(device):
-    # the tolerances above are tight enough to catch a backward off by 0.1%
+    # the tolerances of the ops' gradchecks (GC_TOL) are tight enough to catch a backward off
+    # by 0.1%
     case, layout = GC_CASES["uneven"]
     x = gc_input(case, layout, device)
 
@@ -1110,9 +930,7 @@ def test_gradcheck_can_fail(device):
         torch.autograd.gradcheck(
             lambda t: mc.diversity_loss(Wrong.apply(t), case.K, case.cnum),
             (x,),
-            eps=1e-6,
-            atol=1e-7,
-            rtol=1e-5,
+            **GC_TOL,
         )
 
 
