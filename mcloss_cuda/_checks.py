@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -286,10 +286,21 @@ def check_coefficients(alpha, beta):
 
 
 class LossArgs(NamedTuple):
-    """mc_loss's arguments once checked: the group sizes and the channels dropped per group."""
+    """mc_loss's arguments once checked, gathered for the path that computes the loss: the
+    group sizes and channels dropped per group resolved, the others as given."""
 
     counts: Tuple[int, ...]
     drops: Tuple[int, ...]
+    mask: Optional[torch.Tensor]
+    alpha: float
+    beta: float
+    drop: Union[None, int, float]
+    per_sample_mask: bool
+    generator: Optional[torch.Generator]
+    pooling: str
+    weight: Optional[torch.Tensor]
+    label_smoothing: float
+    reduction: str
 
 
 def check_loss_args(
@@ -301,6 +312,7 @@ def check_loss_args(
     alpha,
     beta,
     drop,
+    per_sample_mask,
     generator,
     pooling,
     weight,
@@ -325,4 +337,17 @@ def check_loss_args(
         check_generator(generator, features.device)
     else:
         check_mask(mask, features.shape[0], features.shape[1], features.device)
-    return LossArgs(counts, drops)
+    return LossArgs(
+        counts,
+        drops,
+        mask,
+        alpha,
+        beta,
+        drop,
+        bool(per_sample_mask),
+        generator,
+        pooling,
+        weight,
+        label_smoothing,
+        reduction,
+    )

@@ -130,6 +130,7 @@ def mc_loss(
         alpha,
         beta,
         drop,
+        per_sample_mask,
         generator,
         pooling,
         weight,
@@ -138,20 +139,7 @@ def mc_loss(
         kernel_checks=fused,
     )
     if not fused:
-        return reference.checked_mc_loss(
-            features,
-            targets,
-            args,
-            mask,
-            alpha,
-            beta,
-            per_sample_mask,
-            generator,
-            pooling,
-            weight,
-            label_smoothing,
-            reduction,
-        )
+        return reference.checked_mc_loss(features, targets, args)
     counts = args.counts
     if mask is not None:
         mask = _mask_for_loss(mask, features)

@@ -149,19 +149,6 @@ def mc_loss(
         alpha,
         beta,
         drop,
-        generator,
-        pooling,
-        weight,
-        label_smoothing,
-        reduction,
-    )
-    return checked_mc_loss(
-        features,
-        targets,
-        args,
-        mask,
-        alpha,
-        beta,
         per_sample_mask,
         generator,
         pooling,
@@ -169,37 +156,25 @@ def mc_loss(
         label_smoothing,
         reduction,
     )
+    return checked_mc_loss(features, targets, args)
 
 
-def checked_mc_loss(
-    features,
-    targets,
-    args,
-    mask,
-    alpha,
-    beta,
-    per_sample_mask,
-    generator,
-    pooling,
-    weight,
-    label_smoothing,
-    reduction,
-):
+def checked_mc_loss(features, targets, args):
     """mc_loss once check_loss_args has passed (``args``): also the fused path's fallback."""
-    counts = args.counts
+    counts, mask, weight, reduction = args.counts, args.mask, args.weight, args.reduction
     if mask is None:
-        mask = draw_mask(features, counts, args.drops, per_sample_mask, generator)
+        mask = draw_mask(features, counts, args.drops, args.per_sample_mask, args.generator)
     x = accumulate_in(features)
     h = _diversity_sums(x, counts)
-    logits = _masked_logits(x, mask, counts, pooling)
+    logits = _masked_logits(x, mask, counts, args.pooling)
     if weight is not None:  # cross_entropy computes in the logits' dtype
         weight = weight.to(logits.dtype)
     dis = F.cross_entropy(
-        logits, targets, weight=weight, label_smoothing=label_smoothing, reduction=reduction
+        logits, targets, weight=weight, label_smoothing=args.label_smoothing, reduction=reduction
     )
     if reduction == "mean":
         div = diversity_from_sums(h, counts)
     else:
         div = diversity_per_sample(h, counts)
         div = div if reduction == "none" else div.sum()
-    return MCLossOutput(alpha * dis + beta * div, dis, div, logits)
+    return MCLossOutput(args.alpha * dis + args.beta * div, dis, div, logits)
