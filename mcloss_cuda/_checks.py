@@ -294,7 +294,6 @@ class LossArgs(NamedTuple):
     mask: Optional[torch.Tensor]
     alpha: float
     beta: float
-    drop: Union[None, int, float]
     per_sample_mask: bool
     generator: Optional[torch.Generator]
     pooling: str
@@ -320,13 +319,13 @@ def check_loss_args(
     reduction,
     kernel_checks=False,
 ) -> LossArgs:
-    """Every check of mc_loss, in one order for the fused and the reference paths.
+    """Every check of mc_loss after check_features (which the fused path needs first, to pick
+    its backend by the features' device), in one order for the fused and the reference paths.
 
     ``kernel_checks``: the fused CUDA kernels check the targets' range (see check_targets).
     ``drop`` is checked even with a mask given, which does not use it: a bad value is a bug
     either way.
     """
-    check_features(features)
     counts = resolve_counts(num_classes, cnum, features.shape[1])
     check_targets(targets, features.shape[0], len(counts), features.device, kernel_checks)
     check_coefficients(alpha, beta)
@@ -343,7 +342,6 @@ def check_loss_args(
         mask,
         alpha,
         beta,
-        drop,
         bool(per_sample_mask),
         generator,
         pooling,

@@ -119,7 +119,7 @@ def mc_loss(
     ``weight``, ``label_smoothing``, ``reduction``: the discriminality cross-entropy's, as
     ``F.cross_entropy`` takes them; ``reduction="none"`` gives loss, dis and div per sample.
     """
-    check_features(features)  # before _fused reads its device
+    check_features(features)  # before _fused reads its device (check_loss_args: the rest)
     fused = _fused(features)
     args = check_loss_args(
         features,

@@ -140,6 +140,7 @@ def mc_loss(
     """MC-Loss: alpha * cross_entropy(logits, targets) + beta * L_div, as an MCLossOutput
     (weight, label_smoothing and reduction as F.cross_entropy takes them; with "none", loss,
     dis and div are per sample)."""
+    check_features(features)
     args = check_loss_args(
         features,
         targets,
