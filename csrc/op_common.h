@@ -180,9 +180,8 @@ inline LossShape check_loss(const at::Tensor& x, const at::Tensor& targets,
   const int64_t K = check_offsets(offsets, x, values);
   const int64_t B = x.size(0), C = x.size(1);
   TORCH_CHECK_VALUE(max_group >= 1 && max_group <= C,
-                    "max_group: expected the largest group's "
-                    "size, in [1, C=",
-                    C, "], got ", max_group);
+                    "max_group: expected the largest group's size, in [1, C=", C, "], got ",
+                    max_group);
   if (values == ValueChecks::Host) {
     const int64_t* o = offsets.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < K; ++i) {
@@ -192,11 +191,16 @@ inline LossShape check_loss(const at::Tensor& x, const at::Tensor& targets,
   }
   check_targets(targets, x, K, values);
   check_cross_entropy(weight, label_smoothing, reduction, x, K);
-  LossShape s{B,         C,
-              K,         x.size(2) * x.size(3),
-              max_group, !mask.has_value(),
-              false,     per_sample_mask ? B : 1,
-              0,         reduction};
+  LossShape s{.B = B,
+              .C = C,
+              .K = K,
+              .HW = x.size(2) * x.size(3),
+              .max_group = max_group,
+              .draw = !mask.has_value(),
+              .mask_is_bool = false,
+              .mask_rows = per_sample_mask ? B : 1,
+              .mask_bstride = 0,
+              .reduction = reduction};
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     TORCH_CHECK_VALUE(m.device() == x.device(), "mask: expected device ", x.device(),
@@ -292,8 +296,8 @@ inline LossShape check_loss_backward(
     check_acc(*weight_sums, "weight_sums", {2});
   } else {
     TORCH_CHECK_VALUE(!weight.has_value(),
-                      "weight_sums: expected the forward's weight_sums "
-                      "with a weight (None stands for B and K, the sums without weights)");
+                      "weight_sums: expected the forward's weight_sums with a weight (None "
+                      "stands for B and K, the sums without weights)");
   }
   return s;
 }
